@@ -1,0 +1,53 @@
+"""`hma-gym` command line: one subcommand per job, each built from a typed config dataclass.
+
+Commands live in `training`, `policies` and `benchmarks` too; they are imported only when asked for,
+so `hma_gym` itself never depends on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from hma_gym.config import add_dataclass_args, dataclass_from_args
+
+# name -> (module, config class, function, one-line help)
+COMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "collect": ("training.collect", "CollectConfig", "collect",
+                "roll the scripted expert in the GT env into a robomimic HDF5 file"),
+    "render": ("training.render", "RenderConfig", "render",
+               "re-render a file's recorded MuJoCo states at another image size"),
+}
+
+
+def build_parser(load: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hma-gym", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, cls_name, _, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == load:
+            add_dataclass_args(p, getattr(importlib.import_module(module), cls_name))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(load=command if command in COMMANDS else None)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    module_name, cls_name, fn_name, _ = COMMANDS[args.command]
+    module = importlib.import_module(module_name)
+    try:
+        cfg = dataclass_from_args(getattr(module, cls_name), args)
+    except ValueError as e:
+        parser.error(str(e))
+    getattr(module, fn_name)(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

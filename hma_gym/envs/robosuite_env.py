@@ -1,0 +1,289 @@
+"""Ground-truth Gymnasium env over a robosuite task (MuJoCo physics, offscreen rendering)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+# Offscreen rendering through Mesa/EGL unless the user chose a backend; robosuite reads this at import.
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+DEFAULT_PROPRIO_KEYS = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos")
+
+
+def _quiet_robosuite() -> None:
+    # robosuite logs a page of warnings per env (missing optional models, unused controller parts).
+    logging.getLogger("robosuite").setLevel(logging.ERROR)
+    for handler in logging.getLogger("robosuite").handlers:
+        handler.setLevel(logging.ERROR)
+
+
+def make_controller_config(robot: str, controller: str) -> dict:
+    """robosuite 1.5 composite controller config with `controller` (e.g. OSC_POSE) driving the arm."""
+    from robosuite.controllers import load_part_controller_config
+    from robosuite.controllers.composite.composite_controller_factory import (
+        refactor_composite_controller_config,
+    )
+
+    part = load_part_controller_config(default_controller=controller)
+    return refactor_composite_controller_config(part, robot, ["right"])
+
+
+class RobosuiteEnv(gym.Env):
+    """A robosuite manipulation task as a Gymnasium env with robomimic observation keys.
+
+    ## Action space
+    `Box(-1, 1, (action_dim,), float32)`: the robosuite controller's normalised input. For the
+    registered `RobomimicLift-v0` this is OSC_POSE: 3 position deltas, 3 axis-angle rotation deltas
+    (scaled by the controller to at most 5 cm / 0.5 rad a step) and the gripper (-1 open, +1 close),
+    applied at `control_freq` Hz (20). Values outside [-1, 1] are clipped; a wrong shape or a
+    NaN/inf raises `ValueError` and leaves the env as it was.
+
+    ## Observation space
+    | key | shape | dtype |
+    |---|---|---|
+    | `agentview_image` | (image_size, image_size, 3), upright | uint8 |
+    | `robot0_eef_pos` | (3,) | float32 |
+    | `robot0_eef_quat` | (4,) | float32 |
+    | `robot0_gripper_qpos` | (2,) | float32 |
+
+    Privileged state (object poses, the flattened MuJoCo state, the model XML) is available from
+    `privileged_state()` and `model_xml()` for scripted experts and data recording; it is not part
+    of the observation.
+
+    ## Rewards and episode end
+    Reward 1.0 when the task's success check holds, else 0.0; `info["is_success"]`. With
+    `terminate_on_success=True` (default) the episode terminates on success; data collection turns
+    that off. Truncation is left to gymnasium's `TimeLimit` (`max_episode_steps=100` for Lift).
+
+    ## Starting state
+    robosuite's placement sampler (cube position and yaw) and robot joint noise, drawn from a
+    generator seeded by `reset(seed=...)`: the same seed gives the same scene and observation.
+
+    ## Arguments
+    `task`, `robot`, `controller` (robosuite names), `camera`, `image_size`, `control_freq`,
+    `terminate_on_success`, `use_camera` (False: no image key, no rendering),
+    `fast_render` (True: no multisample anti-aliasing, shadows, reflections or skybox, ~3x cheaper
+    on a CPU; the images are then slightly more aliased), `render_mode` ("rgb_array").
+
+    ## Version history
+    * v0: initial release (robosuite 1.5.2, mujoco 3.3.7).
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
+
+    def __init__(
+        self,
+        task: str = "Lift",
+        robot: str = "Panda",
+        controller: str = "OSC_POSE",
+        camera: str = "agentview",
+        image_size: int = 64,
+        control_freq: int = 20,
+        terminate_on_success: bool = True,
+        use_camera: bool = True,
+        fast_render: bool = True,
+        proprio_keys: tuple[str, ...] = DEFAULT_PROPRIO_KEYS,
+        render_mode: str | None = None,
+    ):
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode must be None or 'rgb_array'. Got {render_mode=}")
+        if image_size < 8:
+            raise ValueError(f"image_size must be at least 8. Got {image_size=}")
+        if control_freq <= 0:
+            raise ValueError(f"control_freq must be positive. Got {control_freq=}")
+        if render_mode == "rgb_array" and not use_camera:
+            raise ValueError("render_mode='rgb_array' needs use_camera=True")
+
+        _quiet_robosuite()
+        import robosuite as suite
+
+        self.task, self.robot, self.controller = task, robot, controller
+        self.camera, self.image_size, self.control_freq = camera, int(image_size), int(control_freq)
+        self.terminate_on_success = terminate_on_success
+        self.use_camera, self.fast_render = use_camera, fast_render
+        self.proprio_keys = tuple(proprio_keys)
+        self.render_mode = render_mode
+        self.metadata = {**self.metadata, "render_fps": self.control_freq}
+
+        self.env_kwargs = dict(
+            robots=robot,
+            controller_configs=make_controller_config(robot, controller),
+            has_renderer=False,
+            has_offscreen_renderer=use_camera,
+            use_camera_obs=False,  # rendered here, so several envs can share a process (see _render)
+            use_object_obs=True,
+            reward_shaping=False,
+            control_freq=self.control_freq,
+            horizon=10**9,
+            ignore_done=True,
+            hard_reset=False,  # keeps the fast render context; placements are still re-sampled
+        )
+        self._rs = suite.make(task, **self.env_kwargs)
+        if use_camera and fast_render:
+            self._set_fast_rendering()
+
+        self.action_space = spaces.Box(-1.0, 1.0, shape=(self._rs.action_dim,), dtype=np.float32)
+        obs = self._rs.reset()
+        obs_spaces: dict[str, spaces.Space] = {}
+        if use_camera:
+            obs_spaces[f"{camera}_image"] = spaces.Box(
+                0, 255, shape=(self.image_size, self.image_size, 3), dtype=np.uint8
+            )
+        for key in self.proprio_keys:
+            if key not in obs:
+                raise ValueError(f"robosuite {task}/{robot} has no observation {key!r}")
+            obs_spaces[key] = spaces.Box(-np.inf, np.inf, shape=np.shape(obs[key]), dtype=np.float32)
+        self.observation_space = spaces.Dict(obs_spaces)
+        self._last_obs: dict[str, np.ndarray] | None = None
+        self._needs_reset = True
+
+    # ------------------------------------------------------------------ rendering
+    def _set_fast_rendering(self) -> None:
+        import mujoco
+
+        ctx = self._rs.sim._render_context_offscreen
+        ctx.gl_ctx.make_current()
+        self._rs.sim.model._model.vis.quality.offsamples = 0  # no MSAA buffer
+        ctx.con.free()
+        ctx._set_mujoco_context_and_buffers()
+        for flag in (mujoco.mjtRndFlag.mjRND_SHADOW, mujoco.mjtRndFlag.mjRND_REFLECTION,
+                     mujoco.mjtRndFlag.mjRND_SKYBOX):
+            ctx.scn.flags[flag] = 0
+
+    def _render(self, size: int | None = None) -> np.ndarray:
+        size = size or self.image_size
+        ctx = self._rs.sim._render_context_offscreen
+        # robosuite never makes its GL context current again after creating it; with several envs in
+        # one process the last one created would otherwise receive every draw call.
+        ctx.gl_ctx.make_current()
+        img = self._rs.sim.render(camera_name=self.camera, width=size, height=size)
+        return np.ascontiguousarray(img[::-1])  # OpenGL rows run bottom-up: flip to upright
+
+    def _make_obs(self, rs_obs: dict[str, Any]) -> dict[str, np.ndarray]:
+        obs: dict[str, np.ndarray] = {}
+        if self.use_camera:
+            obs[f"{self.camera}_image"] = self._render()
+        for key in self.proprio_keys:
+            obs[key] = np.asarray(rs_obs[key], dtype=np.float32)
+        return obs
+
+    # ------------------------------------------------------------------ seeding
+    def _seed_robosuite(self) -> None:
+        """Give robosuite a generator drawn from `self.np_random`.
+
+        robosuite makes its generator once at construction and each placement sampler keeps its own
+        reference to it, so both must be replaced for a seeded reset to move the objects.
+        """
+        rng = np.random.default_rng(int(self.np_random.integers(2**63 - 1)))
+        self._rs.rng = rng
+        stack = [getattr(self._rs, "placement_initializer", None)]
+        while stack:
+            sampler = stack.pop()
+            if sampler is None:
+                continue
+            if hasattr(sampler, "rng"):
+                sampler.rng = rng
+            stack.extend(getattr(sampler, "samplers", {}).values())
+
+    # ------------------------------------------------------------------ gym API
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self._seed_robosuite()
+        rs_obs = self._rs.reset()
+        self._last_obs = self._make_obs(rs_obs)
+        self._needs_reset = False
+        return self._copy_obs(), {"is_success": bool(self._rs._check_success())}
+
+    def step(self, action):
+        if self._needs_reset:
+            raise RuntimeError("step() called before reset()")
+        action = self.validate_action(action, self.action_space.shape[0])
+        rs_obs, _, _, _ = self._rs.step(action.astype(np.float64))
+        self._last_obs = self._make_obs(rs_obs)
+        success = bool(self._rs._check_success())
+        reward = 1.0 if success else 0.0
+        terminated = success and self.terminate_on_success
+        return self._copy_obs(), reward, terminated, False, {"is_success": success}
+
+    @staticmethod
+    def validate_action(action, action_dim: int) -> np.ndarray:
+        """Check shape and finiteness of one action and clip it to [-1, 1]."""
+        arr = np.asarray(action, dtype=np.float32)
+        if arr.shape != (action_dim,):
+            raise ValueError(f"action must have shape ({action_dim},), got {arr.shape}")
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"action must be finite (no NaN/inf), got {arr.tolist()}")
+        return np.clip(arr, -1.0, 1.0)
+
+    def render(self):
+        if self.render_mode != "rgb_array":
+            return None
+        if self._last_obs is None:
+            raise RuntimeError("render() called before reset()")
+        return self._last_obs[f"{self.camera}_image"].copy()
+
+    def close(self):
+        if getattr(self, "_rs", None) is not None:
+            self._rs.close()
+            self._rs = None
+
+    def _copy_obs(self) -> dict[str, np.ndarray]:
+        assert self._last_obs is not None
+        return {k: v.copy() for k, v in self._last_obs.items()}
+
+    # ------------------------------------------------------------------ privileged access
+    @property
+    def robosuite_env(self):
+        """The wrapped robosuite env (privileged: for experts, recording and debugging)."""
+        return self._rs
+
+    def privileged_state(self) -> dict[str, np.ndarray]:
+        """Object poses and the flattened MuJoCo state; not part of the observation."""
+        rs = self._rs
+        out = {"mujoco_state": self.mujoco_state()}
+        obs = rs._get_observations(force_update=True)
+        for key in ("object-state",):
+            if key in obs:
+                out["object"] = np.asarray(obs[key], dtype=np.float64)
+        for name, value in obs.items():
+            if name.endswith("_pos") or name.endswith("_quat"):
+                if not name.startswith("robot"):
+                    out[name] = np.asarray(value, dtype=np.float64)
+        out["eef_pos"] = np.asarray(obs["robot0_eef_pos"], dtype=np.float64)
+        if hasattr(rs, "table_offset"):
+            out["table_height"] = np.asarray([rs.table_offset[2]], dtype=np.float64)
+        return out
+
+    def mujoco_state(self) -> np.ndarray:
+        """The flattened MuJoCo state (time, qpos, qvel), as robomimic records it in `states`."""
+        return np.asarray(self._rs.sim.get_state().flatten(), dtype=np.float64)
+
+    def model_xml(self) -> str:
+        """The MuJoCo model XML (robomimic stores it per demo as `model_file`)."""
+        return self._rs.sim.model.get_xml()
+
+    def set_state(self, mujoco_state: np.ndarray) -> dict[str, np.ndarray]:
+        """Restore a flattened MuJoCo state (e.g. from an HDF5 `states` row) and return its observation."""
+        self._rs.sim.set_state_from_flattened(np.asarray(mujoco_state, dtype=np.float64))
+        self._rs.sim.forward()
+        self._last_obs = self._make_obs(self._rs._get_observations(force_update=True))
+        self._needs_reset = False
+        return self._copy_obs()
+
+    def env_args(self) -> dict:
+        """robomimic's `env_args` for files recorded from this env (JSON-able)."""
+        kwargs = {k: v for k, v in self.env_kwargs.items() if k != "controller_configs"}
+        kwargs.update(
+            controller_configs=self.env_kwargs["controller_configs"],
+            camera_names=[self.camera],
+            camera_heights=self.image_size,
+            camera_widths=self.image_size,
+            use_camera_obs=self.use_camera,
+        )
+        return {"env_name": self.task, "type": 1, "env_kwargs": kwargs}

@@ -1,0 +1,149 @@
+"""Scripted Lift expert from privileged state, with knobs for noise and failure modes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from policies.base import batch_size_of
+
+FAILURE_MODES = ("missed_grasp", "early_release", "hesitation")
+
+# phases of one episode
+APPROACH, DESCEND, GRASP, LIFT, RELEASED = range(5)
+
+
+@dataclass
+class LiftExpertConfig:
+    """Behaviour of the scripted Lift expert."""
+
+    action_noise: float = 0.0
+    """Std of Gaussian noise added to the position/rotation actions (before clipping)."""
+    failure_probs: dict[str, float] = field(default_factory=dict)
+    """Per-episode probability of each failure mode: missed_grasp (grasps beside the cube),
+    early_release (lets go of the cube before lifting), hesitation (pauses and wanders)."""
+    gain: float = 10.0
+    """Proportional gain from position error (m) to normalised OSC action."""
+    hover_height: float = 0.06
+    """Height above the cube at which the gripper lines up before descending (m)."""
+    lift_height: float = 0.25
+    """How far the cube is lifted (m)."""
+    grasp_steps: int = 8
+    """Steps spent closing the gripper before lifting."""
+
+    def __post_init__(self):
+        unknown = set(self.failure_probs) - set(FAILURE_MODES)
+        if unknown:
+            raise ValueError(f"unknown failure modes {sorted(unknown)}; choose from {FAILURE_MODES}")
+        total = sum(self.failure_probs.values())
+        if any(p < 0 for p in self.failure_probs.values()) or total > 1 + 1e-9:
+            raise ValueError(f"failure_probs must be >= 0 and sum to at most 1. Got {self.failure_probs=}")
+        if self.action_noise < 0:
+            raise ValueError(f"action_noise must be >= 0. Got {self.action_noise=}")
+
+
+def sub_envs(env) -> list:
+    """The unwrapped single envs behind a single env or a gymnasium vector env of them."""
+    if hasattr(env, "envs"):  # SyncVectorEnv
+        return [e.unwrapped for e in env.envs]
+    return [env.unwrapped]
+
+
+class LiftExpert:
+    """Hover above the cube, descend, close, lift: a batched policy driven by privileged state.
+
+    The expert is bound to the env(s) it acts in (a `RobosuiteEnv`, or a `SyncVectorEnv` of them)
+    and reads the cube position through `privileged_state()`; the observation gives the gripper
+    position. Each episode draws one behaviour from `config.failure_probs` (or the clean expert),
+    from its own seeded generator, so collected data holds both successes and failures.
+    """
+
+    def __init__(self, env, config: LiftExpertConfig | None = None, seed: int | None = None):
+        self.envs = sub_envs(env)
+        self.config = config or LiftExpertConfig()
+        self.rng = np.random.default_rng(seed)
+        n = len(self.envs)
+        self.phase = np.zeros(n, dtype=np.int64)
+        self.counter = np.zeros(n, dtype=np.int64)
+        self.mode: list[str] = ["clean"] * n
+        self.grasp_offset = np.zeros((n, 3))
+        self.lift_origin = np.zeros((n, 3))
+        self.release_step = np.zeros(n, dtype=np.int64)
+        self.pause_left = np.zeros(n, dtype=np.int64)
+        self.wander = np.zeros((n, 3))
+        self.reset()
+
+    def reset(self, env_ids: Sequence[int] | None = None) -> None:
+        ids = range(len(self.envs)) if env_ids is None else env_ids
+        modes = ["clean", *self.config.failure_probs]
+        probs = [1.0 - sum(self.config.failure_probs.values()), *self.config.failure_probs.values()]
+        for i in ids:
+            self.phase[i], self.counter[i], self.pause_left[i] = APPROACH, 0, 0
+            self.mode[i] = str(self.rng.choice(modes, p=np.clip(probs, 0, None) / sum(probs)))
+            self.grasp_offset[i] = 0.0
+            if self.mode[i] == "missed_grasp":
+                angle = self.rng.uniform(0, 2 * np.pi)
+                self.grasp_offset[i, :2] = self.rng.uniform(0.035, 0.05) * np.array([np.cos(angle), np.sin(angle)])
+            self.release_step[i] = self.rng.integers(2, max(3, self.config.grasp_steps - 1))
+
+    def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        n = batch_size_of(obs)
+        if n != len(self.envs):
+            raise ValueError(f"LiftExpert is bound to {len(self.envs)} envs, got a batch of {n}")
+        actions = np.zeros((n, 7), dtype=np.float32)
+        for i in range(n):
+            cube = self.envs[i].privileged_state()["cube_pos"]
+            actions[i] = self._act_one(i, np.asarray(obs["robot0_eef_pos"][i], dtype=np.float64), cube)
+        return actions
+
+    def _act_one(self, i: int, eef: np.ndarray, cube: np.ndarray) -> np.ndarray:
+        cfg = self.config
+        gripper = -1.0  # open unless grasping or lifting
+        if self.phase[i] == APPROACH:
+            target = cube + self.grasp_offset[i] + np.array([0.0, 0.0, cfg.hover_height])
+            err = target - eef
+            if np.linalg.norm(err[:2]) < 0.01 and abs(err[2]) < 0.02:
+                self.phase[i] = DESCEND
+        if self.phase[i] == DESCEND:
+            target = cube + self.grasp_offset[i] + np.array([0.0, 0.0, -0.005])
+            err = target - eef
+            if abs(err[2]) < 0.01 and np.linalg.norm(err[:2]) < 0.015:
+                self.phase[i], self.counter[i] = GRASP, 0
+        if self.phase[i] == GRASP:
+            target, gripper = eef.copy(), 1.0
+            self.counter[i] += 1
+            if self.mode[i] == "early_release" and self.counter[i] > self.release_step[i]:
+                # the grasp is given up before the fingers hold the cube (the lift then fails)
+                self.phase[i], self.lift_origin[i], self.counter[i] = RELEASED, eef, 0
+            elif self.counter[i] >= cfg.grasp_steps:
+                self.phase[i], self.counter[i] = LIFT, 0
+                self.lift_origin[i] = eef
+        if self.phase[i] == LIFT:
+            target = self.lift_origin[i] + np.array([0.0, 0.0, cfg.lift_height])
+            gripper = 1.0
+            self.counter[i] += 1
+        if self.phase[i] == RELEASED:  # let go of the cube, wait for the fingers to open, then rise
+            self.counter[i] += 1
+            rise = cfg.lift_height if self.counter[i] > 6 else 0.0
+            target = self.lift_origin[i] + np.array([0.0, 0.0, rise])
+        move = np.clip(cfg.gain * (target - eef), -1.0, 1.0)
+
+        if self.mode[i] == "hesitation":
+            if self.pause_left[i] > 0:
+                self.pause_left[i] -= 1
+                move = 0.3 * self.wander[i]
+            elif self.rng.random() < 0.08:
+                self.pause_left[i] = self.rng.integers(3, 10)
+                self.wander[i] = self.rng.uniform(-1, 1, 3)
+
+        action = np.zeros(7)
+        action[:3] = move
+        action[6] = gripper
+        if cfg.action_noise > 0:
+            action[:6] += self.rng.normal(0.0, cfg.action_noise, 6)
+        return np.clip(action, -1.0, 1.0)
+
+    def describe(self) -> dict:
+        return {"policy": "lift-expert", **asdict(self.config)}

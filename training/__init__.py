@@ -1,0 +1,1 @@
+"""Recipes that make checkpoints: data collection, tokenizer, dynamics model, success detector."""
