@@ -1,0 +1,993 @@
+"""HMA: a spatial-temporal masked-autoregressive world model over discrete image tokens.
+
+Heterogeneous Masked Autoregression (paper sections 3-4). Every frame t is one row of
+
+    N = grid*grid image tokens (o_t) + n_action_tokens (from a_{t-1}) + 1 state token (s_t)
+
+tokens. The trunk alternates bidirectional attention inside a frame (spatial) with causal
+attention across frames for each of the N slots (temporal, RoPE over the frame index); the
+action that led into frame t also modulates every sub-layer of frame t (DiT adaLN-Zero).
+Action/state stems and heads are per embodiment, so one trunk serves robots with different
+action and state sizes; a batch may mix them.
+
+Training ("two streams"): a clean stream (everything visible) runs causally through the
+trunk, and a masked stream in which the predicted frames are partly [MASK]ed. In every
+temporal layer the masked copy of frame t attends to the clean keys/values of frames < t
+and to its own key/value: exactly what key/value-cached generation sees, where the past
+frames are known and the current frame is being unmasked. One masking objective covers
+forward dynamics, full dynamics, passive video and policy (``OBJECTIVES``).
+
+Inference keeps a per-layer temporal key/value ring buffer of the last ``max_frames - 1``
+frames (``HMACache``), so a generated frame costs the same at frame 10 and at frame 10,000:
+
+    cache = model.new_cache(n_envs)
+    model.append_frame(cache, tokens0, state0, None, embodiment_ids)
+    for t in ...:
+        tokens, state = model.generate_frame(cache, action, embodiment_ids, generator=g)
+        model.append_frame(cache, tokens, state, action, embodiment_ids)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "OBJECTIVES",
+    "EmbodimentSpec",
+    "HMAConfig",
+    "HMA",
+    "HMACache",
+    "HMA_PRESETS",
+    "make_hma",
+    "sample_image_mask",
+]
+
+OBJECTIVES = ("forward", "full", "passive", "policy")
+"""Masking objectives, see ``HMA.forward``."""
+
+# how the action slot of a frame is filled
+ACTION_NONE, ACTION_VISIBLE, ACTION_MASKED = 0, 1, 2
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class EmbodimentSpec:
+    """Sizes of one robot's (normalised) action and low-dimensional state vectors."""
+
+    action_dim: int
+    state_dim: int
+
+    def __post_init__(self) -> None:
+        if int(self.action_dim) < 1:
+            raise ValueError(f"action_dim must be >= 1. Got {self.action_dim=}")
+        if int(self.state_dim) < 1:
+            raise ValueError(f"state_dim must be >= 1. Got {self.state_dim=}")
+        self.action_dim, self.state_dim = int(self.action_dim), int(self.state_dim)
+
+
+def _default_objective_probs() -> dict[str, float]:
+    return {"forward": 0.7, "full": 0.1, "passive": 0.1, "policy": 0.1}
+
+
+@dataclass
+class HMAConfig:
+    vocab_size: int = 1000
+    """Number of image token codes (the FSQ codebook size)."""
+    grid: int = 16
+    """Side of the square image-token grid of one frame."""
+    n_action_tokens: int = 4
+    """Action tokens per frame, made by the embodiment's action stem from a_{t-1}."""
+    d_model: int = 192
+    """Width of the trunk."""
+    n_layer: int = 6
+    """Number of (spatial, temporal, MLP) blocks."""
+    n_head: int = 6
+    """Attention heads; d_model / n_head must be even (RoPE)."""
+    mlp_ratio: float = 4.0
+    """MLP hidden width as a multiple of d_model."""
+    max_frames: int = 12
+    """Training context in frames; inference attends to the last max_frames - 1 frames plus the current."""
+    dropout: float = 0.0
+    """Dropout on attention probabilities and residual branches."""
+    min_mask_ratio: float = 0.05
+    """Smallest fraction of image tokens masked in a predicted frame (MaskGIT cosine schedule above it)."""
+    objective_probs: dict[str, float] = field(default_factory=_default_objective_probs)
+    """Probability of each masking objective per sample (missing ones are 0; normalised to sum to 1)."""
+    state_loss_weight: float = 1.0
+    """Weight of the state MSE next to the image cross-entropy."""
+    action_loss_weight: float = 1.0
+    """Weight of the action MSE ("full" and "policy" objectives)."""
+    embodiments: dict[str, EmbodimentSpec] = field(default_factory=dict)
+    """Robots by name; each gets its own action/state stems and heads."""
+
+    def __post_init__(self) -> None:
+        # from_dict / JSON give plain dicts
+        self.embodiments = {
+            name: spec if isinstance(spec, EmbodimentSpec) else EmbodimentSpec(**spec)
+            for name, spec in self.embodiments.items()
+        }
+        self.objective_probs = {k: float(v) for k, v in self.objective_probs.items()}
+        if self.vocab_size < 2:
+            raise ValueError(f"vocab_size must be >= 2. Got {self.vocab_size=}")
+        if self.grid < 1:
+            raise ValueError(f"grid must be >= 1. Got {self.grid=}")
+        if self.n_action_tokens < 1:
+            raise ValueError(f"n_action_tokens must be >= 1. Got {self.n_action_tokens=}")
+        if self.n_layer < 1:
+            raise ValueError(f"n_layer must be >= 1. Got {self.n_layer=}")
+        if self.n_head < 1 or self.d_model < 1 or self.d_model % self.n_head != 0:
+            raise ValueError(f"d_model must be a positive multiple of n_head. Got {self.d_model=}, {self.n_head=}")
+        if (self.d_model // self.n_head) % 2 != 0:
+            raise ValueError(f"head dim d_model / n_head must be even for RoPE. Got {self.d_model=}, {self.n_head=}")
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"mlp_ratio must be positive. Got {self.mlp_ratio=}")
+        if self.max_frames < 2:
+            raise ValueError(f"max_frames must be >= 2 (a prompt and a predicted frame). Got {self.max_frames=}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1). Got {self.dropout=}")
+        if not 0.0 <= self.min_mask_ratio <= 1.0:
+            raise ValueError(f"min_mask_ratio must be in [0, 1]. Got {self.min_mask_ratio=}")
+        unknown = sorted(set(self.objective_probs) - set(OBJECTIVES))
+        if unknown:
+            raise ValueError(f"objective_probs has unknown objectives {unknown}; known: {OBJECTIVES}")
+        if any(p < 0 for p in self.objective_probs.values()) or sum(self.objective_probs.values()) <= 0:
+            raise ValueError(f"objective_probs must be >= 0 with a positive sum. Got {self.objective_probs=}")
+        if self.state_loss_weight < 0:
+            raise ValueError(f"state_loss_weight must be >= 0. Got {self.state_loss_weight=}")
+        if self.action_loss_weight < 0:
+            raise ValueError(f"action_loss_weight must be >= 0. Got {self.action_loss_weight=}")
+        for name in self.embodiments:
+            _check_embodiment_name(name)
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.grid * self.grid + self.n_action_tokens + 1
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict; ``HMAConfig.from_dict(cfg.to_dict()) == cfg``."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> HMAConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown HMAConfig fields {unknown}")
+        return cls(**d)
+
+
+def _check_embodiment_name(name: str) -> None:
+    # names become nn.ModuleDict keys (state-dict prefixes)
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"embodiment names must be non-empty strings without '.'. Got {name=}")
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale) + shift
+
+
+def rope(x: Tensor, pos: Tensor) -> Tensor:
+    """Rotary position embedding over frames. x: (B, N, H, F, hd), pos: (B, F) absolute frame indices."""
+    hd = x.shape[-1]
+    # angles in float32 (no buffer, so model.to(bfloat16) cannot degrade them)
+    inv_freq = 10000.0 ** (-torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd)
+    angles = pos.to(torch.float32)[:, None, None, :, None] * inv_freq  # (B, 1, 1, F, hd/2)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+def attend_past_and_self(
+    q: Tensor, k: Tensor, v: Tensor, k_past: Tensor, v_past: Tensor, past_mask: Tensor, dropout: float = 0.0
+) -> Tensor:
+    """Each query attends to the allowed past keys plus its own key (always allowed).
+
+    q, k, v: (..., F, hd); k_past, v_past: (..., P, hd); past_mask: bool, broadcastable to (..., F, P).
+    One F x P score matrix plus the diagonal self score, one softmax over their concatenation.
+    """
+    scale = q.shape[-1] ** -0.5
+    k_past, v_past = k_past.to(q.dtype), v_past.to(q.dtype)  # a cache may be stored in another dtype
+    s_past = (q @ k_past.transpose(-2, -1)) * scale  # (..., F, P)
+    s_past = s_past.float().masked_fill(~past_mask, float("-inf"))
+    s_self = (q * k).sum(-1, keepdim=True).float() * scale  # (..., F, 1)
+    p = torch.softmax(torch.cat([s_past, s_self], dim=-1), dim=-1).to(q.dtype)  # (..., F, P + 1)
+    p = F.dropout(p, dropout) if dropout > 0 else p
+    return p[..., :-1] @ v_past + p[..., -1:] * v  # (..., F, hd)
+
+
+class SpatialAttention(nn.Module):
+    """Bidirectional attention over the N tokens of each frame."""
+
+    def __init__(self, config: HMAConfig):
+        super().__init__()
+        self.n_head, self.dropout = config.n_head, config.dropout
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
+        self.proj = nn.Linear(config.d_model, config.d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, Fr, N, D = x.shape
+        q, k, v = self.qkv(x.reshape(B * Fr, N, D)).unflatten(-1, (3, self.n_head, -1)).unbind(2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B*F, H, N, hd)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, Fr, N, D)
+        return self.proj(y)
+
+
+class TemporalAttention(nn.Module):
+    """Attention across frames, separately for each of the N token slots, with RoPE over frame indices.
+
+    Frames ``[:n_clean]`` form a clean stream with ordinary causal attention. Any further frames
+    ("queries", e.g. the masked stream) each attend to the clean frames with a smaller frame index
+    plus themselves. With ``past`` (a cache layer: keys, values, valid-slot mask) every frame
+    attends to the cached frames plus itself instead.
+    """
+
+    def __init__(self, config: HMAConfig):
+        super().__init__()
+        self.n_head, self.dropout = config.n_head, config.dropout
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
+        self.proj = nn.Linear(config.d_model, config.d_model)
+
+    def forward(
+        self, x: Tensor, pos: Tensor, n_clean: int, past: tuple[Tensor, Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        B, Fr, N, D = x.shape
+        dropout = self.dropout if self.training else 0.0
+        qkv = self.qkv(x.transpose(1, 2))  # (B, N, F, 3D)
+        q, k, v = qkv.unflatten(-1, (3, self.n_head, -1)).permute(3, 0, 1, 4, 2, 5)  # each (B, N, H, F, hd)
+        q, k = rope(q, pos), rope(k, pos)
+        if past is not None:
+            k_past, v_past, valid = past  # (B, N, H, W, hd), (B, N, H, W, hd), (B, W)
+            y = attend_past_and_self(q, k, v, k_past, v_past, valid[:, None, None, None, :], dropout)
+        else:
+            qc, kc, vc = (t[..., :n_clean, :].flatten(0, 1) for t in (q, k, v))  # (B*N, H, Tc, hd)
+            yc = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, dropout_p=dropout)
+            y = yc.unflatten(0, (B, N))  # (B, N, H, Tc, hd)
+            if Fr > n_clean:
+                qm, km, vm = (t[..., n_clean:, :] for t in (q, k, v))  # (B, N, H, Tm, hd)
+                earlier = pos[:, None, :n_clean] < pos[:, n_clean:, None]  # (B, Tm, Tc) strictly-causal
+                ym = attend_past_and_self(
+                    qm, km, vm, k[..., :n_clean, :], v[..., :n_clean, :], earlier[:, None, None], dropout
+                )
+                y = torch.cat([y, ym], dim=3)  # (B, N, H, F, hd)
+        y = y.permute(0, 3, 1, 2, 4).reshape(B, Fr, N, D)
+        return self.proj(y), (k, v)
+
+
+class MLP(nn.Module):
+    def __init__(self, d_in: int, d_hidden: int, d_out: int, dropout: float = 0.0):
+        super().__init__()
+        self.fc = nn.Linear(d_in, d_hidden)
+        self.proj = nn.Linear(d_hidden, d_out)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Spatial attention -> causal temporal attention -> MLP, each pre-norm with per-frame adaLN-Zero."""
+
+    def __init__(self, config: HMAConfig):
+        super().__init__()
+        D = config.d_model
+        self.norm1 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.spatial = SpatialAttention(config)
+        self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.temporal = TemporalAttention(config)
+        self.norm3 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.mlp = MLP(D, int(config.mlp_ratio * D), D, config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        # shift, scale, gate for each of the three sub-layers
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(D, 9 * D))
+
+    def forward(
+        self, x: Tensor, c: Tensor, pos: Tensor, n_clean: int, past: tuple[Tensor, Tensor, Tensor] | None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        # x: (B, F, N, D), c: (B, F, D): one modulation per frame, shared by its N tokens
+        mods = self.ada(c).unsqueeze(2).chunk(9, dim=-1)  # 9 x (B, F, 1, D)
+        sh1, sc1, g1, sh2, sc2, g2, sh3, sc3, g3 = mods
+        x = x + g1 * self.resid_dropout(self.spatial(modulate(self.norm1(x), sh1, sc1)))
+        y, kv = self.temporal(modulate(self.norm2(x), sh2, sc2), pos, n_clean, past)
+        x = x + g2 * self.resid_dropout(y)
+        x = x + g3 * self.mlp(modulate(self.norm3(x), sh3, sc3))
+        return x, kv
+
+
+class ActionStem(nn.Module):
+    """a_{t-1} (..., action_dim) -> action tokens (..., n_tokens, D) and adaLN conditioning (..., D)."""
+
+    def __init__(self, action_dim: int, d_model: int, n_tokens: int):
+        super().__init__()
+        self.n_tokens = n_tokens
+        self.to_tokens = MLP(action_dim, d_model, n_tokens * d_model)
+        self.to_cond = MLP(action_dim, d_model, d_model)
+
+    def forward(self, a: Tensor) -> tuple[Tensor, Tensor]:
+        return self.to_tokens(a).unflatten(-1, (self.n_tokens, -1)), self.to_cond(a)
+
+
+class EmbodimentModules(nn.Module):
+    """Everything one robot owns: action stem, state stem, action head, state head."""
+
+    def __init__(self, spec: EmbodimentSpec, config: HMAConfig):
+        super().__init__()
+        D, n = config.d_model, config.n_action_tokens
+        self.action_stem = ActionStem(spec.action_dim, D, n)
+        self.state_stem = nn.Linear(spec.state_dim, D)
+        self.action_norm = nn.LayerNorm(D)
+        self.action_head = MLP(n * D, D, spec.action_dim)  # from the n action-token outputs
+        self.state_norm = nn.LayerNorm(D)
+        self.state_head = MLP(D, D, spec.state_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self.apply(_init_weights)
+        # paper 3.5: Xavier with gain 0.1 on the action projectors, for stability
+        for layer in (self.action_stem.to_tokens.proj, self.action_stem.to_cond.proj):
+            nn.init.xavier_uniform_(layer.weight, gain=0.1)
+
+    def predict_action(self, h: Tensor) -> Tensor:
+        """h: (..., n_action_tokens, D) trunk outputs -> (..., action_dim)."""
+        return self.action_head(self.action_norm(h).flatten(-2))
+
+    def predict_state(self, h: Tensor) -> Tensor:
+        """h: (..., D) trunk output of the state token -> (..., state_dim)."""
+        return self.state_head(self.state_norm(h))
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02)
+
+
+def sample_image_mask(
+    shape: tuple[int, ...],
+    n_tokens: int,
+    min_ratio: float,
+    *,
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """MaskGIT training mask: per entry of ``shape`` draw r ~ U(0, 1), mask ratio max(min_ratio, cos(pi/2 r)).
+
+    Returns ``mask`` (*shape, n_tokens) bool (a uniformly random subset of ceil(ratio * n_tokens) tokens,
+    at least one) and ``ratio`` (*shape,).
+    """
+    r = torch.rand(shape, device=device, generator=generator)
+    ratio = torch.cos(0.5 * math.pi * r).clamp(min=min_ratio, max=1.0)
+    n_masked = (ratio * n_tokens).ceil().clamp(1, n_tokens)  # (*shape)
+    noise = torch.rand((*shape, n_tokens), device=device, generator=generator)
+    rank = noise.argsort(dim=-1).argsort(dim=-1)  # a random permutation per entry
+    return rank < n_masked[..., None], ratio
+
+
+def _masked_mse(pred: Tensor, target: Tensor, weight: Tensor) -> Tensor:
+    w = weight.to(torch.float32)
+    return ((pred.float() - target.float()) ** 2 * w).sum() / w.sum().clamp(min=1.0)
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+class HMACache:
+    """Temporal key/value ring buffer for each layer, over the last ``window`` frames of every batch row.
+
+    ``k[l]``, ``v[l]``: (B, N, H, window, head_dim). ``pos`` (B,): absolute index of each row's next
+    frame (frames appended since its last reset), used for RoPE and for the ring slot ``pos % window``.
+    Keys are stored already rotated, so slot order does not matter. Create with ``HMA.new_cache``.
+    """
+
+    def __init__(self, k: list[Tensor], v: list[Tensor], pos: Tensor):
+        self.k, self.v, self.pos = k, v, pos
+
+    @property
+    def batch_size(self) -> int:
+        return self.pos.shape[0]
+
+    @property
+    def window(self) -> int:
+        return self.k[0].shape[3]
+
+    @property
+    def length(self) -> Tensor:
+        """(B,) number of cached frames of each row (at most ``window``)."""
+        return self.pos.clamp(max=self.window)
+
+    def valid(self) -> Tensor:
+        """(B, window) bool: which ring slots hold a frame of the row's current episode."""
+        slots = torch.arange(self.window, device=self.pos.device)
+        return slots[None, :] < self.length[:, None]
+
+    def reset(self, mask: Tensor | None = None) -> None:
+        """Forget the history of the rows where ``mask`` (B,) bool is True (all rows if None)."""
+        if mask is None:
+            self.pos.zero_()
+        else:
+            self.pos.masked_fill_(mask.to(self.pos.device, torch.bool), 0)
+
+    def push(self, kv: list[tuple[Tensor, Tensor]]) -> None:
+        """Store one new frame per row: kv[l] = (k, v), each (B, N, H, 1, hd)."""
+        rows = torch.arange(self.batch_size, device=self.pos.device)
+        slot = self.pos % self.window  # (B,)
+        for layer, (k, v) in enumerate(kv):
+            self.k[layer][rows, :, :, slot] = k[..., 0, :].to(self.k[layer].dtype)
+            self.v[layer][rows, :, :, slot] = v[..., 0, :].to(self.v[layer].dtype)
+        self.pos += 1
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class HMA(nn.Module):
+    """Heterogeneous Masked Autoregression world model (discrete image tokens + state + actions).
+
+    Training: ``loss, metrics = model(batch)``. Inference: ``new_cache``, ``append_frame`` (a known
+    frame), ``generate_frame`` (MaskGIT-sample the next one), ``predict_frame`` (one masked pass).
+    ``forward_clean`` is the uncached clean stream, e.g. to check the cache against.
+    New robots: ``add_embodiment``; ``embodiment_ids`` index the sorted ``embodiment_names``.
+    """
+
+    def __init__(self, config: HMAConfig):
+        super().__init__()
+        self.config = replace(config, embodiments=dict(config.embodiments))  # add_embodiment edits our copy
+        D, G = config.d_model, config.grid * config.grid
+        self.n_image = G
+        self.tok_emb = nn.Embedding(config.vocab_size, D)
+        self.pos_emb = nn.Parameter(torch.zeros(config.tokens_per_frame, D))  # learned, one per slot
+        self.image_mask_emb = nn.Parameter(torch.zeros(D))
+        self.action_mask_emb = nn.Parameter(torch.zeros(D))
+        self.state_mask_emb = nn.Parameter(torch.zeros(D))
+        self.no_action_tokens = nn.Parameter(torch.zeros(config.n_action_tokens, D))
+        self.no_action_cond = nn.Parameter(torch.zeros(D))
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.image_norm = nn.LayerNorm(D)
+        self.image_head = nn.Linear(D, config.vocab_size)
+        self.embodiments = nn.ModuleDict()
+
+        self.apply(_init_weights)
+        for p in (self.pos_emb, self.image_mask_emb, self.action_mask_emb, self.state_mask_emb):
+            nn.init.normal_(p, std=0.02)
+        for p in (self.no_action_tokens, self.no_action_cond):
+            nn.init.normal_(p, std=0.02)
+        for block in self.blocks:  # adaLN-Zero: every block starts as the identity
+            nn.init.zeros_(block.ada[-1].weight)
+            nn.init.zeros_(block.ada[-1].bias)
+        for name, spec in self.config.embodiments.items():
+            self.embodiments[name] = EmbodimentModules(spec, self.config)
+
+    # ------------------------------------------------------------------ embodiments
+
+    @property
+    def embodiment_names(self) -> list[str]:
+        """Sorted embodiment names; ``embodiment_ids`` index this list."""
+        return sorted(self.config.embodiments)
+
+    def embodiment_id(self, name: str) -> int:
+        """Index of ``name`` in ``embodiment_names``, as used in ``embodiment_ids``."""
+        return self.embodiment_names.index(name)
+
+    def add_embodiment(self, name: str, spec: EmbodimentSpec) -> None:
+        """Add a robot: new stems and heads only, the trunk is untouched. Ids of later-sorting names shift."""
+        _check_embodiment_name(name)
+        if name in self.config.embodiments:
+            raise ValueError(f"embodiment {name!r} already exists")
+        ref = self.image_head.weight
+        self.embodiments[name] = EmbodimentModules(spec, self.config).to(device=ref.device, dtype=ref.dtype)
+        self.config.embodiments[name] = spec
+
+    def num_params(self) -> int:
+        """Number of parameters, embodiment stems and heads included."""
+        return sum(p.numel() for p in self.parameters())
+
+    def _groups(self, embodiment_ids: Tensor) -> list[tuple[str, Tensor]]:
+        """(name, row indices) for each embodiment present in the batch."""
+        names = self.embodiment_names
+        if not names:
+            raise ValueError("the model has no embodiments; add one with add_embodiment(name, spec)")
+        groups = []
+        for k in embodiment_ids.unique().tolist():
+            if not 0 <= k < len(names):
+                raise ValueError(f"embodiment id {k} out of range for {names}")
+            groups.append((names[k], (embodiment_ids == k).nonzero().squeeze(1)))
+        return groups
+
+    def _by_embodiment(
+        self,
+        groups: list[tuple[str, Tensor]],
+        batch_size: int,
+        fn: Callable[[str, Tensor], tuple[Tensor, ...]],
+    ) -> list[Tensor]:
+        """Run fn(name, rows) for each embodiment's rows and scatter its outputs back into batch order."""
+        outs: list[Tensor] = []
+        for name, rows in groups:
+            ys = fn(name, rows)
+            if not outs:
+                outs = [y.new_zeros(batch_size, *y.shape[1:]) for y in ys]
+            outs = [o.index_copy(0, rows, y.to(o.dtype)) for o, y in zip(outs, ys, strict=True)]
+        return outs
+
+    def _dim_mask(self, embodiment_ids: Tensor, kind: str, width: int) -> Tensor:
+        """(B, width) bool: the real (unpadded) action or state dims of each row's embodiment."""
+        dims = torch.tensor(
+            [getattr(self.config.embodiments[n], kind) for n in self.embodiment_names],
+            device=embodiment_ids.device,
+        )
+        return torch.arange(width, device=embodiment_ids.device) < dims[embodiment_ids][:, None]
+
+    def _check_width(self, x: Tensor, name: str, kind: str) -> None:
+        dim = getattr(self.config.embodiments[name], kind)
+        if x.shape[-1] < dim:
+            raise ValueError(f"{kind} of embodiment {name!r} is {dim}, but the input is only {x.shape[-1]} wide")
+
+    def _embed_actions(self, groups: list[tuple[str, Tensor]], actions: Tensor) -> tuple[Tensor, Tensor]:
+        """actions (B, F, A) padded -> action tokens (B, F, n, D), conditioning (B, F, D)."""
+
+        def fn(name: str, rows: Tensor) -> tuple[Tensor, ...]:
+            self._check_width(actions, name, "action_dim")
+            stem = self.embodiments[name].action_stem
+            a = actions.index_select(0, rows)[..., : self.config.embodiments[name].action_dim]
+            return stem(a.to(stem.to_cond.fc.weight.dtype))
+
+        tokens, cond = self._by_embodiment(groups, actions.shape[0], fn)
+        return tokens, cond
+
+    def _embed_states(self, groups: list[tuple[str, Tensor]], states: Tensor) -> Tensor:
+        """states (B, F, S) padded -> (B, F, D)."""
+
+        def fn(name: str, rows: Tensor) -> tuple[Tensor, ...]:
+            self._check_width(states, name, "state_dim")
+            stem = self.embodiments[name].state_stem
+            s = states.index_select(0, rows)[..., : self.config.embodiments[name].state_dim]
+            return (stem(s.to(stem.weight.dtype)),)
+
+        return self._by_embodiment(groups, states.shape[0], fn)[0]
+
+    def _predict_actions(self, groups: list[tuple[str, Tensor]], h: Tensor, width: int) -> Tensor:
+        """h (B, F, n, D) action-token outputs -> (B, F, width), zero beyond each embodiment's action_dim."""
+
+        def fn(name: str, rows: Tensor) -> tuple[Tensor, ...]:
+            a = self.embodiments[name].predict_action(h.index_select(0, rows))
+            return (F.pad(a, (0, width - a.shape[-1])),)
+
+        return self._by_embodiment(groups, h.shape[0], fn)[0]
+
+    def _predict_states(self, groups: list[tuple[str, Tensor]], h: Tensor, width: int) -> Tensor:
+        """h (B, F, D) state-token outputs -> (B, F, width), zero beyond each embodiment's state_dim."""
+
+        def fn(name: str, rows: Tensor) -> tuple[Tensor, ...]:
+            s = self.embodiments[name].predict_state(h.index_select(0, rows))
+            return (F.pad(s, (0, width - s.shape[-1])),)
+
+        return self._by_embodiment(groups, h.shape[0], fn)[0]
+
+    # ------------------------------------------------------------------ trunk
+
+    def _frame_inputs(
+        self,
+        tokens: Tensor,
+        image_mask: Tensor,
+        action_tokens: Tensor,
+        action_cond: Tensor,
+        action_mode: Tensor,
+        state_emb: Tensor,
+        state_mask: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """Assemble the token rows of F frames and their conditioning.
+
+        tokens (B, F, G) long, image_mask (B, F, G) bool, action_tokens (B, F, n, D), action_cond (B, F, D),
+        action_mode (B, F) in {ACTION_NONE, ACTION_VISIBLE, ACTION_MASKED}, state_emb (B, F, D),
+        state_mask (B, F) bool. Returns x (B, F, N, D) and c (B, F, D).
+        """
+        img = self.tok_emb(tokens)  # (B, F, G, D)
+        img = torch.where(image_mask[..., None], self.image_mask_emb.to(img.dtype), img)
+        visible = (action_mode == ACTION_VISIBLE)[..., None]  # (B, F, 1)
+        hidden = torch.where(
+            (action_mode == ACTION_MASKED)[..., None, None], self.action_mask_emb, self.no_action_tokens
+        )
+        act = torch.where(visible[..., None], action_tokens, hidden.to(action_tokens.dtype))  # (B, F, n, D)
+        # a masked action must not leak through the modulation either: condition on "no action"
+        cond = torch.where(visible, action_cond, self.no_action_cond.to(action_cond.dtype))  # (B, F, D)
+        state = torch.where(state_mask[..., None], self.state_mask_emb.to(state_emb.dtype), state_emb)
+        x = torch.cat([img, act.to(img.dtype), state[:, :, None].to(img.dtype)], dim=2)  # (B, F, N, D)
+        return x + self.pos_emb.to(x.dtype), cond
+
+    def _trunk(
+        self, x: Tensor, c: Tensor, pos: Tensor, n_clean: int, cache: HMACache | None = None
+    ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """x (B, F, N, D), c (B, F, D), pos (B, F) -> hidden (B, F, N, D) and each layer's temporal (k, v)."""
+        valid = cache.valid() if cache is not None else None
+        kvs = []
+        for layer, block in enumerate(self.blocks):
+            past = (cache.k[layer], cache.v[layer], valid) if cache is not None else None
+            x, kv = block(x, c, pos, n_clean, past)
+            kvs.append(kv)
+        return x, kvs
+
+    def _image_logits(self, h: Tensor) -> Tensor:
+        return self.image_head(self.image_norm(h))
+
+    def forward_clean(
+        self,
+        tokens: Tensor,
+        actions: Tensor,
+        states: Tensor,
+        embodiment_ids: Tensor,
+        action_valid: Tensor | None = None,
+    ) -> Tensor:
+        """Uncached clean stream (everything visible, causal across frames) -> hidden (B, T, N, D).
+
+        Same inputs as ``forward``; appending these frames one by one to a fresh cache gives the same outputs.
+        """
+        B, T = tokens.shape[:2]
+        groups = self._groups(embodiment_ids)
+        prev_actions, action_valid = self._shift_actions(actions, action_valid)
+        act_tok, act_cond = self._embed_actions(groups, prev_actions)
+        state_emb = self._embed_states(groups, states)
+        mode = torch.where(action_valid, ACTION_VISIBLE, ACTION_NONE)
+        no_mask = torch.zeros_like(tokens.flatten(2), dtype=torch.bool)
+        x, c = self._frame_inputs(
+            tokens.flatten(2),
+            no_mask,
+            act_tok,
+            act_cond,
+            mode,
+            state_emb,
+            torch.zeros_like(mode, dtype=torch.bool),
+        )
+        pos = torch.arange(T, device=tokens.device).expand(B, T)
+        h, _ = self._trunk(x, c, pos, n_clean=T)
+        return h
+
+    # ------------------------------------------------------------------ training
+
+    @staticmethod
+    def _shift_actions(actions: Tensor, action_valid: Tensor | None) -> tuple[Tensor, Tensor]:
+        """actions[:, t] = a_t -> (a_{t-1} of each frame (B, T, A), whether frame t has one (B, T))."""
+        B, T = actions.shape[:2]
+        prev = F.pad(actions[:, :-1], (0, 0, 1, 0))  # (B, T, A); frame 0's a_{-1} is not in the batch
+        if action_valid is None:
+            action_valid = torch.ones(B, T, dtype=torch.bool, device=actions.device)
+        first = torch.arange(T, device=actions.device) == 0
+        return prev, action_valid.to(torch.bool) & ~first
+
+    def _two_stream_hidden(
+        self,
+        groups: list[tuple[str, Tensor]],
+        tokens: Tensor,
+        prev_actions: Tensor,
+        states: Tensor,
+        clean_mode: Tensor,
+        masked_mode: Tensor,
+        image_mask: Tensor,
+        state_mask: Tensor,
+        t0: int,
+    ) -> Tensor:
+        """Clean stream over all T frames + masked stream over frames t0: -> masked hidden (B, T-t0, N, D).
+
+        tokens (B, T, G); clean_mode / masked_mode (B, T) action modes; image_mask (B, T, G) and state_mask
+        (B, T) apply to the masked stream only. Masked frames never attend to each other, so the masked
+        stream only needs the frames that some sample predicts.
+        """
+        B, T = tokens.shape[:2]
+        act_tok, act_cond = self._embed_actions(groups, prev_actions)  # (B, T, n, D), (B, T, D)
+        state_emb = self._embed_states(groups, states)  # (B, T, D)
+        nothing = torch.zeros_like(image_mask)
+        xc, cc = self._frame_inputs(tokens, nothing, act_tok, act_cond, clean_mode, state_emb, nothing[..., 0])
+        xm, cm = self._frame_inputs(
+            tokens[:, t0:], image_mask[:, t0:], act_tok[:, t0:], act_cond[:, t0:],
+            masked_mode[:, t0:], state_emb[:, t0:], state_mask[:, t0:],
+        )  # fmt: skip
+        pos = torch.arange(T, device=tokens.device).expand(B, T)
+        # spatial attention and MLP are per frame, so both streams share one pass along the frame axis
+        x = torch.cat([xc, xm], dim=1)  # (B, T + T - t0, N, D)
+        h, _ = self._trunk(x, torch.cat([cc, cm], dim=1), torch.cat([pos, pos[:, t0:]], dim=1), n_clean=T)
+        return h[:, T:]
+
+    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Masked-autoregression loss on one batch.
+
+        batch: ``tokens`` (B, T, g, g) long; ``actions`` (B, T, A_max) with actions[:, t] = a_t, the action
+        taken at frame t (normalised, zero-padded beyond each embodiment's action_dim); ``states``
+        (B, T, S_max) likewise; ``embodiment_ids`` (B,) long into ``embodiment_names``; ``n_prompt`` (B,)
+        long in [1, T-1], frames < n_prompt are context only; optional ``action_valid`` (B, T) bool, whether
+        frame t has an incoming action a_{t-1} (column 0 is always treated as False).
+
+        Per sample one objective is drawn from ``config.objective_probs``; frames >= n_prompt are predicted:
+        - forward: a_{t-1} visible; predict the masked image tokens and the state.
+        - full:    as forward, but a_{t-1} is masked too and predicted.
+        - passive: no actions anywhere (video only); predict image tokens and state.
+        - policy:  image, state and a_{t-1} all masked; predict a_{t-1} (and image/state).
+        The clean stream always holds what inference has for past frames: their true image and state,
+        and their true actions, except under "passive", where the model never sees actions.
+
+        Returns (loss, metrics); metrics are detached 0-dim tensors: loss, ce, state_mse, action_mse and
+        accuracy (of the argmax on masked image tokens).
+        """
+        cfg = self.config
+        tokens = batch["tokens"].flatten(2)  # (B, T, G)
+        actions, states, ids, n_prompt = (
+            batch["actions"],
+            batch["states"],
+            batch["embodiment_ids"],
+            batch["n_prompt"],
+        )
+        B, T, G = tokens.shape
+        device = tokens.device
+        if T > cfg.max_frames:
+            raise ValueError(f"batch has {T} frames but max_frames is {cfg.max_frames}")
+        if G != self.n_image:
+            raise ValueError(f"tokens must be (B, T, {cfg.grid}, {cfg.grid}). Got {tuple(batch['tokens'].shape)}")
+        n_min, n_max = int(n_prompt.min()), int(n_prompt.max())
+        if n_min < 1 or n_max > T - 1:
+            raise ValueError(f"n_prompt must be in [1, T-1] = [1, {T - 1}]. Got values in [{n_min}, {n_max}]")
+
+        # 1. an objective per sample, and which frames are predicted
+        probs = torch.tensor([cfg.objective_probs.get(o, 0.0) for o in OBJECTIVES], device=device)
+        objective = torch.multinomial(probs, B, replacement=True)  # (B,) index into OBJECTIVES
+        passive = objective == OBJECTIVES.index("passive")
+        policy = objective == OBJECTIVES.index("policy")
+        hide_actions = (objective == OBJECTIVES.index("full")) | policy
+        predicted = torch.arange(T, device=device)[None, :] >= n_prompt[:, None]  # (B, T)
+
+        # 2. what each stream sees
+        prev_actions, has_action = self._shift_actions(actions, batch.get("action_valid"))
+        has_action = has_action & ~passive[:, None]  # (B, T)
+        clean_mode = torch.where(has_action, ACTION_VISIBLE, ACTION_NONE)
+        action_target = has_action & predicted & hide_actions[:, None]  # (B, T) frames whose a_{t-1} is predicted
+        masked_mode = torch.where(action_target, ACTION_MASKED, clean_mode)
+        image_mask, _ = sample_image_mask((B, T), G, cfg.min_mask_ratio, device=device)
+        image_mask = (image_mask | policy[:, None, None]) & predicted[..., None]  # (B, T, G)
+        state_mask = predicted
+
+        # 3. trunk
+        groups = self._groups(ids)
+        h = self._two_stream_hidden(
+            groups, tokens, prev_actions, states, clean_mode, masked_mode, image_mask, state_mask, n_min
+        )  # (B, T', N, D)
+
+        # 4. losses on the masked stream's predicted frames
+        sl = slice(n_min, T)
+        img_mask = image_mask[:, sl]  # (B, T', G)
+        logits = self._image_logits(h[:, :, :G][img_mask]).float()  # (M, V)
+        target = tokens[:, sl][img_mask]  # (M,)
+        ce = F.cross_entropy(logits, target)
+        accuracy = (logits.argmax(-1) == target).float().mean()
+
+        S = states.shape[-1]
+        pred_states = self._predict_states(groups, h[:, :, -1], S)  # (B, T', S)
+        w = predicted[:, sl, None] & self._dim_mask(ids, "state_dim", S)[:, None]
+        state_mse = _masked_mse(pred_states, states[:, sl], w)
+
+        A = actions.shape[-1]
+        pred_actions = self._predict_actions(groups, h[:, :, G : G + cfg.n_action_tokens], A)  # (B, T', A)
+        w = action_target[:, sl, None] & self._dim_mask(ids, "action_dim", A)[:, None]
+        action_mse = _masked_mse(pred_actions, prev_actions[:, sl], w)
+
+        loss = ce + cfg.state_loss_weight * state_mse + cfg.action_loss_weight * action_mse
+        metrics = {
+            "loss": loss,
+            "ce": ce,
+            "state_mse": state_mse,
+            "action_mse": action_mse,
+            "accuracy": accuracy,
+        }
+        return loss, {k: v.detach() for k, v in metrics.items()}
+
+    # ------------------------------------------------------------------ inference
+
+    def new_cache(
+        self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> HMACache:
+        """An empty cache for ``batch_size`` rows holding the last ``max_frames - 1`` frames of each.
+
+        device / dtype default to the model's parameters.
+        """
+        cfg = self.config
+        ref = self.image_head.weight
+        device = ref.device if device is None else device
+        dtype = ref.dtype if dtype is None else dtype
+        # zeros, not empty: masked-out slots are multiplied by probability 0 and must not hold NaNs
+        shape = (batch_size, cfg.tokens_per_frame, cfg.n_head, cfg.max_frames - 1, cfg.d_model // cfg.n_head)
+        k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        return HMACache(k, v, torch.zeros(batch_size, dtype=torch.long, device=device))
+
+    @property
+    def max_state_dim(self) -> int:
+        return max((s.state_dim for s in self.config.embodiments.values()), default=0)
+
+    @property
+    def max_action_dim(self) -> int:
+        return max((s.action_dim for s in self.config.embodiments.values()), default=0)
+
+    def _cached_pass(
+        self,
+        cache: HMACache,
+        tokens: Tensor,
+        image_mask: Tensor,
+        state: Tensor | None,
+        action: Tensor | None,
+        embodiment_ids: Tensor,
+        action_valid: Tensor | None,
+    ) -> tuple[Tensor, list[tuple[Tensor, Tensor]], list[tuple[str, Tensor]]]:
+        """One frame per row against the cache (read only).
+
+        tokens (B, G), image_mask (B, G), state (B, S) or None (masked), action a_{t-1} (B, A) or None.
+        Returns hidden (B, N, D), each layer's (k, v) of this frame and the embodiment groups.
+        """
+        B = tokens.shape[0]
+        if B != cache.batch_size:
+            raise ValueError(f"batch size {B} does not match the cache's {cache.batch_size}")
+        if tokens.shape[-1] != self.n_image:
+            raise ValueError(f"tokens must be (B, {self.config.grid}, {self.config.grid}). Got {tuple(tokens.shape)}")
+        groups = self._groups(embodiment_ids)
+        device = tokens.device
+        if action is None:
+            action = torch.zeros(B, self.max_action_dim, device=device)
+            action_valid = torch.zeros(B, dtype=torch.bool, device=device)
+        elif action_valid is None:
+            action_valid = torch.ones(B, dtype=torch.bool, device=device)
+        state_mask = torch.full((B, 1), state is None, dtype=torch.bool, device=device)
+        if state is None:
+            state = torch.zeros(B, self.max_state_dim, device=device)
+        act_tok, act_cond = self._embed_actions(groups, action[:, None])  # (B, 1, n, D), (B, 1, D)
+        state_emb = self._embed_states(groups, state[:, None])  # (B, 1, D)
+        mode = torch.where(action_valid.to(torch.bool), ACTION_VISIBLE, ACTION_NONE)[:, None]  # (B, 1)
+        x, c = self._frame_inputs(tokens[:, None], image_mask[:, None], act_tok, act_cond, mode, state_emb, state_mask)
+        h, kvs = self._trunk(x, c, cache.pos[:, None], n_clean=0, cache=cache)
+        return h[:, 0], kvs, groups
+
+    @torch.no_grad()
+    def append_frame(
+        self,
+        cache: HMACache,
+        tokens: Tensor,
+        state: Tensor,
+        action: Tensor | None,
+        embodiment_ids: Tensor,
+        action_valid: Tensor | None = None,
+    ) -> Tensor:
+        """Run the clean stream on one known frame per row and store its keys/values (dropping the oldest).
+
+        tokens (B, g, g) long; state (B, S) normalised, S >= each row's state_dim; action (B, A) = a_{t-1},
+        the action that led into this frame, or None at the start of an episode; action_valid (B,) bool
+        marks rows whose action is real (e.g. False for rows that just reset). Returns hidden (B, N, D).
+        """
+        image_mask = torch.zeros_like(tokens.flatten(1), dtype=torch.bool)
+        h, kvs, _ = self._cached_pass(cache, tokens.flatten(1), image_mask, state, action, embodiment_ids, action_valid)
+        cache.push(kvs)
+        return h
+
+    @torch.no_grad()
+    def predict_frame(
+        self,
+        cache: HMACache,
+        tokens: Tensor,
+        image_mask: Tensor,
+        action: Tensor | None,
+        embodiment_ids: Tensor,
+        action_valid: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """One masked-stream pass for the next frame; does not modify the cache.
+
+        tokens (B, g, g) long (ignored where masked), image_mask (B, g, g) bool (True = [MASK]), state masked.
+        Returns image logits (B, g*g, vocab_size) and state (B, max_state_dim) (zero beyond each state_dim).
+        """
+        h, _, groups = self._cached_pass(
+            cache, tokens.flatten(1), image_mask.flatten(1), None, action, embodiment_ids, action_valid
+        )
+        logits = self._image_logits(h[:, : self.n_image])  # (B, G, V)
+        state = self._predict_states(groups, h[:, None, -1], self.max_state_dim)[:, 0]  # (B, S)
+        return logits, state
+
+    @torch.no_grad()
+    def generate_frame(
+        self,
+        cache: HMACache,
+        action: Tensor | None,
+        embodiment_ids: Tensor,
+        steps: int = 2,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+        greedy: bool = False,
+        action_valid: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """MaskGIT-sample the next frame of every row given its cached history and action a_{t-1} (B, A).
+
+        Starts from all-[MASK]; each of ``steps`` iterations predicts every masked token and reveals as
+        many as the cosine schedule says (the last iteration reveals the rest). Sampling: tokens are
+        drawn from softmax(logits / temperature) and revealed in a random per-row order, both drawn from
+        ``generator`` (on the cache's device), so equal inputs and generator state give equal outputs.
+        ``greedy=True``: argmax tokens, revealed most-confident first; no randomness at all.
+        Does not modify the cache. Returns tokens (B, g, g) long and the state (B, max_state_dim)
+        predicted at the final iteration (zero beyond each row's state_dim).
+        """
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1. Got {steps=}")
+        if not greedy and temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (or use greedy=True). Got {temperature=}")
+        B, G, g, device = cache.batch_size, self.n_image, self.config.grid, cache.pos.device
+        tokens = torch.zeros(B, G, dtype=torch.long, device=device)
+        known = torch.zeros(B, G, dtype=torch.bool, device=device)
+        if not greedy:
+            order = torch.rand(B, G, device=device, generator=generator).argsort(-1).argsort(-1)  # (B, G)
+        n_masked = G
+        for i in range(steps):
+            logits, state = self.predict_frame(
+                cache, tokens.view(B, g, g), ~known.view(B, g, g), action, embodiment_ids, action_valid
+            )
+            logits = logits.float()  # (B, G, V)
+            # cosine schedule: tokens still masked after this iteration; at least one revealed per iteration
+            still = math.floor(G * math.cos(0.5 * math.pi * (i + 1) / steps))
+            n_masked_before = n_masked
+            n_masked = 0 if i == steps - 1 else max(0, min(still, n_masked - 1))
+            if greedy:
+                confidence, sampled = logits.log_softmax(-1).max(-1)  # (B, G)
+                n_reveal = (G - n_masked) - (G - n_masked_before)  # every row has the same number known
+                top = confidence.masked_fill(known, float("-inf")).topk(n_reveal, dim=-1).indices
+                reveal = torch.zeros_like(known).scatter_(1, top, True)
+            else:
+                probs = torch.softmax(logits / temperature, dim=-1).flatten(0, 1)  # (B*G, V)
+                sampled = torch.multinomial(probs, 1, generator=generator).view(B, G)
+                reveal = (order < G - n_masked) & ~known
+            tokens = torch.where(reveal, sampled, tokens)
+            known = known | reveal
+        return tokens.view(B, g, g), state
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+def hma_tiny() -> dict[str, Any]:
+    """For tests."""
+    return {"d_model": 32, "n_layer": 2, "n_head": 2}
+
+
+def hma_small() -> dict[str, Any]:
+    """The CPU default (~6M parameters)."""
+    return {"d_model": 192, "n_layer": 6, "n_head": 6}
+
+
+def hma_base() -> dict[str, Any]:
+    """The paper's ablation model."""
+    return {"d_model": 256, "n_layer": 32, "n_head": 8}
+
+
+def hma_xl() -> dict[str, Any]:
+    return {"d_model": 768, "n_layer": 32, "n_head": 12}
+
+
+HMA_PRESETS: dict[str, Callable[[], dict[str, Any]]] = {
+    "tiny": hma_tiny,
+    "small": hma_small,
+    "base": hma_base,
+    "xl": hma_xl,
+}
+
+
+def make_hma(preset: str = "small", **overrides: Any) -> HMA:
+    """Build an HMA from a size preset; any ``HMAConfig`` field can be overridden."""
+    if preset not in HMA_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(HMA_PRESETS)}")
+    return HMA(HMAConfig(**{**HMA_PRESETS[preset](), **overrides}))

@@ -1,0 +1,375 @@
+"""Unit tests of the HMA world model (hma_gym/models/hma.py) on tiny configs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hma_gym.models.hma import (
+    HMA,
+    HMA_PRESETS,
+    EmbodimentSpec,
+    HMAConfig,
+    make_hma,
+    sample_image_mask,
+)
+
+GRID, VOCAB, MAX_FRAMES = 4, 16, 4
+EMBODIMENTS = {
+    "arm": EmbodimentSpec(action_dim=3, state_dim=5),
+    "hand": EmbodimentSpec(action_dim=7, state_dim=2),
+}
+A_MAX, S_MAX = 7, 5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # tiny tensors gain nothing from threads; on a busy 2-core machine OpenMP spinning makes them ~20x slower
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_model(seed: int = 0, perturb: bool = False, **overrides) -> HMA:
+    """A tiny model; ``perturb`` adds noise to all weights so the zero-init adaLN blocks do something."""
+    torch.manual_seed(seed)
+    kwargs = dict(grid=GRID, vocab_size=VOCAB, n_action_tokens=2, max_frames=MAX_FRAMES, embodiments=EMBODIMENTS)
+    model = make_hma("tiny", **{**kwargs, **overrides})
+    if perturb:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def make_batch(embodiment_ids: list[int], T: int = MAX_FRAMES, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    B = len(embodiment_ids)
+    ids = torch.tensor(embodiment_ids)
+    dims = [(EMBODIMENTS[n].action_dim, EMBODIMENTS[n].state_dim) for n in sorted(EMBODIMENTS)]
+    actions = torch.randn(B, T, A_MAX, generator=gen)
+    states = torch.randn(B, T, S_MAX, generator=gen)
+    for b, k in enumerate(embodiment_ids):  # zero padding beyond each robot's dims
+        actions[b, :, dims[k][0] :] = 0
+        states[b, :, dims[k][1] :] = 0
+    return {
+        "tokens": torch.randint(0, VOCAB, (B, T, GRID, GRID), generator=gen),
+        "actions": actions,
+        "states": states,
+        "embodiment_ids": ids,
+        "n_prompt": torch.randint(1, T, (B,), generator=gen),
+    }
+
+
+def seeded_loss(model: HMA, batch: dict[str, torch.Tensor], seed: int = 123) -> float:
+    torch.manual_seed(seed)  # same objectives and masks every call
+    return model(batch)[0].item()
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_overfit_one_batch() -> None:
+    model = tiny_model()
+    batch = make_batch([0, 1, 0, 1])
+    start = seeded_loss(model, batch)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(30):
+        torch.manual_seed(step)
+        loss, metrics = model(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert set(metrics) == {"loss", "ce", "state_mse", "action_mse", "accuracy"}
+    assert seeded_loss(model, batch) < start
+
+
+def test_mixed_embodiments_reach_both_stems_and_ignore_padding() -> None:
+    # perturbed: at init the adaLN-Zero gates are closed and the action tokens cannot reach the outputs yet
+    model = tiny_model(perturb=True, objective_probs={"full": 1.0})
+    batch = make_batch([0, 1, 1, 0])
+    loss, metrics = model(batch)
+    assert torch.isfinite(loss) and metrics["action_mse"] > 0
+    loss.backward()
+    for name in EMBODIMENTS:
+        emb = model.embodiments[name]
+        for p in (emb.action_stem.to_tokens.fc.weight, emb.state_stem.weight, emb.action_head.proj.weight):
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        assert emb.state_head.proj.weight.grad.abs().sum() > 0
+
+    # values in the padding beyond a robot's dims must not matter
+    model.zero_grad()
+    noisy = dict(batch, actions=batch["actions"] + 100.0, states=batch["states"] + 100.0)
+    for b, k in enumerate(batch["embodiment_ids"].tolist()):
+        spec = EMBODIMENTS[model.embodiment_names[k]]
+        noisy["actions"][b, :, : spec.action_dim] = batch["actions"][b, :, : spec.action_dim]
+        noisy["states"][b, :, : spec.state_dim] = batch["states"][b, :, : spec.state_dim]
+    assert seeded_loss(model, noisy) == pytest.approx(seeded_loss(model, batch), rel=1e-6)
+
+
+@pytest.mark.parametrize("objective", ["forward", "passive", "policy"])
+def test_each_objective_runs(objective: str) -> None:
+    model = tiny_model(objective_probs={objective: 1.0})
+    loss, metrics = model(make_batch([0, 1]))
+    assert torch.isfinite(loss)
+    assert (metrics["action_mse"] > 0) == (objective == "policy")
+
+
+def test_add_embodiment_keeps_other_parameters() -> None:
+    model = tiny_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss, _ = model(make_batch([0, 1]))
+    loss.backward()
+    opt.step()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    model.add_embodiment("gripper", EmbodimentSpec(action_dim=2, state_dim=4))
+    after = model.state_dict()
+    assert model.embodiment_names == ["arm", "gripper", "hand"]
+    assert model.config.embodiments["gripper"] == EmbodimentSpec(2, 4)
+    new = set(after) - set(before)
+    assert new and all(k.startswith("embodiments.gripper.") for k in new)
+    for k, v in before.items():
+        assert torch.equal(v, after[k]), k
+    with pytest.raises(ValueError, match="already exists"):
+        model.add_embodiment("arm", EmbodimentSpec(3, 5))
+
+    batch = make_batch([0, 0])  # shapes fit "gripper" (ids now index the new sorted names)
+    batch["embodiment_ids"] = torch.tensor([model.embodiment_id("gripper"), model.embodiment_id("hand")])
+    loss, _ = model(batch)
+    loss.backward()
+    assert model.embodiments["gripper"].state_stem.weight.grad.abs().sum() > 0
+
+
+def test_bad_batches_raise() -> None:
+    model = tiny_model()
+    with pytest.raises(ValueError, match="n_prompt"):
+        model(dict(make_batch([0, 1]), n_prompt=torch.tensor([0, 1])))
+    with pytest.raises(ValueError, match="max_frames"):
+        model(make_batch([0, 1], T=MAX_FRAMES + 1))
+    with pytest.raises(ValueError, match="embodiment id"):
+        model(dict(make_batch([0, 1]), embodiment_ids=torch.tensor([0, 2])))
+
+
+def test_blocks_start_as_identity() -> None:
+    model = tiny_model()
+    batch = make_batch([0, 1])
+    h = model.forward_clean(batch["tokens"], batch["actions"], batch["states"], batch["embodiment_ids"])
+    x = model.tok_emb(batch["tokens"].flatten(2)) + model.pos_emb[: GRID * GRID]
+    torch.testing.assert_close(h[:, :, : GRID * GRID], x)
+
+
+# ----------------------------------------------------------------------------- masking
+
+
+@pytest.mark.parametrize("min_ratio", [0.0, 0.3])
+def test_mask_schedule(min_ratio: float) -> None:
+    n = 16
+    mask, ratio = sample_image_mask((500,), n, min_ratio, generator=torch.Generator().manual_seed(0))
+    assert mask.shape == (500, n) and mask.dtype == torch.bool
+    assert (ratio >= min_ratio).all() and (ratio <= 1).all()
+    counts = mask.sum(-1)
+    assert (counts >= 1).all()
+    assert (counts == (ratio * n).ceil().clamp(min=1)).all()
+    assert (counts == n).any() and (counts < n // 2).any()  # the cosine schedule spans the range
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+def append_all(model: HMA, cache, batch: dict[str, torch.Tensor], frames: range, action_valid=None):
+    """Append the batch's frames to the cache; frame t's incoming action is actions[:, t-1]."""
+    out = []
+    for t in frames:
+        action = batch["actions"][:, t - 1] if t > 0 else None
+        valid = action_valid[:, t] if action_valid is not None and t > 0 else None
+        out.append(
+            model.append_frame(
+                cache, batch["tokens"][:, t], batch["states"][:, t], action, batch["embodiment_ids"], valid
+            )
+        )
+    return torch.stack(out, dim=1)  # (B, T, N, D)
+
+
+def test_cache_matches_uncached_clean_stream() -> None:
+    model = tiny_model(perturb=True).eval()
+    batch = make_batch([0, 1, 1])
+    action_valid = torch.ones(3, MAX_FRAMES, dtype=torch.bool)
+    action_valid[1, 2] = False  # one missing action label
+    full = model.forward_clean(
+        batch["tokens"], batch["actions"], batch["states"], batch["embodiment_ids"], action_valid
+    )
+    cache = model.new_cache(3)
+    cached = append_all(model, cache, batch, range(MAX_FRAMES), action_valid)
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(model._image_logits(cached), model._image_logits(full), atol=1e-5, rtol=1e-4)
+    assert cache.pos.tolist() == [MAX_FRAMES] * 3
+
+
+def test_cached_prediction_matches_training_masked_stream() -> None:
+    """What generation sees (clean cached past + masked current frame) is what training optimises."""
+    model = tiny_model(perturb=True).eval()
+    batch = make_batch([0, 1])
+    B, T, G, t0 = 2, MAX_FRAMES, GRID * GRID, 1
+    tokens = batch["tokens"].flatten(2)
+    prev_actions, has_action = model._shift_actions(batch["actions"], None)
+    mode = has_action.long()  # ACTION_VISIBLE where there is an incoming action, else ACTION_NONE
+    image_mask = sample_image_mask((B, T), G, 0.2, generator=torch.Generator().manual_seed(1))[0]
+    groups = model._groups(batch["embodiment_ids"])
+    h = model._two_stream_hidden(
+        groups,
+        tokens,
+        prev_actions,
+        batch["states"],
+        mode,
+        mode,
+        image_mask,
+        torch.ones(B, T, dtype=torch.bool),
+        t0,
+    )
+    cache = model.new_cache(B)
+    append_all(model, cache, batch, range(t0))
+    for t in range(t0, T):
+        logits, _ = model.predict_frame(
+            cache, batch["tokens"][:, t], image_mask[:, t].view(B, GRID, GRID), batch["actions"][:, t - 1],
+            batch["embodiment_ids"],
+        )  # fmt: skip
+        torch.testing.assert_close(logits, model._image_logits(h[:, t - t0, :G]), atol=1e-5, rtol=1e-4)
+        append_all(model, cache, batch, range(t, t + 1))
+
+
+def test_sliding_window_keeps_cache_size_constant() -> None:
+    model = tiny_model(perturb=True).eval()
+    batch = make_batch([0, 1])
+    cache = model.new_cache(2)
+    shape, nbytes = cache.k[0].shape, cache.nbytes()
+    action = batch["actions"][:, 0]
+    model.append_frame(cache, batch["tokens"][:, 0], batch["states"][:, 0], None, batch["embodiment_ids"])
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5 * MAX_FRAMES):
+        tokens, state = model.generate_frame(cache, action, batch["embodiment_ids"], generator=gen)
+        model.append_frame(cache, tokens, state, action, batch["embodiment_ids"])
+    assert cache.k[0].shape == shape and cache.nbytes() == nbytes
+    assert cache.window == MAX_FRAMES - 1
+    assert cache.length.tolist() == [MAX_FRAMES - 1] * 2
+    assert cache.pos.tolist() == [5 * MAX_FRAMES + 1] * 2  # absolute frame index keeps growing
+    assert ((tokens >= 0) & (tokens < VOCAB)).all() and torch.isfinite(state).all()
+
+
+def test_generate_is_deterministic_and_valid() -> None:
+    model = tiny_model(perturb=True).eval()
+    batch = make_batch([0, 1, 0])
+    ids = batch["embodiment_ids"]
+    cache = model.new_cache(3)
+    append_all(model, cache, batch, range(2))
+    pos = cache.pos.clone()
+
+    def sample(seed: int, **kwargs):
+        gen = torch.Generator().manual_seed(seed)
+        return model.generate_frame(cache, batch["actions"][:, 1], ids, generator=gen, **kwargs)
+
+    tokens_a, state_a = sample(0)
+    tokens_b, state_b = sample(0)
+    tokens_c, _ = sample(1, temperature=2.0)
+    assert torch.equal(tokens_a, tokens_b) and torch.equal(state_a, state_b)
+    assert not torch.equal(tokens_a, tokens_c)
+    assert tokens_a.shape == (3, GRID, GRID) and tokens_a.dtype == torch.long
+    assert ((tokens_a >= 0) & (tokens_a < VOCAB)).all()
+    assert state_a.shape == (3, S_MAX)
+    assert (state_a[1, EMBODIMENTS["hand"].state_dim :] == 0).all()  # padding beyond the robot's state
+    assert torch.equal(cache.pos, pos)  # generation leaves the cache alone
+
+    greedy_a, _ = sample(0, greedy=True)
+    greedy_b, _ = sample(7, greedy=True)
+    assert torch.equal(greedy_a, greedy_b)
+
+
+def test_partial_reset_matches_fresh_cache() -> None:
+    model = tiny_model(perturb=True).eval()
+    batch = make_batch([0, 1, 1], seed=1)
+    other = make_batch([0, 1, 1], seed=2)
+    cache = model.new_cache(3)
+    append_all(model, cache, batch, range(3))
+    cache.reset(torch.tensor([False, True, False]))
+    # all rows go on together; row 1 starts a new episode with `other`'s frames
+    mixed = {k: v.clone() for k, v in batch.items()}
+    for k in ("tokens", "actions", "states"):
+        mixed[k][1] = other[k][1]
+    valid = torch.ones(3, MAX_FRAMES, dtype=torch.bool)
+    valid[1, 0] = False
+    hidden = []
+    for t in range(2):
+        hidden.append(
+            model.append_frame(
+                cache,
+                mixed["tokens"][:, t],
+                mixed["states"][:, t],
+                mixed["actions"][:, t - 1],
+                mixed["embodiment_ids"],
+                valid[:, t],
+            )  # fmt: skip
+        )
+    greedy, state = model.generate_frame(cache, mixed["actions"][:, 1], mixed["embodiment_ids"], greedy=True)
+
+    row = {k: v[1:2] for k, v in other.items()}
+    fresh = model.new_cache(1)
+    expected = append_all(model, fresh, row, range(2))
+    torch.testing.assert_close(torch.stack(hidden, 1)[1:2], expected, atol=1e-5, rtol=1e-4)
+    greedy_fresh, state_fresh = model.generate_frame(fresh, row["actions"][:, 1], row["embodiment_ids"], greedy=True)
+    assert torch.equal(greedy[1:2], greedy_fresh)
+    torch.testing.assert_close(state[1:2], state_fresh, atol=1e-5, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_config_round_trip() -> None:
+    cfg = HMAConfig(
+        vocab_size=VOCAB,
+        grid=GRID,
+        d_model=32,
+        n_head=2,
+        n_layer=2,
+        objective_probs={"forward": 0.5, "policy": 0.5},
+        embodiments=EMBODIMENTS,
+    )
+    again = HMAConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg
+    assert isinstance(again.embodiments["arm"], EmbodimentSpec)
+    with pytest.raises(ValueError, match="bogus"):
+        HMAConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"vocab_size": 1}, "vocab_size"),
+        ({"d_model": 30, "n_head": 4}, "d_model"),
+        ({"d_model": 6, "n_head": 2}, "head dim"),
+        ({"n_layer": 0}, "n_layer"),
+        ({"max_frames": 1}, "max_frames"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"min_mask_ratio": 1.5}, "min_mask_ratio"),
+        ({"objective_probs": {"dream": 1.0}}, "objective_probs"),
+        ({"objective_probs": {"forward": -1.0}}, "objective_probs"),
+        ({"embodiments": {"arm": {"action_dim": 0, "state_dim": 2}}}, "action_dim"),
+        ({"embodiments": {"a.b": EmbodimentSpec(1, 1)}}, "embodiment names"),
+    ],
+)
+def test_bad_config_raises(overrides: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        HMAConfig(**overrides)
+
+
+def test_presets() -> None:
+    assert set(HMA_PRESETS) == {"tiny", "small", "base", "xl"}
+    assert HMA_PRESETS["base"]() == {"d_model": 256, "n_layer": 32, "n_head": 8}
+    for preset in HMA_PRESETS:
+        HMAConfig(**HMA_PRESETS[preset]())  # every preset is a valid config
+    model = make_hma("tiny", embodiments=EMBODIMENTS)
+    assert model.num_params() == sum(p.numel() for p in model.parameters()) > 0
+    with pytest.raises(ValueError, match="unknown preset"):
+        make_hma("huge")
