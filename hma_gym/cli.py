@@ -14,6 +14,7 @@ from hma_gym.config import add_dataclass_args, dataclass_from_args
 
 # name -> (module, config class, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "demo": ("training.demo", "DemoConfig", "demo", "the main job: run the shipped policies and write a video"),
     "collect": ("training.collect", "CollectConfig", "collect",
                 "roll the scripted expert in the GT env into a robomimic HDF5 file"),
     "render": ("training.render", "RenderConfig", "render",

@@ -1,0 +1,1 @@
+"""Reproducible studies; each writes JSON (and a plot) under benchmarks/results/."""
