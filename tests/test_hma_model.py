@@ -72,8 +72,9 @@ def seeded_loss(model: HMA, batch: dict[str, torch.Tensor], seed: int = 123) -> 
 # ----------------------------------------------------------------------------- training
 
 
-def test_overfit_one_batch() -> None:
-    model = tiny_model()
+@pytest.mark.parametrize("patch_size", [1, 2])
+def test_overfit_one_batch(patch_size: int) -> None:
+    model = tiny_model(patch_size=patch_size)
     batch = make_batch([0, 1, 0, 1])
     start = seeded_loss(model, batch)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -158,7 +159,7 @@ def test_blocks_start_as_identity() -> None:
     model = tiny_model()
     batch = make_batch([0, 1])
     h = model.forward_clean(batch["tokens"], batch["actions"], batch["states"], batch["embodiment_ids"])
-    x = model.tok_emb(batch["tokens"].flatten(2)) + model.pos_emb[: GRID * GRID]
+    x = model.tok_emb(batch["tokens"].flatten(2)) + model.pos_emb[: GRID * GRID]  # patch_size 1: one table
     torch.testing.assert_close(h[:, :, : GRID * GRID], x)
 
 
@@ -194,8 +195,9 @@ def append_all(model: HMA, cache, batch: dict[str, torch.Tensor], frames: range,
     return torch.stack(out, dim=1)  # (B, T, N, D)
 
 
-def test_cache_matches_uncached_clean_stream() -> None:
-    model = tiny_model(perturb=True).eval()
+@pytest.mark.parametrize("patch_size", [1, 2])
+def test_cache_matches_uncached_clean_stream(patch_size: int) -> None:
+    model = tiny_model(perturb=True, patch_size=patch_size).eval()
     batch = make_batch([0, 1, 1])
     action_valid = torch.ones(3, MAX_FRAMES, dtype=torch.bool)
     action_valid[1, 2] = False  # one missing action label
@@ -205,13 +207,17 @@ def test_cache_matches_uncached_clean_stream() -> None:
     cache = model.new_cache(3)
     cached = append_all(model, cache, batch, range(MAX_FRAMES), action_valid)
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(model._image_logits(cached), model._image_logits(full), atol=1e-5, rtol=1e-4)
+    image = slice(0, model.n_slots)  # the image slots of each frame
+    torch.testing.assert_close(
+        model._image_logits(cached[..., image, :]), model._image_logits(full[..., image, :]), atol=1e-5, rtol=1e-4
+    )
     assert cache.pos.tolist() == [MAX_FRAMES] * 3
 
 
-def test_cached_prediction_matches_training_masked_stream() -> None:
+@pytest.mark.parametrize("patch_size", [1, 2])
+def test_cached_prediction_matches_training_masked_stream(patch_size: int) -> None:
     """What generation sees (clean cached past + masked current frame) is what training optimises."""
-    model = tiny_model(perturb=True).eval()
+    model = tiny_model(perturb=True, patch_size=patch_size).eval()
     batch = make_batch([0, 1])
     B, T, G, t0 = 2, MAX_FRAMES, GRID * GRID, 1
     tokens = batch["tokens"].flatten(2)
@@ -237,7 +243,7 @@ def test_cached_prediction_matches_training_masked_stream() -> None:
             cache, batch["tokens"][:, t], image_mask[:, t].view(B, GRID, GRID), batch["actions"][:, t - 1],
             batch["embodiment_ids"],
         )  # fmt: skip
-        torch.testing.assert_close(logits, model._image_logits(h[:, t - t0, :G]), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(logits, model._image_logits(h[:, t - t0, : model.n_slots]), atol=1e-5, rtol=1e-4)
         append_all(model, cache, batch, range(t, t + 1))
 
 
@@ -259,8 +265,9 @@ def test_sliding_window_keeps_cache_size_constant() -> None:
     assert ((tokens >= 0) & (tokens < VOCAB)).all() and torch.isfinite(state).all()
 
 
-def test_generate_is_deterministic_and_valid() -> None:
-    model = tiny_model(perturb=True).eval()
+@pytest.mark.parametrize("patch_size", [1, 2])
+def test_generate_is_deterministic_and_valid(patch_size: int) -> None:
+    model = tiny_model(perturb=True, patch_size=patch_size).eval()
     batch = make_batch([0, 1, 0])
     ids = batch["embodiment_ids"]
     cache = model.new_cache(3)
@@ -373,3 +380,15 @@ def test_presets() -> None:
     assert model.num_params() == sum(p.numel() for p in model.parameters()) > 0
     with pytest.raises(ValueError, match="unknown preset"):
         make_hma("huge")
+
+
+def test_patch_grouping_round_trip() -> None:
+    """Grouping image tokens 2x2 into trunk tokens and back restores row-major token order."""
+    model = tiny_model(patch_size=2)
+    tokens = torch.arange(GRID * GRID).view(1, GRID * GRID)
+    slots = model._to_slots(tokens)  # (1, 4, 4)
+    assert slots.shape == (1, (GRID // 2) ** 2, 4)
+    assert slots[0, 0].tolist() == [0, 1, GRID, GRID + 1]  # the top-left 2x2 group
+    back = model._from_slots(slots[..., None].float())[..., 0].long()
+    assert torch.equal(back, tokens)
+    assert model.config.tokens_per_frame == (GRID // 2) ** 2 + 2 + 1

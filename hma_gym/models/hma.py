@@ -85,6 +85,10 @@ class HMAConfig:
     """Number of image token codes (the FSQ codebook size)."""
     grid: int = 16
     """Side of the square image-token grid of one frame."""
+    patch_size: int = 1
+    """Image tokens grouped patch_size x patch_size into one trunk token (the paper uses 2): each trunk
+    token embeds its group's codes (one embedding table per position in the group) and predicts all of
+    them, so the trunk sees patch_size**2 times fewer image tokens per frame."""
     n_action_tokens: int = 4
     """Action tokens per frame, made by the embodiment's action stem from a_{t-1}."""
     d_model: int = 192
@@ -121,6 +125,8 @@ class HMAConfig:
             raise ValueError(f"vocab_size must be >= 2. Got {self.vocab_size=}")
         if self.grid < 1:
             raise ValueError(f"grid must be >= 1. Got {self.grid=}")
+        if self.patch_size < 1 or self.grid % self.patch_size != 0:
+            raise ValueError(f"patch_size must divide grid. Got {self.patch_size=}, {self.grid=}")
         if self.n_action_tokens < 1:
             raise ValueError(f"n_action_tokens must be >= 1. Got {self.n_action_tokens=}")
         if self.n_layer < 1:
@@ -150,8 +156,13 @@ class HMAConfig:
             _check_embodiment_name(name)
 
     @property
+    def image_slots(self) -> int:
+        """Trunk tokens that carry the image of one frame: (grid / patch_size) ** 2."""
+        return (self.grid // self.patch_size) ** 2
+
+    @property
     def tokens_per_frame(self) -> int:
-        return self.grid * self.grid + self.n_action_tokens + 1
+        return self.image_slots + self.n_action_tokens + 1
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict; ``HMAConfig.from_dict(cfg.to_dict()) == cfg``."""
@@ -452,21 +463,21 @@ class HMA(nn.Module):
         super().__init__()
         self.config = replace(config, embodiments=dict(config.embodiments))  # add_embodiment edits our copy
         D, G = config.d_model, config.grid * config.grid
-        self.n_image = G
-        self.tok_emb = nn.Embedding(config.vocab_size, D)
+        self.n_image, self.n_slots, self.group = G, config.image_slots, config.patch_size**2
+        # one table per position inside a patch group; code vocab_size of each table is [MASK]
+        self.tok_emb = nn.Embedding(self.group * (config.vocab_size + 1), D)
         self.pos_emb = nn.Parameter(torch.zeros(config.tokens_per_frame, D))  # learned, one per slot
-        self.image_mask_emb = nn.Parameter(torch.zeros(D))
         self.action_mask_emb = nn.Parameter(torch.zeros(D))
         self.state_mask_emb = nn.Parameter(torch.zeros(D))
         self.no_action_tokens = nn.Parameter(torch.zeros(config.n_action_tokens, D))
         self.no_action_cond = nn.Parameter(torch.zeros(D))
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.image_norm = nn.LayerNorm(D)
-        self.image_head = nn.Linear(D, config.vocab_size)
+        self.image_head = nn.Linear(D, self.group * config.vocab_size)
         self.embodiments = nn.ModuleDict()
 
         self.apply(_init_weights)
-        for p in (self.pos_emb, self.image_mask_emb, self.action_mask_emb, self.state_mask_emb):
+        for p in (self.pos_emb, self.action_mask_emb, self.state_mask_emb):
             nn.init.normal_(p, std=0.02)
         for p in (self.no_action_tokens, self.no_action_cond):
             nn.init.normal_(p, std=0.02)
@@ -599,8 +610,10 @@ class HMA(nn.Module):
         action_mode (B, F) in {ACTION_NONE, ACTION_VISIBLE, ACTION_MASKED}, state_emb (B, F, D),
         state_mask (B, F) bool. Returns x (B, F, N, D) and c (B, F, D).
         """
-        img = self.tok_emb(tokens)  # (B, F, G, D)
-        img = torch.where(image_mask[..., None], self.image_mask_emb.to(img.dtype), img)
+        V = self.config.vocab_size
+        codes = self._to_slots(tokens.masked_fill(image_mask, V))  # (B, F, S, p*p), V = [MASK]
+        offset = torch.arange(self.group, device=tokens.device) * (V + 1)
+        img = self.tok_emb(codes + offset).sum(-2)  # (B, F, S, D)
         visible = (action_mode == ACTION_VISIBLE)[..., None]  # (B, F, 1)
         hidden = torch.where(
             (action_mode == ACTION_MASKED)[..., None, None], self.action_mask_emb, self.no_action_tokens
@@ -624,8 +637,24 @@ class HMA(nn.Module):
             kvs.append(kv)
         return x, kvs
 
+    def _to_slots(self, x: Tensor) -> Tensor:
+        """(..., g*g) row-major image tokens -> (..., S, p*p) grouped by patch."""
+        g, p = self.config.grid, self.config.patch_size
+        lead = x.shape[:-1]
+        x = x.reshape(*lead, g // p, p, g // p, p).transpose(-3, -2)  # (..., g/p, g/p, p, p)
+        return x.reshape(*lead, self.n_slots, self.group)
+
+    def _from_slots(self, x: Tensor) -> Tensor:
+        """(..., S, p*p, V) per-patch outputs -> (..., g*g, V) in row-major token order."""
+        g, p = self.config.grid, self.config.patch_size
+        lead, V = x.shape[:-3], x.shape[-1]
+        x = x.reshape(*lead, g // p, g // p, p, p, V).transpose(-4, -3)  # (..., g/p, p, g/p, p, V)
+        return x.reshape(*lead, g * g, V)
+
     def _image_logits(self, h: Tensor) -> Tensor:
-        return self.image_head(self.image_norm(h))
+        """h (..., S, D) image-slot outputs -> logits (..., g*g, V) for every image token."""
+        logits = self.image_head(self.image_norm(h))  # (..., S, p*p*V)
+        return self._from_slots(logits.unflatten(-1, (self.group, self.config.vocab_size)))
 
     def forward_clean(
         self,
@@ -769,7 +798,10 @@ class HMA(nn.Module):
         # 4. losses on the masked stream's predicted frames
         sl = slice(n_min, T)
         img_mask = image_mask[:, sl]  # (B, T', G)
-        logits = self._image_logits(h[:, :, :G][img_mask]).float()  # (M, V)
+        if self.group == 1:  # only the masked tokens need logits
+            logits = self.image_head(self.image_norm(h[:, :, :G][img_mask])).float()  # (M, V)
+        else:
+            logits = self._image_logits(h[:, :, : self.n_slots])[img_mask].float()  # (M, V)
         target = tokens[:, sl][img_mask]  # (M,)
         ce = F.cross_entropy(logits, target)
         accuracy = (logits.argmax(-1) == target).float().mean()
@@ -780,7 +812,8 @@ class HMA(nn.Module):
         state_mse = _masked_mse(pred_states, states[:, sl], w)
 
         A = actions.shape[-1]
-        pred_actions = self._predict_actions(groups, h[:, :, G : G + cfg.n_action_tokens], A)  # (B, T', A)
+        S_img = self.n_slots
+        pred_actions = self._predict_actions(groups, h[:, :, S_img : S_img + cfg.n_action_tokens], A)  # (B, T', A)
         w = action_target[:, sl, None] & self._dim_mask(ids, "action_dim", A)[:, None]
         action_mse = _masked_mse(pred_actions, prev_actions[:, sl], w)
 
@@ -897,7 +930,7 @@ class HMA(nn.Module):
         h, _, groups = self._cached_pass(
             cache, tokens.flatten(1), image_mask.flatten(1), None, action, embodiment_ids, action_valid
         )
-        logits = self._image_logits(h[:, : self.n_image])  # (B, G, V)
+        logits = self._image_logits(h[:, : self.n_slots])  # (B, G, V)
         state = self._predict_states(groups, h[:, None, -1], self.max_state_dim)[:, 0]  # (B, S)
         return logits, state
 
