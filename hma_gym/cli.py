@@ -19,6 +19,14 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                 "roll the scripted expert in the GT env into a robomimic HDF5 file"),
     "render": ("training.render", "RenderConfig", "render",
                "re-render a file's recorded MuJoCo states at another image size"),
+    "train-detector": ("training.detector", "DetectorTrainConfig", "train_detector",
+                       "train the success detector on ground-truth success labels"),
+    "train-tokenizer": ("training.tokenizer", "TokenizerTrainConfig", "train_tokenizer",
+                        "train the FSQ image tokenizer on a file's frames"),
+    "train": ("training.dynamics", "DynamicsTrainConfig", "train_dynamics",
+              "train the HMA world model on a robomimic file (needs a trained tokenizer)"),
+    "eval-model": ("training.evaluate", "EvalModelConfig", "eval_model",
+                   "open-loop fidelity, dPSNR, perplexity and success agreement of a checkpoint"),
 }
 
 

@@ -1,0 +1,169 @@
+"""The learned simulator's engine: tokenizer + HMA dynamics + normalisation + success detector.
+
+`WorldModel` is what the learned env, the vector env and `eval-model` all step:
+
+    wm = WorldModel.from_checkpoint(path)
+    cache = wm.new_cache(n)
+    wm.observe(cache, wm.encode(frames), states)                 # a known (prompt) frame
+    tokens, states = wm.generate(cache, actions, generator=g)    # the next frame
+    wm.observe(cache, tokens, states, prev_actions=actions)      # ... becomes history
+    frames = wm.decode(tokens); p = wm.success_prob(frames, states)
+
+States and actions enter and leave in their raw units; normalisation happens inside.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from hma_gym.checkpoint import (
+    CheckpointError,
+    check_checkpoint_dir,
+    load_module_weights,
+    load_tensors,
+    read_module_config,
+)
+from hma_gym.models.hma import HMA, HMACache, HMAConfig
+from hma_gym.models.tokenizer import ImageTokenizer, TokenizerConfig
+
+
+def _only_fields(cls, d: dict) -> dict:
+    return {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+
+
+def load_tokenizer(directory: str | os.PathLike) -> ImageTokenizer:
+    """A tokenizer saved by `train-tokenizer` (tokenizer.json + tokenizer.safetensors)."""
+    cfg = read_module_config(directory, "tokenizer")
+    model = ImageTokenizer(TokenizerConfig.from_dict(_only_fields(TokenizerConfig, cfg)))
+    load_module_weights(model, Path(directory) / "tokenizer.safetensors")
+    return model.eval()
+
+
+def load_dynamics(directory: str | os.PathLike) -> tuple[HMA, dict]:
+    """An HMA saved by `train` (dynamics.json + dynamics.safetensors) and its run metadata."""
+    meta = read_module_config(directory, "dynamics")
+    model = HMA(HMAConfig.from_dict(meta["hma"]))
+    load_module_weights(model, Path(directory) / "dynamics.safetensors")
+    return model.eval(), meta
+
+
+class WorldModel(nn.Module):
+    """Tokenizer + HMA + normaliser (+ success detector) behind raw-unit, batched calls."""
+
+    def __init__(
+        self,
+        tokenizer: ImageTokenizer,
+        dynamics: HMA,
+        normalization: dict[str, torch.Tensor],
+        embodiment: str,
+        detector: nn.Module | None = None,
+        detector_normalization: dict[str, torch.Tensor] | None = None,
+        threshold: float = 0.5,
+    ):
+        super().__init__()
+        if embodiment not in dynamics.config.embodiments:
+            raise CheckpointError(f"embodiment {embodiment!r} not in the model ({dynamics.embodiment_names})")
+        self.tokenizer, self.dynamics, self.detector = tokenizer, dynamics, detector
+        self.embodiment = embodiment
+        self.embodiment_index = dynamics.embodiment_id(embodiment)
+        spec = dynamics.config.embodiments[embodiment]
+        self.state_dim, self.action_dim = spec.state_dim, spec.action_dim
+        self.threshold = float(threshold)
+        for name in ("state_mean", "state_std", "action_mean", "action_std"):
+            key = f"{embodiment}/{name}" if f"{embodiment}/{name}" in normalization else name
+            if key not in normalization:
+                raise CheckpointError(f"normalisation statistics have no {key!r}")
+            self.register_buffer(name, normalization[key].float().clone())
+        det = detector_normalization or {}
+        self.register_buffer("det_state_mean", det.get("state_mean", self.state_mean).float().clone())
+        self.register_buffer("det_state_std", det.get("state_std", self.state_std).float().clone())
+
+    @property
+    def device(self) -> torch.device:
+        return self.state_mean.device
+
+    @property
+    def image_size(self) -> int:
+        return self.tokenizer.cfg.image_size
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_checkpoint(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> WorldModel:
+        """Load a packed checkpoint directory (see `hma_gym.checkpoint`)."""
+        from hma_gym.models.detector import load_detector
+
+        directory = Path(directory)
+        config = check_checkpoint_dir(directory)
+        tokenizer = ImageTokenizer(TokenizerConfig.from_dict(_only_fields(TokenizerConfig, config["tokenizer"])))
+        load_module_weights(tokenizer, directory / "tokenizer.safetensors")
+        dynamics = HMA(HMAConfig.from_dict(config["dynamics"]))
+        load_module_weights(dynamics, directory / "dynamics.safetensors")
+        detector, threshold, det_norm = load_detector(directory)
+        norm = load_tensors(directory / "normalization.safetensors")
+        model = cls(tokenizer, dynamics, norm, config["env"]["embodiment"], detector, det_norm, threshold)
+        return model.to(device).eval()
+
+    # ------------------------------------------------------------------ images
+    @torch.no_grad()
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, H, W, 3) frames -> tokens (B, g, g)."""
+        return self.tokenizer.encode(frames.to(self.device))
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, g, g) -> uint8 (B, H, W, 3) frames."""
+        return self.tokenizer.decode_uint8(tokens)
+
+    # ------------------------------------------------------------------ dynamics
+    def new_cache(self, batch_size: int) -> HMACache:
+        return self.dynamics.new_cache(batch_size)
+
+    def _ids(self, n: int) -> torch.Tensor:
+        return torch.full((n,), self.embodiment_index, dtype=torch.long, device=self.device)
+
+    def _norm_action(self, actions: torch.Tensor) -> torch.Tensor:
+        return (actions.to(self.device).float() - self.action_mean) / self.action_std
+
+    @torch.no_grad()
+    def observe(
+        self,
+        cache: HMACache,
+        tokens: torch.Tensor,
+        states: torch.Tensor,
+        prev_actions: torch.Tensor | None = None,
+        action_valid: torch.Tensor | None = None,
+    ) -> None:
+        """Append a known frame (tokens + raw state, reached by raw `prev_actions`) to the history."""
+        s = (states.to(self.device).float() - self.state_mean) / self.state_std
+        a = None if prev_actions is None else self._norm_action(prev_actions)
+        self.dynamics.append_frame(cache, tokens.to(self.device), s, a, self._ids(len(tokens)), action_valid)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        cache: HMACache,
+        actions: torch.Tensor,
+        steps: int = 2,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+        greedy: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample the frame that raw `actions` (B, A) lead to: tokens (B, g, g) and raw states (B, S)."""
+        tokens, s = self.dynamics.generate_frame(
+            cache, self._norm_action(actions), self._ids(len(actions)), steps=steps, temperature=temperature,
+            generator=generator, greedy=greedy,
+        )
+        return tokens, s[:, : self.state_dim].float() * self.state_std + self.state_mean
+
+    # ------------------------------------------------------------------ success
+    @torch.no_grad()
+    def success_prob(self, frames: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """Success detector probability for uint8 frames (B, H, W, 3) and raw states (B, S)."""
+        if self.detector is None:
+            raise CheckpointError("this world model has no success detector")
+        s = (states.to(self.device).float() - self.det_state_mean) / self.det_state_std
+        return self.detector.predict_proba(frames.to(self.device), s)

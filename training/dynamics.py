@@ -1,0 +1,126 @@
+"""`hma-gym train`: the HMA dynamics model on pre-tokenised windows of a robomimic file."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hma_gym.checkpoint import save_module, save_tensors
+from hma_gym.models.hma import HMA_PRESETS, EmbodimentSpec, make_hma
+from hma_gym.world_model import WorldModel, load_tokenizer
+from training.data import DataConfig, Normalizer, load_episodes, sample_windows, window_batch
+from training.evaluate import eval_windows, fidelity_report, tokenize_episodes
+from training.loop import LoopConfig, train_loop
+
+
+@dataclass
+class DynamicsTrainConfig(LoopConfig, DataConfig):
+    """Train the HMA world model (discrete MaskGIT variant) on a robomimic file."""
+
+    out: str = "runs/dynamics"
+    """Run directory; dynamics.safetensors, dynamics.json and normalization.safetensors are written here."""
+    tokenizer: str = "runs/tokenizer"
+    """Directory of a trained tokenizer (train-tokenizer)."""
+    preset: str = "small"
+    """Model size preset (tiny, small, base, xl)."""
+    d_model: int = 0
+    """Override the preset's width (0 = preset)."""
+    n_layer: int = 0
+    """Override the preset's depth (0 = preset)."""
+    n_head: int = 0
+    """Override the preset's heads (0 = preset)."""
+    patch_size: int = 2
+    """Image tokens grouped p x p into one trunk token."""
+    n_action_tokens: int = 4
+    """Action tokens per frame."""
+    max_frames: int = 12
+    """Training window T (the inference context)."""
+    prompt_frames: tuple[int, ...] = (1, 4)
+    """n_prompt is drawn from these per sample; later frames are predicted from clean history."""
+    objective_probs: dict[str, float] = field(
+        default_factory=lambda: {"forward": 0.8, "full": 0.1, "passive": 0.05, "policy": 0.05})
+    """Masking objective mixture (JSON)."""
+    embodiment: str = "panda_osc_pose"
+    """Name of the data's embodiment (its stem, head and statistics)."""
+    steps: int = 6000
+    """Optimizer steps."""
+    batch_size: int = 8
+    """Windows per step."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    eval_windows: int = 32
+    """Held-out windows for the periodic open-loop evaluation."""
+    eval_every: int = 1000
+    """Held-out evaluation every n steps."""
+
+    def __post_init__(self):
+        LoopConfig.__post_init__(self)
+        DataConfig.__post_init__(self)
+        if self.preset not in HMA_PRESETS:
+            raise ValueError(f"preset must be one of {sorted(HMA_PRESETS)}. Got {self.preset=}")
+        if not self.prompt_frames or min(self.prompt_frames) < 1 or max(self.prompt_frames) >= self.max_frames:
+            raise ValueError(f"prompt_frames must lie in [1, max_frames - 1]. Got {self.prompt_frames=}")
+
+    def data_config(self) -> DataConfig:
+        return DataConfig(**{k: getattr(self, k) for k in DataConfig.__dataclass_fields__})
+
+
+def build_model(cfg: DynamicsTrainConfig, vocab_size: int, grid: int, action_dim: int, state_dim: int):
+    overrides = {k: getattr(cfg, k) for k in ("d_model", "n_layer", "n_head") if getattr(cfg, k)}
+    return make_hma(
+        cfg.preset, **overrides, vocab_size=vocab_size, grid=grid, patch_size=cfg.patch_size,
+        n_action_tokens=cfg.n_action_tokens, max_frames=cfg.max_frames, objective_probs=cfg.objective_probs,
+        embodiments={cfg.embodiment: EmbodimentSpec(action_dim=action_dim, state_dim=state_dim)},
+    )
+
+
+def train_dynamics(cfg: DynamicsTrainConfig) -> dict:
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    data = cfg.data_config()
+    data.image_size = tokenizer.cfg.image_size
+    train_eps = load_episodes(data, "train", progress=cfg.progress)
+    valid_eps = load_episodes(data, "valid", progress=cfg.progress)
+    norm = Normalizer.fit(train_eps)
+
+    torch.manual_seed(cfg.seed)
+    A, S = train_eps[0].actions.shape[1], train_eps[0].states.shape[1]
+    model = build_model(cfg, tokenizer.codebook_size, tokenizer.cfg.grid, A, S)
+    norm_tensors = norm.tensors(prefix=f"{cfg.embodiment}/")
+    wm = WorldModel(tokenizer, model, norm_tensors, cfg.embodiment)
+    tokenize_episodes(wm, train_eps + valid_eps)
+    windows = eval_windows(valid_eps, 12, 8)
+    windows = [windows[i] for i in np.random.default_rng(0).permutation(len(windows))[: cfg.eval_windows]]
+    eid = model.embodiment_id(cfg.embodiment)
+    prompts = np.asarray(cfg.prompt_frames)
+
+    def batch_fn(step: int, rng: np.random.Generator) -> dict:
+        chosen = sample_windows(train_eps, rng, cfg.batch_size, cfg.max_frames)
+        batch = window_batch(train_eps, chosen, cfg.max_frames, norm, eid)
+        batch["n_prompt"] = torch.from_numpy(rng.choice(prompts, cfg.batch_size)).long()
+        return batch
+
+    def loss_fn(net, batch):
+        return net(batch)
+
+    def eval_fn(model) -> dict:
+        wm.to(next(model.parameters()).device)
+        report = fidelity_report(wm, valid_eps, windows, n_random=1)
+        return {k: v for k, v in report.items() if isinstance(v, float)}
+
+    def export_fn(model, step: int) -> None:
+        meta = {"hma": model.config.to_dict(), "embodiment": cfg.embodiment, "trained_steps": step,
+                "data": cfg.data, "image_key": cfg.image_key, "proprio_keys": list(cfg.proprio_keys),
+                "action_stride": cfg.action_stride, "tokenizer": cfg.tokenizer}
+        save_module(cfg.out, "dynamics", model, meta)
+        save_tensors(Path(cfg.out) / "normalization.safetensors", norm_tensors)
+
+    run_config = {"command": "train", **asdict(cfg), "params": model.num_params()}
+    metrics = train_loop(cfg, model, batch_fn, loss_fn, eval_fn, export_fn, run_config, desc="dynamics")
+    report = {"out": cfg.out, "params": model.num_params(), **metrics}
+    Path(cfg.out, "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    return report

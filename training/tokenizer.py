@@ -1,0 +1,118 @@
+"""`hma-gym train-tokenizer`: the FSQ image tokenizer, trained from scratch on a file's frames."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hma_gym.checkpoint import save_module
+from hma_gym.models.tokenizer import ImageTokenizer, TokenizerConfig, tokenizer_presets
+from training.data import DataConfig, load_episodes
+from training.loop import LoopConfig, train_loop
+
+
+@dataclass
+class TokenizerTrainConfig(LoopConfig, DataConfig):
+    """Train the image tokenizer (64x64 -> 16x16 FSQ codes) on the frames of a robomimic file."""
+
+    out: str = "runs/tokenizer"
+    """Run directory; tokenizer.safetensors + tokenizer.json are written here."""
+    preset: str = "small"
+    """Tokenizer size preset (tiny, small, base)."""
+    temporal_weight: float = 0.05
+    """Weight of the temporal-consistency term on consecutive-frame pairs (0 = off)."""
+    steps: int = 4000
+    """Optimizer steps."""
+    batch_size: int = 32
+    """Frames per step (consecutive pairs count twice)."""
+    lr: float = 2e-3
+    """Peak learning rate."""
+    eval_frames: int = 512
+    """Held-out frames used for PSNR and token stability."""
+
+    def __post_init__(self):
+        LoopConfig.__post_init__(self)
+        DataConfig.__post_init__(self)
+        if self.preset not in tokenizer_presets:
+            raise ValueError(f"preset must be one of {sorted(tokenizer_presets)}. Got {self.preset=}")
+
+    def data_config(self) -> DataConfig:
+        return DataConfig(**{k: getattr(self, k) for k in DataConfig.__dataclass_fields__})
+
+    def model_config(self) -> TokenizerConfig:
+        base = tokenizer_presets[self.preset]()
+        return TokenizerConfig.from_dict({**base.to_dict(), "image_size": self.image_size,
+                                          "temporal_weight": self.temporal_weight})
+
+
+def _frame_pairs(episodes) -> tuple[np.ndarray, np.ndarray]:
+    """All frames of the episodes, and for each the index of its successor (itself at an episode end)."""
+    frames = np.concatenate([e.frames for e in episodes])
+    nxt, offset = [], 0
+    for e in episodes:
+        n = len(e.frames)
+        nxt.append(offset + np.minimum(np.arange(1, n + 1), n - 1))
+        offset += n
+    return frames, np.concatenate(nxt)
+
+
+def train_tokenizer(cfg: TokenizerTrainConfig) -> dict:
+    data = cfg.data_config()
+    train_frames, train_next = _frame_pairs(load_episodes(data, "train", progress=cfg.progress))
+    valid_frames, valid_next = _frame_pairs(load_episodes(data, "valid", progress=cfg.progress))
+    pick = np.random.default_rng(0).permutation(len(valid_frames))[: cfg.eval_frames]
+    eval_a = torch.from_numpy(valid_frames[pick])
+    eval_b = torch.from_numpy(valid_frames[valid_next[pick]])
+
+    torch.manual_seed(cfg.seed)
+    model_cfg = cfg.model_config()
+    model = ImageTokenizer(model_cfg)
+
+    def batch_fn(step: int, rng: np.random.Generator) -> dict:
+        idx = rng.integers(0, len(train_frames), cfg.batch_size // 2 if cfg.temporal_weight > 0 else cfg.batch_size)
+        batch = {"images": torch.from_numpy(train_frames[idx])}
+        if cfg.temporal_weight > 0:
+            batch["prev"] = batch["images"]
+            batch["images"] = torch.from_numpy(train_frames[train_next[idx]])
+        return batch
+
+    def loss_fn(model, batch):
+        _, losses = model(batch["images"], batch.get("prev"))
+        return losses["loss"], losses
+
+    def eval_fn(model) -> dict:
+        device = next(model.parameters()).device
+        psnr, stable = [], []
+        for i in range(0, len(eval_a), 128):
+            a, b = eval_a[i : i + 128].to(device), eval_b[i : i + 128].to(device)
+            _, losses = model(a, b)
+            psnr.append(float(losses["psnr"]) * len(a))
+            stable.append(float(losses["token_stability"]) * len(a))
+        return {"valid_psnr": sum(psnr) / len(eval_a), "valid_token_stability": sum(stable) / len(eval_a)}
+
+    def export_fn(model, step: int) -> None:
+        save_module(cfg.out, "tokenizer", model, {**model_cfg.to_dict(), "trained_steps": step,
+                                                  "data": cfg.data, "image_key": cfg.image_key})
+
+    run_config = {"command": "train-tokenizer", **asdict(cfg), "model": model_cfg.to_dict()}
+    metrics = train_loop(cfg, model, batch_fn, loss_fn, eval_fn, export_fn, run_config, desc="tokenizer")
+    report = {"out": cfg.out, "params": model.num_params(), **metrics}
+    Path(cfg.out, "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    return report
+
+
+def load_tokenizer(directory: str) -> ImageTokenizer:
+    """The tokenizer saved by `train-tokenizer` (or packed into a checkpoint) in `directory`."""
+    from hma_gym.checkpoint import load_module_weights, read_module_config
+
+    cfg = read_module_config(directory, "tokenizer")
+    model_cfg = TokenizerConfig.from_dict({k: v for k, v in cfg.items()
+                                           if k in TokenizerConfig.__dataclass_fields__})
+    model = ImageTokenizer(model_cfg)
+    load_module_weights(model, Path(directory) / "tokenizer.safetensors")
+    return model.eval()
