@@ -3,10 +3,10 @@
 `import hma_gym` registers `RobomimicLift-v0` (MuJoCo ground truth) and its learned twin.
 """
 
-from hma_gym.envs import register_envs
+from hma_gym.envs import register_checkpoint, register_envs
 from hma_gym.rollout import RolloutResult, rollout
 
 register_envs()
 
-__all__ = ["RolloutResult", "register_envs", "rollout"]
+__all__ = ["RolloutResult", "register_checkpoint", "register_envs", "rollout"]
 __version__ = "0.1.0"

@@ -7,7 +7,8 @@ A packed HMA checkpoint holds:
 | `config.json` | format version, env spec (spaces, task, gt id), tokenizer / dynamics / detector configs, provenance |
 | `tokenizer.safetensors` | image tokenizer weights |
 | `dynamics.safetensors` | HMA world model weights |
-| `detector.safetensors` | success detector weights |
+| `detector.safetensors`, `detector.json` | success detector weights, its config and decision threshold |
+| `detector_normalization.safetensors` | the detector's state statistics |
 | `normalization.safetensors` | per-embodiment state/action mean and std |
 | `init_bank.safetensors` | ground-truth initial observations (one tensor per observation key) |
 """
@@ -30,6 +31,8 @@ CHECKPOINT_FILES = (
     "tokenizer.safetensors",
     "dynamics.safetensors",
     "detector.safetensors",
+    "detector.json",
+    "detector_normalization.safetensors",
     "normalization.safetensors",
     "init_bank.safetensors",
 )

@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                         "train the FSQ image tokenizer on a file's frames"),
     "train": ("training.dynamics", "DynamicsTrainConfig", "train_dynamics",
               "train the HMA world model on a robomimic file (needs a trained tokenizer)"),
+    "pack": ("training.pack", "PackConfig", "pack",
+             "assemble a checkpoint directory (tokenizer, dynamics, detector, statistics, initial observations)"),
     "eval-model": ("training.evaluate", "EvalModelConfig", "eval_model",
                    "open-loop fidelity, dPSNR, perplexity and success agreement of a checkpoint"),
 }

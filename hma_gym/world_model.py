@@ -136,11 +136,16 @@ class WorldModel(nn.Module):
         states: torch.Tensor,
         prev_actions: torch.Tensor | None = None,
         action_valid: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
     ) -> None:
-        """Append a known frame (tokens + raw state, reached by raw `prev_actions`) to the history."""
+        """Append a known frame (tokens + raw state, reached by raw `prev_actions`) to the history.
+
+        `rows` (B,) bool limits the append to some rows (the others keep their history).
+        """
         s = (states.to(self.device).float() - self.state_mean) / self.state_std
         a = None if prev_actions is None else self._norm_action(prev_actions)
-        self.dynamics.append_frame(cache, tokens.to(self.device), s, a, self._ids(len(tokens)), action_valid)
+        self.dynamics.append_frame(cache, tokens.to(self.device), s, a, self._ids(len(tokens)), action_valid,
+                                   rows=None if rows is None else rows.to(self.device))
 
     @torch.no_grad()
     def generate(

@@ -434,14 +434,19 @@ class HMACache:
         else:
             self.pos.masked_fill_(mask.to(self.pos.device, torch.bool), 0)
 
-    def push(self, kv: list[tuple[Tensor, Tensor]]) -> None:
-        """Store one new frame per row: kv[l] = (k, v), each (B, N, H, 1, hd)."""
-        rows = torch.arange(self.batch_size, device=self.pos.device)
-        slot = self.pos % self.window  # (B,)
+    def push(self, kv: list[tuple[Tensor, Tensor]], rows: Tensor | None = None) -> None:
+        """Store one new frame per row: kv[l] = (k, v), each (B, N, H, 1, hd).
+
+        ``rows`` (B,) bool: store only these rows' frames (the others keep their history unchanged).
+        """
+        index = torch.arange(self.batch_size, device=self.pos.device)
+        if rows is not None:
+            index = index[rows.to(self.pos.device, torch.bool)]
+        slot = self.pos[index] % self.window  # (R,)
         for layer, (k, v) in enumerate(kv):
-            self.k[layer][rows, :, :, slot] = k[..., 0, :].to(self.k[layer].dtype)
-            self.v[layer][rows, :, :, slot] = v[..., 0, :].to(self.v[layer].dtype)
-        self.pos += 1
+            self.k[layer][index, :, :, slot] = k[index, ..., 0, :].to(self.k[layer].dtype)
+            self.v[layer][index, :, :, slot] = v[index, ..., 0, :].to(self.v[layer].dtype)
+        self.pos[index] += 1
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
@@ -900,16 +905,18 @@ class HMA(nn.Module):
         action: Tensor | None,
         embodiment_ids: Tensor,
         action_valid: Tensor | None = None,
+        rows: Tensor | None = None,
     ) -> Tensor:
         """Run the clean stream on one known frame per row and store its keys/values (dropping the oldest).
 
         tokens (B, g, g) long; state (B, S) normalised, S >= each row's state_dim; action (B, A) = a_{t-1},
         the action that led into this frame, or None at the start of an episode; action_valid (B,) bool
-        marks rows whose action is real (e.g. False for rows that just reset). Returns hidden (B, N, D).
+        marks rows whose action is real (e.g. False for rows that just reset); rows (B,) bool: append only
+        to these rows (e.g. the envs of a vector env that just reset). Returns hidden (B, N, D).
         """
         image_mask = torch.zeros_like(tokens.flatten(1), dtype=torch.bool)
         h, kvs, _ = self._cached_pass(cache, tokens.flatten(1), image_mask, state, action, embodiment_ids, action_valid)
-        cache.push(kvs)
+        cache.push(kvs, rows)
         return h
 
     @torch.no_grad()

@@ -1,0 +1,348 @@
+"""The learned simulator: an HMA world model behind the Gymnasium API (single and natively batched)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+from gymnasium.vector.utils import batch_space
+
+from hma_gym.checkpoint import CheckpointError, load_json, load_tensors
+from hma_gym.envs.robosuite_env import RobosuiteEnv
+from hma_gym.world_model import WorldModel
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+VARIANTS = {"maskgit": "lift", "mar": "lift_mar"}
+
+
+def default_checkpoint(variant: str = "maskgit") -> Path:
+    """The Lift checkpoint shipped inside the package."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {sorted(VARIANTS)}. Got {variant=}")
+    return ASSETS / VARIANTS[variant]
+
+
+def env_spaces(env_config: dict) -> tuple[spaces.Dict, spaces.Box]:
+    """Observation and action spaces described by a checkpoint's `env` section (same as the GT env's)."""
+    size = int(env_config["image_size"])
+    obs = {env_config["image_key"]: spaces.Box(0, 255, shape=(size, size, 3), dtype=np.uint8)}
+    for key, dim in env_config["proprio"]:
+        obs[key] = spaces.Box(-np.inf, np.inf, shape=(int(dim),), dtype=np.float32)
+    action = spaces.Box(-1.0, 1.0, shape=(int(env_config["action_dim"]),), dtype=np.float32)
+    return spaces.Dict(obs), action
+
+
+def space_difference(a: gym.Space, b: gym.Space, name: str = "") -> str | None:
+    """A readable description of how two spaces differ, or None when they are equal."""
+    if isinstance(a, spaces.Dict) and isinstance(b, spaces.Dict):
+        if set(a.spaces) != set(b.spaces):
+            return f"{name or 'observation'} keys {sorted(a.spaces)} vs {sorted(b.spaces)}"
+        for key in a.spaces:
+            diff = space_difference(a[key], b[key], key)
+            if diff:
+                return diff
+        return None
+    if isinstance(a, spaces.Box) and isinstance(b, spaces.Box):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return f"{name or 'space'}: shape {a.shape} {a.dtype} vs {b.shape} {b.dtype}"
+        if not (np.array_equal(a.low, b.low) and np.array_equal(a.high, b.high)):
+            return f"{name or 'space'}: bounds differ"
+        return None
+    return None if a == b else f"{name or 'space'}: {a} vs {b}"
+
+
+def check_paired(gt_env: gym.Env, learned_env: gym.Env) -> None:
+    """Raise ValueError naming the difference if two envs cannot be run as a pair."""
+    for what in ("observation_space", "action_space"):
+        a = getattr(gt_env, "single_" + what, getattr(gt_env, what))
+        b = getattr(learned_env, "single_" + what, getattr(learned_env, what))
+        diff = space_difference(a, b, what.split("_")[0])
+        if diff:
+            raise ValueError(f"GT and learned envs do not pair: {diff}")
+
+
+class _LearnedSim:
+    """Batched state shared by the single and the vector learned env: n episodes, one model call per step."""
+
+    def __init__(self, checkpoint: str | os.PathLike | None, n: int, steps: int, temperature: float, greedy: bool,
+                 device: str, variant: str = "maskgit"):
+        if steps < 1:
+            raise ValueError(f"steps (MaskGIT unmasking steps) must be >= 1. Got {steps=}")
+        if not greedy and temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (or greedy=True). Got {temperature=}")
+        path = Path(checkpoint) if checkpoint is not None else default_checkpoint(variant)
+        self.checkpoint = path
+        self.wm = WorldModel.from_checkpoint(path, device=device)
+        self.config = load_json(path / "config.json")
+        self.env_config = self.config["env"]
+        if int(self.env_config.get("action_stride", 1)) != 1:
+            raise CheckpointError(f"{path}: the env steps one control action per frame; action_stride must be 1")
+        self.observation_space, self.action_space = env_spaces(self.env_config)
+        self.image_key = self.env_config["image_key"]
+        self.proprio = [(k, int(d)) for k, d in self.env_config["proprio"]]
+        bank = load_tensors(path / "init_bank.safetensors")
+        missing = set(self.observation_space.spaces) - set(bank)
+        if missing:
+            raise CheckpointError(f"{path / 'init_bank.safetensors'} lacks observation keys {sorted(missing)}")
+        self.bank = {k: v.numpy() for k, v in bank.items() if k in self.observation_space.spaces}
+        self.bank_size = len(self.bank[self.image_key])
+        self.n, self.steps, self.temperature, self.greedy = n, steps, temperature, greedy
+        self.cache = self.wm.new_cache(n)
+        self.generator = torch.Generator(device=self.wm.device)
+        self.obs: dict[str, np.ndarray] | None = None
+        self.started = np.zeros(n, dtype=bool)
+
+    # ------------------------------------------------------------------ conversions
+    def state_vector(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        return np.concatenate([np.asarray(obs[k], np.float32).reshape(len(obs[self.image_key]), -1)
+                               for k, _ in self.proprio], axis=1)
+
+    def split_state(self, states: np.ndarray) -> dict[str, np.ndarray]:
+        out, i = {}, 0
+        for key, dim in self.proprio:
+            value = states[:, i : i + dim].astype(np.float32)
+            if key.endswith("_quat"):  # keep predicted quaternions unit length
+                value = value / np.maximum(np.linalg.norm(value, axis=1, keepdims=True), 1e-6)
+            out[key] = value
+            i += dim
+        return out
+
+    def check_observation(self, obs: Any) -> dict[str, np.ndarray]:
+        """An initial observation given by a caller: the learned env's keys, shapes and dtypes."""
+        if not isinstance(obs, dict):
+            raise ValueError(f"initial_observation must be a dict of arrays, got {type(obs).__name__}")
+        out = {}
+        for key, space in self.observation_space.spaces.items():
+            if key not in obs:
+                raise ValueError(f"initial_observation lacks {key!r} (needs {sorted(self.observation_space.spaces)})")
+            value = np.asarray(obs[key])
+            if value.shape != space.shape:
+                raise ValueError(f"initial_observation[{key!r}] has shape {value.shape}, expected {space.shape}")
+            if space.dtype == np.uint8 and value.dtype != np.uint8:
+                raise ValueError(f"initial_observation[{key!r}] must be uint8, got {value.dtype}")
+            if not np.all(np.isfinite(value)):
+                raise ValueError(f"initial_observation[{key!r}] holds NaN/inf")
+            out[key] = value.astype(space.dtype)
+        return out
+
+    # ------------------------------------------------------------------ episode control
+    def reset_rows(self, rows: np.ndarray, starts: list[dict[str, np.ndarray]]) -> None:
+        """Start episodes in the given rows from the given initial observations."""
+        if self.obs is None:
+            self.obs = {k: np.zeros((self.n, *s.shape), s.dtype) for k, s in self.observation_space.spaces.items()}
+        for row, start in zip(rows, starts, strict=True):
+            for key in self.obs:
+                self.obs[key][row] = start[key]
+        mask = torch.zeros(self.n, dtype=torch.bool)
+        mask[torch.as_tensor(rows, dtype=torch.long)] = True
+        mask = mask.to(self.wm.device)
+        self.cache.reset(mask)
+        frames = torch.from_numpy(self.obs[self.image_key])
+        states = torch.from_numpy(self.state_vector(self.obs))
+        self.wm.observe(self.cache, self.wm.encode(frames), states, rows=None if bool(mask.all()) else mask)
+        self.started[rows] = True
+
+    def draw_start(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        i = int(rng.integers(self.bank_size))
+        return {k: v[i].copy() for k, v in self.bank.items()}
+
+    def step(self, actions: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+        """Advance every row by one frame. Returns observations, success and success probability."""
+        a = torch.from_numpy(np.ascontiguousarray(actions, dtype=np.float32))
+        tokens, states = self.wm.generate(self.cache, a, steps=self.steps, temperature=self.temperature,
+                                          generator=self.generator, greedy=self.greedy)
+        self.wm.observe(self.cache, tokens, states, a)
+        frames = self.wm.decode(tokens)
+        prob = self.wm.success_prob(frames, states).cpu().numpy()
+        states_np = states.cpu().numpy()
+        self.obs = {self.image_key: frames.cpu().numpy(), **self.split_state(states_np)}
+        return self.obs, prob >= self.wm.threshold, prob
+
+
+def _validate_actions(actions, n: int, dim: int) -> np.ndarray:
+    arr = np.asarray(actions, dtype=np.float32)
+    if arr.shape != (n, dim):
+        raise ValueError(f"actions must have shape ({n}, {dim}), got {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("actions must be finite (no NaN/inf)")
+    return np.clip(arr, -1.0, 1.0)
+
+
+class HMAEnv(gym.Env):
+    """A learned simulator: `step` generates the next camera frame and proprio with an HMA world model.
+
+    ## Spaces
+    Exactly those of the ground-truth env its checkpoint was trained on (for the shipped Lift
+    checkpoint: `RobomimicLift-v0`'s): `Box(-1, 1, (7,), float32)` actions; a `Dict` observation with
+    `agentview_image` uint8 (64, 64, 3) and `robot0_eef_pos` (3,), `robot0_eef_quat` (4,),
+    `robot0_gripper_qpos` (2,) float32, all predicted by the model.
+
+    ## Rewards and episode end
+    A success detector trained on ground-truth labels scores every generated frame: reward 1.0 and
+    `info["is_success"]` when its probability passes the checkpoint's threshold (probability in
+    `info["success_prob"]`); `terminated` on success unless `terminate_on_success=False`. Truncation
+    comes from the registered `max_episode_steps` (100 for Lift).
+
+    ## Starting state
+    `reset(seed=s)` draws an initial observation from the checkpoint's bank of ground-truth initial
+    observations with `self.np_random`, and seeds the model's sampling from it: the same seed gives the
+    same rollout (on the same device). `reset(options={"initial_observation": obs})` starts from a given
+    observation (e.g. the GT env's reset observation) for paired runs.
+
+    ## Arguments
+    `checkpoint` (a packed checkpoint directory; default: the shipped one), `variant` ("maskgit" or
+    "mar", for the shipped checkpoints), `steps` (MaskGIT unmasking steps, default 2), `temperature`,
+    `greedy` (argmax decoding), `device`, `terminate_on_success`, `render_mode` ("rgb_array").
+
+    ## Cost
+    One frame = `steps` masked passes + one cached pass of the trunk over a single frame's tokens
+    (a key/value cache holds the previous frames, a sliding window of the training context), a
+    tokenizer decode and a detector call; constant per step however long the episode.
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
+
+    def __init__(self, checkpoint: str | os.PathLike | None = None, variant: str = "maskgit", steps: int = 2,
+                 temperature: float = 1.0, greedy: bool = False, device: str = "cpu",
+                 terminate_on_success: bool = True, render_mode: str | None = None):
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode must be None or 'rgb_array'. Got {render_mode=}")
+        self.sim = _LearnedSim(checkpoint, 1, steps, temperature, greedy, device, variant)
+        self.observation_space, self.action_space = self.sim.observation_space, self.sim.action_space
+        self.metadata = {**self.metadata, "render_fps": int(self.sim.env_config.get("control_freq", 20))}
+        self.render_mode = render_mode
+        self.terminate_on_success = terminate_on_success
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.sim.checkpoint
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        options = options or {}
+        unknown = set(options) - {"initial_observation"}
+        if unknown:
+            raise ValueError(f"unknown reset options {sorted(unknown)}; supported: initial_observation")
+        if "initial_observation" in options:
+            start = self.sim.check_observation(options["initial_observation"])
+        else:
+            start = self.sim.draw_start(self.np_random)
+        self.sim.generator.manual_seed(int(self.np_random.integers(2**62)))
+        self.sim.reset_rows(np.array([0]), [start])
+        return self._obs(), {"is_success": False, "success_prob": 0.0}
+
+    def step(self, action):
+        if not self.sim.started[0]:
+            raise RuntimeError("step() called before reset()")
+        action = RobosuiteEnv.validate_action(action, self.action_space.shape[0])
+        _, success, prob = self.sim.step(action[None])
+        success = bool(success[0])
+        return (self._obs(), 1.0 if success else 0.0, success and self.terminate_on_success, False,
+                {"is_success": success, "success_prob": float(prob[0])})
+
+    def render(self):
+        if self.render_mode != "rgb_array":
+            return None
+        if self.sim.obs is None:
+            raise RuntimeError("render() called before reset()")
+        return self.sim.obs[self.sim.image_key][0].copy()
+
+    def _obs(self) -> dict[str, np.ndarray]:
+        return {k: v[0].copy() for k, v in self.sim.obs.items()}
+
+
+class HMAVectorEnv(gym.vector.VectorEnv):
+    """`num_envs` learned envs stepped by one batched model call per step.
+
+    Gymnasium's default next-step autoreset: the step after an episode ends returns that env's new
+    initial observation (reward 0, not terminated). `reset(seed=[...], options={"initial_observation":
+    batched_obs})` seeds and starts each env; `options={"reset_mask": mask}` resets only some envs.
+    Truncation after `max_episode_steps` (the registered id's) is handled here.
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 20, "autoreset_mode": gym.vector.AutoresetMode.NEXT_STEP}
+
+    def __init__(self, num_envs: int = 1, checkpoint: str | os.PathLike | None = None, variant: str = "maskgit",
+                 steps: int = 2, temperature: float = 1.0, greedy: bool = False, device: str = "cpu",
+                 terminate_on_success: bool = True, max_episode_steps: int | None = None,
+                 render_mode: str | None = None):
+        if num_envs < 1:
+            raise ValueError(f"num_envs must be >= 1. Got {num_envs=}")
+        self.num_envs = num_envs
+        self.sim = _LearnedSim(checkpoint, num_envs, steps, temperature, greedy, device, variant)
+        self.single_observation_space = self.sim.observation_space
+        self.single_action_space = self.sim.action_space
+        self.observation_space = batch_space(self.single_observation_space, num_envs)
+        self.action_space = batch_space(self.single_action_space, num_envs)
+        self.metadata = {**self.metadata, "render_fps": int(self.sim.env_config.get("control_freq", 20))}
+        self.render_mode = render_mode
+        self.terminate_on_success = terminate_on_success
+        self.max_episode_steps = max_episode_steps or self.sim.env_config.get("max_episode_steps")
+        self.elapsed = np.zeros(num_envs, dtype=np.int64)
+        self.needs_reset = np.zeros(num_envs, dtype=bool)
+        self.rngs = [np.random.default_rng() for _ in range(num_envs)]
+
+    def reset(self, *, seed: int | list[int] | None = None, options: dict | None = None):
+        options = dict(options or {})
+        mask = np.asarray(options.pop("reset_mask", np.ones(self.num_envs, bool)), dtype=bool)
+        if mask.shape != (self.num_envs,):
+            raise ValueError(f"reset_mask must have shape ({self.num_envs},), got {mask.shape}")
+        if not self.sim.started.all() and not mask.all():
+            raise RuntimeError("the first reset() must reset every env")
+        unknown = set(options) - {"initial_observation"}
+        if unknown:
+            raise ValueError(f"unknown reset options {sorted(unknown)}; supported: initial_observation, reset_mask")
+        if seed is not None:
+            seeds = [seed + i for i in range(self.num_envs)] if isinstance(seed, (int, np.integer)) else list(seed)
+            if len(seeds) != self.num_envs:
+                raise ValueError(f"got {len(seeds)} seeds for {self.num_envs} envs")
+            for i in np.flatnonzero(mask):
+                if seeds[i] is not None:
+                    self.rngs[i] = np.random.default_rng(seeds[i])
+            first = next((s for i, s in enumerate(seeds) if mask[i] and s is not None), None)
+            if first is not None:
+                self.sim.generator.manual_seed(int(np.random.default_rng(first).integers(2**62)))
+        rows = np.flatnonzero(mask)
+        if "initial_observation" in options:
+            given = options["initial_observation"]
+            starts = [self.sim.check_observation({k: np.asarray(v)[i] for k, v in given.items()}) for i in rows]
+        else:
+            starts = [self.sim.draw_start(self.rngs[i]) for i in rows]
+        self.sim.reset_rows(rows, starts)
+        self.elapsed[rows] = 0
+        self.needs_reset[rows] = False
+        info = {"is_success": np.zeros(self.num_envs, bool), "success_prob": np.zeros(self.num_envs, np.float32)}
+        return {k: v.copy() for k, v in self.sim.obs.items()}, info
+
+    def step(self, actions):
+        if not self.sim.started.all():
+            raise RuntimeError("step() called before reset()")
+        actions = _validate_actions(actions, self.num_envs, self.single_action_space.shape[0])
+        autoreset = self.needs_reset.copy()
+        obs, success, prob = self.sim.step(actions)
+        obs = {k: v.copy() for k, v in obs.items()}
+        self.elapsed += 1
+        reward = success.astype(np.float64)
+        terminated = success & self.terminate_on_success
+        truncated = (self.elapsed >= self.max_episode_steps) if self.max_episode_steps else np.zeros_like(success)
+        truncated &= ~terminated
+        if autoreset.any():
+            rows = np.flatnonzero(autoreset)
+            self.sim.reset_rows(rows, [self.sim.draw_start(self.rngs[i]) for i in rows])
+            for key in obs:
+                obs[key][rows] = self.sim.obs[key][rows]
+            self.elapsed[rows] = 0
+            reward[rows], terminated[rows], truncated[rows], success[rows], prob[rows] = 0.0, False, False, False, 0.0
+        self.needs_reset = terminated | truncated
+        info = {"is_success": success, "success_prob": prob.astype(np.float32)}
+        return obs, reward, terminated, truncated, info
+
+    def render(self):
+        if self.sim.obs is None:
+            raise RuntimeError("render() called before reset()")
+        return tuple(self.sim.obs[self.sim.image_key].copy())

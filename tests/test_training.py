@@ -1,0 +1,129 @@
+"""The training module end to end on a tiny real dataset: tokenizer, dynamics, resume, pack, eval-model."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hma_gym.checkpoint import CheckpointError, check_checkpoint_dir, load_module_weights
+from hma_gym.cli import main
+from training.data import DataConfig, load_episodes, resize_frames
+from training.loop import LoopConfig, lr_at
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    """8 real Lift episodes at 16x16 (every 4th demo held out)."""
+    path = tmp_path_factory.mktemp("data") / "lift16.hdf5"
+    main(["collect", "--out", str(path), "--episodes", "8", "--image-size", "16", "--no-progress",
+          "--valid-every", "4", "--steps-after-success", "3"])
+    return path
+
+
+def _log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_run(tiny_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "tokenizer"
+    main(["train-tokenizer", "--data", str(tiny_data), "--out", str(out), "--preset", "tiny", "--image-size", "16",
+          "--steps", "60", "--batch-size", "16", "--lr", "3e-3", "--warmup", "5", "--eval-every", "30",
+          "--save-every", "30", "--log-every", "5", "--eval-frames", "64", "--threads", "1", "--no-progress"])
+    return out
+
+
+DYN_ARGS = ["--preset", "tiny", "--patch-size", "2", "--max-frames", "6", "--prompt-frames", "1", "2",
+            "--batch-size", "4", "--lr", "3e-3", "--warmup", "2", "--log-every", "2", "--eval-windows", "2",
+            "--threads", "1", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def dynamics_run(tiny_data, tokenizer_run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "dynamics"
+    main(["train", "--data", str(tiny_data), "--tokenizer", str(tokenizer_run), "--out", str(out), "--steps", "40",
+          "--eval-every", "40", "--save-every", "20", *DYN_ARGS])
+    return out
+
+
+def test_data_windows_and_resize(tiny_data):
+    cfg = DataConfig(data=str(tiny_data), image_size=8)
+    train, valid = load_episodes(cfg, "train"), load_episodes(cfg, "valid")
+    assert len(train) == 6 and len(valid) == 2
+    e = train[0]
+    assert e.frames.shape[1:] == (8, 8, 3) and len(e.frames) == len(e.actions) + 1 == len(e.states)
+    assert e.states.shape[1] == 9
+    strided = load_episodes(DataConfig(data=str(tiny_data), image_size=16, action_stride=2), "train")[0]
+    assert strided.actions.shape[1] == 14 and len(strided.frames) == len(strided.actions) + 1
+    np.testing.assert_array_equal(strided.frames[1], load_episodes(DataConfig(data=str(tiny_data), image_size=16),
+                                                                   "train")[0].frames[2])
+    assert resize_frames(np.zeros((2, 16, 16, 3), np.uint8), 32).shape == (2, 32, 32, 3)
+
+
+def test_key_map_reads_other_names(tiny_data):
+    cfg = DataConfig(data=str(tiny_data), image_size=16, image_key="rgb", key_map={"rgb": "agentview_image"})
+    assert load_episodes(cfg, "valid")[0].frames.shape[1:] == (16, 16, 3)
+    with pytest.raises(ValueError, match="no observation 'nope'"):
+        load_episodes(DataConfig(data=str(tiny_data), image_key="nope"), "valid")
+
+
+def test_lr_schedule():
+    cfg = LoopConfig(steps=100, lr=1.0, warmup=10, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(10, cfg) == pytest.approx(1.0) and lr_at(100, cfg) == pytest.approx(0.1)
+    assert lr_at(55, cfg) == pytest.approx(0.55)
+
+
+def test_tokenizer_trains(tokenizer_run):
+    log = _log(tokenizer_run)
+    train = [r for r in log if r["event"] == "train"]
+    assert train[-1]["loss"] < train[0]["loss"]
+    evals = [r for r in log if r["event"] == "eval"]
+    assert evals and np.isfinite(evals[-1]["valid_psnr"])
+    assert (tokenizer_run / "tokenizer.safetensors").exists() and (tokenizer_run / "tokenizer.json").exists()
+
+
+def test_dynamics_trains(dynamics_run):
+    train = [r for r in _log(dynamics_run) if r["event"] == "train"]
+    first, last = np.mean([r["ce"] for r in train[:2]]), np.mean([r["ce"] for r in train[-2:]])
+    assert last < first
+    meta = json.loads((dynamics_run / "dynamics.json").read_text())
+    assert meta["config"]["embodiment"] == "panda_osc_pose"
+    assert meta["config"]["hma"]["patch_size"] == 2
+    norm = load_file(dynamics_run / "normalization.safetensors")
+    assert set(norm) == {f"panda_osc_pose/{k}" for k in ("state_mean", "state_std", "action_mean", "action_std")}
+
+
+def test_resume_is_exact(tiny_data, tokenizer_run, tmp_path):
+    """6 steps in one go == 3 steps, stop, resume to 6."""
+    common = ["train", "--data", str(tiny_data), "--tokenizer", str(tokenizer_run), "--eval-every", "100",
+              "--save-every", "3", *DYN_ARGS]
+    main([*common, "--out", str(tmp_path / "a"), "--steps", "6"])
+    main([*common, "--out", str(tmp_path / "b"), "--steps", "3"])
+    state = torch.load(tmp_path / "b" / "train_state.pt", weights_only=True)
+    assert state["step"] == 3
+    main([*common, "--out", str(tmp_path / "b"), "--steps", "6"])
+    a = load_file(tmp_path / "a" / "dynamics.safetensors")
+    b = load_file(tmp_path / "b" / "dynamics.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    assert any(r["event"] == "resume" for r in _log(tmp_path / "b"))
+
+
+def test_corrupt_or_missing_weights_name_the_file(dynamics_run, tmp_path):
+    from hma_gym.models.hma import HMA, HMAConfig
+
+    meta = json.loads((dynamics_run / "dynamics.json").read_text())
+    model = HMA(HMAConfig.from_dict(meta["config"]["hma"]))
+    bad = tmp_path / "dynamics.safetensors"
+    bad.write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match="dynamics.safetensors"):
+        load_module_weights(model, bad)
+    with pytest.raises(CheckpointError, match="missing file .*nothing.safetensors"):
+        load_module_weights(model, tmp_path / "nothing.safetensors")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        check_checkpoint_dir(tmp_path / "no_such_dir")
