@@ -47,8 +47,10 @@ class DetectorTrainConfig(LoopConfig, DataConfig):
     """Peak learning rate."""
     eval_every: int = 250
     """Held-out evaluation every n steps (and at the end)."""
-    channels: tuple[int, ...] = (16, 32, 64, 64)
-    """Width of each stride-2 conv stage of the detector."""
+    patch: int = 4
+    """Stem of the detector: a patch x patch conv with stride patch."""
+    channels: tuple[int, ...] = (32, 64, 64)
+    """Width of the detector's stem, then of each 3x3 stride-2 conv stage."""
     hidden: int = 128
     """Width of the image feature and of the fused MLP."""
     state_hidden: int = 64
@@ -87,7 +89,8 @@ class DetectorTrainConfig(LoopConfig, DataConfig):
 
     def detector_config(self, state_dim: int) -> DetectorConfig:
         return DetectorConfig(
-            image_size=self.image_size, state_dim=state_dim if self.use_state else 0, channels=self.channels,
+            image_size=self.image_size, state_dim=state_dim if self.use_state else 0, patch=self.patch,
+            channels=self.channels,
             hidden=self.hidden, state_hidden=self.state_hidden, dropout=self.dropout,
         )
 
