@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from hma_gym.checkpoint import CheckpointError, load_module_weights, load_tensors, read_module_config
 
-__all__ = ["DetectorConfig", "SuccessDetector", "StateNorm", "load_detector", "DETECTOR_NAME", "NORM_FILE"]
+__all__ = ["DetectorConfig", "SuccessDetector", "load_detector", "DETECTOR_NAME", "NORM_FILE"]
 
 DETECTOR_NAME = "detector"
 """`detector.safetensors` + `detector.json` in a run or checkpoint directory."""
@@ -191,22 +191,12 @@ class SuccessDetector(nn.Module):
             self.train()
 
 
-@dataclass(frozen=True)
-class StateNorm:
-    """The mean/std a detector's states were normalised with; `norm(states)` applies it."""
-
-    mean: torch.Tensor  # (S,)
-    std: torch.Tensor  # (S,)
-
-    def __call__(self, states: torch.Tensor | np.ndarray) -> torch.Tensor:
-        states = torch.as_tensor(states, dtype=torch.float32)
-        return (states - self.mean.to(states.device)) / self.std.to(states.device)
-
-
 def load_detector(
     directory: str | os.PathLike, device: str | torch.device = "cpu"
-) -> tuple[SuccessDetector, float, StateNorm]:
-    """`(detector in eval mode, decision threshold, state normaliser)` from `directory`.
+) -> tuple[SuccessDetector, float, dict[str, torch.Tensor]]:
+    """`(detector in eval mode, decision threshold, {"state_mean", "state_std"})` from `directory`.
+
+    The caller normalises raw states as `(states - state_mean) / state_std` before calling the detector.
 
     Reads `detector.json`, `detector.safetensors` and `detector_normalization.safetensors`; a missing or
     mismatched file is a `CheckpointError` naming it.
@@ -225,9 +215,9 @@ def load_detector(
     stats = load_tensors(norm_path)
     if "state_mean" not in stats or "state_std" not in stats:
         raise CheckpointError(f"{norm_path} has no state_mean/state_std")
-    norm = StateNorm(stats["state_mean"].float(), stats["state_std"].float())
-    if cfg.state_dim and tuple(norm.mean.shape) != (cfg.state_dim,):
+    norm = {k: stats[k].float().to(device) for k in ("state_mean", "state_std")}
+    if cfg.state_dim and tuple(norm["state_mean"].shape) != (cfg.state_dim,):
         raise CheckpointError(
-            f"{norm_path}: state_mean has shape {tuple(norm.mean.shape)}, the detector takes {cfg.state_dim}"
+            f"{norm_path}: state_mean has shape {tuple(norm['state_mean'].shape)}, the detector takes {cfg.state_dim}"
         )
     return model.to(device).eval(), threshold, norm
