@@ -10,43 +10,9 @@ from safetensors.torch import load_file
 
 from hma_gym.checkpoint import CheckpointError, check_checkpoint_dir, load_module_weights
 from hma_gym.cli import main
+from tests.conftest import DYN_ARGS, read_log as _log
 from training.data import DataConfig, load_episodes, resize_frames
 from training.loop import LoopConfig, lr_at
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    """8 real Lift episodes at 16x16 (every 4th demo held out)."""
-    path = tmp_path_factory.mktemp("data") / "lift16.hdf5"
-    main(["collect", "--out", str(path), "--episodes", "8", "--image-size", "16", "--no-progress",
-          "--valid-every", "4", "--steps-after-success", "3"])
-    return path
-
-
-def _log(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def tokenizer_run(tiny_data, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("runs") / "tokenizer"
-    main(["train-tokenizer", "--data", str(tiny_data), "--out", str(out), "--preset", "tiny", "--image-size", "16",
-          "--steps", "60", "--batch-size", "16", "--lr", "3e-3", "--warmup", "5", "--eval-every", "30",
-          "--save-every", "30", "--log-every", "5", "--eval-frames", "64", "--threads", "1", "--no-progress"])
-    return out
-
-
-DYN_ARGS = ["--preset", "tiny", "--patch-size", "2", "--max-frames", "6", "--prompt-frames", "1", "2",
-            "--batch-size", "4", "--lr", "3e-3", "--warmup", "2", "--log-every", "2", "--eval-windows", "2",
-            "--threads", "1", "--no-progress"]
-
-
-@pytest.fixture(scope="module")
-def dynamics_run(tiny_data, tokenizer_run, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("runs") / "dynamics"
-    main(["train", "--data", str(tiny_data), "--tokenizer", str(tokenizer_run), "--out", str(out), "--steps", "40",
-          "--eval-every", "40", "--save-every", "20", *DYN_ARGS])
-    return out
 
 
 def test_data_windows_and_resize(tiny_data):

@@ -1,0 +1,159 @@
+"""Contract of the learned env on a checkpoint built by the project's own commands (tiny, 16x16)."""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+
+import hma_gym
+from hma_gym.checkpoint import CheckpointError
+from hma_gym.envs.learned_env import HMAEnv, HMAVectorEnv, check_paired
+from hma_gym.envs.robosuite_env import RobosuiteEnv
+
+
+@pytest.fixture(scope="module")
+def env(tiny_checkpoint):
+    e = HMAEnv(checkpoint=tiny_checkpoint)
+    yield e
+    e.close()
+
+
+def test_spaces_match_the_gt_env_it_mirrors(env):
+    gt = RobosuiteEnv(image_size=16)
+    check_paired(gt, env)  # same keys, shapes, dtypes and bounds
+    assert env.observation_space["agentview_image"].shape == (16, 16, 3)
+    assert env.action_space == gym.spaces.Box(-1, 1, (7,), np.float32)
+    gt64 = RobosuiteEnv(image_size=64)
+    with pytest.raises(ValueError, match=r"agentview_image: shape \(64, 64, 3\)"):
+        check_paired(gt64, env)
+    gt.close()
+    gt64.close()
+
+
+def test_checkers(tiny_checkpoint):
+    e = HMAEnv(checkpoint=tiny_checkpoint, render_mode="rgb_array")
+    check_env(e, skip_render_check=False)
+    from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+    sb3_check_env(e, warn=True)
+
+
+def test_seeded_rollouts_are_reproducible(env):
+    actions = np.random.default_rng(0).uniform(-1, 1, (6, 7)).astype(np.float32)
+
+    def run(seed):
+        obs, _ = env.reset(seed=seed)
+        frames = [obs["agentview_image"]]
+        for a in actions:
+            frames.append(env.step(a)[0]["agentview_image"])
+        return np.stack(frames)
+
+    a, b, c = run(1), run(1), run(2)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_paired_reset_starts_from_the_given_observation(env):
+    gt = RobosuiteEnv(image_size=16)
+    gt_obs, _ = gt.reset(seed=5)
+    obs, info = env.reset(seed=5, options={"initial_observation": gt_obs})
+    for key in gt_obs:
+        np.testing.assert_array_equal(obs[key], gt_obs[key])
+    assert info["is_success"] is False
+    gt.close()
+
+
+def test_bad_inputs_raise_and_leave_env_usable(tiny_checkpoint):
+    e = HMAEnv(checkpoint=tiny_checkpoint)
+    with pytest.raises(RuntimeError, match="before reset"):
+        e.step(np.zeros(7, np.float32))
+    obs, _ = e.reset(seed=0)
+    with pytest.raises(ValueError, match=r"shape \(7,\)"):
+        e.step(np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match="finite"):
+        e.step(np.full(7, np.nan, np.float32))
+    bad = dict(obs)
+    bad["agentview_image"] = np.zeros((8, 8, 3), np.uint8)
+    with pytest.raises(ValueError, match="agentview_image"):
+        e.reset(options={"initial_observation": bad})
+    with pytest.raises(ValueError, match="unknown reset options"):
+        e.reset(options={"start": 1})
+    obs, reward, terminated, truncated, info = e.step(np.zeros(7, np.float32))
+    assert e.observation_space.contains(obs) and 0.0 <= info["success_prob"] <= 1.0
+    with pytest.raises(CheckpointError, match="does not exist"):
+        HMAEnv(checkpoint="/no/such/checkpoint")
+
+
+def test_long_rollout_is_finite_with_flat_cache(env):
+    env.reset(seed=3)
+    nbytes = env.sim.cache.nbytes()
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        obs, reward, terminated, truncated, info = env.step(rng.uniform(-1, 1, 7).astype(np.float32))
+        assert all(np.all(np.isfinite(v)) for v in obs.values())
+        assert env.observation_space.contains(obs)
+        np.testing.assert_allclose(np.linalg.norm(obs["robot0_eef_quat"]), 1.0, rtol=1e-4)
+    assert env.sim.cache.nbytes() == nbytes
+    assert int(env.sim.cache.length.max()) == env.sim.wm.dynamics.config.max_frames - 1
+
+
+def test_vector_env_matches_single_envs_greedy(tiny_checkpoint):
+    """Greedy decoding: N envs stepped in one batch give the N single-env rollouts."""
+    n, steps = 3, 5
+    vec = HMAVectorEnv(num_envs=n, checkpoint=tiny_checkpoint, greedy=True)
+    obs, _ = vec.reset(seed=[10, 11, 12])
+    actions = np.random.default_rng(1).uniform(-1, 1, (steps, n, 7)).astype(np.float32)
+    vec_frames = [obs["agentview_image"]]
+    for a in actions:
+        vec_frames.append(vec.step(a)[0]["agentview_image"])
+    vec_frames = np.stack(vec_frames, 1)  # (n, steps + 1, H, W, 3)
+    single = HMAEnv(checkpoint=tiny_checkpoint, greedy=True)
+    for i in range(n):
+        o, _ = single.reset(seed=10 + i)
+        frames = [o["agentview_image"]] + [single.step(a[i])[0]["agentview_image"] for a in actions]
+        diff = np.abs(np.stack(frames).astype(int) - vec_frames[i].astype(int))
+        assert diff.mean() < 2.0, f"env {i}: mean abs pixel difference {diff.mean():.2f}"
+
+
+def test_vector_env_autoreset_and_truncation(tiny_checkpoint):
+    vec = HMAVectorEnv(num_envs=2, checkpoint=tiny_checkpoint, max_episode_steps=3, terminate_on_success=False)
+    vec.reset(seed=0)
+    zeros = np.zeros((2, 7), np.float32)
+    for _ in range(2):
+        _, _, term, trunc, _ = vec.step(zeros)
+        assert not trunc.any()
+    _, _, term, trunc, _ = vec.step(zeros)
+    assert trunc.all()
+    obs, reward, term, trunc, _ = vec.step(zeros)  # next-step autoreset: a fresh start, no reward
+    assert not trunc.any() and (reward == 0).all()
+    assert (vec.elapsed == 0).all()
+    # partial reset of one env keeps the other's history
+    before = vec.sim.cache.pos.clone()
+    vec.reset(options={"reset_mask": np.array([True, False])})
+    assert int(vec.sim.cache.pos[0]) == 1 and int(vec.sim.cache.pos[1]) == int(before[1])
+
+
+def test_registered_checkpoint_and_make_vec(tiny_checkpoint):
+    hma_gym.register_checkpoint("TinyLift-v0", tiny_checkpoint, max_episode_steps=7)
+    e = gym.make("TinyLift-v0")
+    assert e.spec.max_episode_steps == 7
+    e.reset(seed=0)
+    e.close()
+    vec = gym.make_vec("TinyLift-v0", num_envs=2, vectorization_mode="vector_entry_point")
+    assert isinstance(vec.unwrapped, HMAVectorEnv) and vec.unwrapped.max_episode_steps == 7
+    obs, _ = vec.reset(seed=0)
+    assert obs["agentview_image"].shape == (2, 16, 16, 3)
+    with pytest.raises(ValueError, match="already registered"):
+        hma_gym.register_checkpoint("TinyLift-v0", tiny_checkpoint)
+
+
+def test_rollout_drives_the_vector_env_with_paired_starts(tiny_checkpoint):
+    from policies import RandomPolicy
+
+    gt = RobosuiteEnv(image_size=16)
+    starts = [gt.reset(seed=s)[0] for s in (0, 1, 2)]
+    vec = HMAVectorEnv(num_envs=2, checkpoint=tiny_checkpoint, max_episode_steps=4)
+    result = hma_gym.rollout(vec, RandomPolicy(seed=0), 3, seeds=0,
+                             reset_options=[{"initial_observation": o} for o in starts], progress=False)
+    assert len(result.episodes) == 3 and all(1 <= e.length <= 4 for e in result.episodes)
+    gt.close()
