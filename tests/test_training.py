@@ -1,7 +1,6 @@
 """The training module end to end on a tiny real dataset: tokenizer, dynamics, resume, pack, eval-model."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +9,8 @@ from safetensors.torch import load_file
 
 from hma_gym.checkpoint import CheckpointError, check_checkpoint_dir, load_module_weights
 from hma_gym.cli import main
-from tests.conftest import DYN_ARGS, read_log as _log
+from tests.conftest import DYN_ARGS
+from tests.conftest import read_log as _log
 from training.data import DataConfig, load_episodes, resize_frames
 from training.loop import LoopConfig, lr_at
 
