@@ -35,3 +35,14 @@ def write_video(path: str | os.PathLike, frames: Sequence[np.ndarray], fps: int 
             h, w = frame.shape[:2]
             writer.append_data(np.pad(frame, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge"))
     return path
+
+
+def label(frame: np.ndarray, text: str, scale: int = 4, success: bool = False, strip: int = 14) -> np.ndarray:
+    """Upscale a uint8 HWC frame and put `text` in a strip above it; a green strip marks success."""
+    from PIL import Image, ImageDraw
+
+    big = np.asarray(frame, dtype=np.uint8).repeat(scale, 0).repeat(scale, 1)
+    top = np.full((strip, big.shape[1], 3), (40, 150, 60) if success else (30, 30, 30), dtype=np.uint8)
+    image = Image.fromarray(np.concatenate([top, big], axis=0))
+    ImageDraw.Draw(image).text((3, 1), text, fill=(255, 255, 255))
+    return np.asarray(image)
