@@ -1,9 +1,11 @@
-"""Env speed: ground-truth env steps/s with the camera at several sizes and without it.
+"""Env speed, side by side in one run: the GT env (camera at several sizes, and without it) and the learned
+env (single; natively batched vector env at N = 1, 4, 16; with and without the key/value cache), FLOPs per
+generated frame and the achieved FLOP/s against a matmul peak measured in the same run.
 
-    python -m benchmarks.env_speed [--steps 200]
+    python -m benchmarks.env_speed [--steps 200] [--checkpoint DIR] [--skip-learned]
 
-Writes benchmarks/results/env_speed.json. All rows are measured in one run, side by side, so their
-ratios are meaningful on a shared, noisy machine; absolute numbers are not.
+Writes benchmarks/results/env_speed.json. Ratios between rows are the meaningful numbers on a shared,
+noisy machine; absolute numbers move with its load.
 """
 
 from __future__ import annotations
@@ -13,27 +15,42 @@ import time
 
 import gymnasium as gym
 import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import hma_gym  # noqa: F401
 from benchmarks.common import write_result
 
 
-def time_steps(env, steps: int, seed: int = 0) -> float:
-    """Mean steps/s over `steps` random actions (resets excluded from the timing)."""
+def time_steps(env, steps: int, seed: int = 0, vector: bool = False) -> float:
+    """Env steps per second over `steps` random-action steps (resets excluded; N steps per vector step)."""
     rng = np.random.default_rng(seed)
+    n = env.num_envs if vector else 1
+    shape = (n, 7) if vector else (7,)
     env.reset(seed=seed)
-    for _ in range(5):  # warm-up
-        env.step(rng.uniform(-1, 1, 7).astype(np.float32))
+    for _ in range(3):  # warm-up
+        env.step(rng.uniform(-1, 1, shape).astype(np.float32))
     elapsed, done = 0.0, 0
     while done < steps:
-        action = rng.uniform(-1, 1, 7).astype(np.float32)
+        action = rng.uniform(-1, 1, shape).astype(np.float32)
         t0 = time.perf_counter()
         _, _, terminated, truncated, _ = env.step(action)
         elapsed += time.perf_counter() - t0
         done += 1
-        if terminated or truncated:
+        if not vector and (terminated or truncated):
             env.reset()
-    return done / elapsed
+    return done * n / elapsed
+
+
+def matmul_peak(size: int = 1024, repeats: int = 20) -> float:
+    """fp32 GFLOP/s of a square matmul with torch's current thread count (best of `repeats`)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best / 1e9
 
 
 def gt_rows(steps: int) -> list[dict]:
@@ -47,22 +64,107 @@ def gt_rows(steps: int) -> list[dict]:
     rows = []
     for name, kwargs in configs:
         env = gym.make("RobomimicLift-v0", **kwargs)
-        sps = time_steps(env, steps)
+        rows.append({"env": name, "kwargs": kwargs, "steps_per_s": time_steps(env, steps)})
         env.close()
-        rows.append({"env": name, "kwargs": kwargs, "steps_per_s": sps, "ms_per_step": 1000 / sps})
-        print(f"{name:40s} {sps:8.1f} steps/s  {1000 / sps:6.1f} ms/step")
     return rows
+
+
+def trunk_time(wm, steps: int, cached: bool, repeats: int = 5) -> float:
+    """Seconds of dynamics-model compute per generated frame, with or without the key/value cache.
+
+    Cached: `steps` masked passes over one frame against the cache, plus one pass that appends the new
+    frame. Uncached (the official HMA code's cost model): every unmasking pass re-runs the trunk over all
+    W = max_frames - 1 context frames plus the frame being generated.
+    """
+    model = wm.dynamics
+    window = model.config.max_frames - 1
+    g = model.config.grid
+    tokens = torch.randint(0, model.config.vocab_size, (1, g, g))
+    states = torch.zeros(1, wm.state_dim)
+    action = torch.zeros(1, wm.action_dim)
+    ids = wm._ids(1)
+    full = model.new_cache(1)
+    for _ in range(window):
+        model.append_frame(full, tokens, states, action, ids)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        if cached:
+            model.generate_frame(full, action, ids, steps=steps)
+            model.append_frame(full, tokens, states, action, ids)
+        else:
+            for _ in range(steps):
+                cache = model.new_cache(1)
+                for _ in range(window):
+                    model.append_frame(cache, tokens, states, action, ids)
+                model.predict_frame(cache, tokens, torch.ones(1, g, g, dtype=torch.bool), action, ids)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def learned_rows(steps: int, checkpoint: str | None) -> tuple[list[dict], dict]:
+    kwargs = {"checkpoint": checkpoint} if checkpoint else {}
+    rows = []
+    single = gym.make("HMA-RobomimicLift-v0", **kwargs)
+    rows.append({"env": "learned-single", "steps_per_s": time_steps(single, steps)})
+    sim = single.unwrapped.sim
+    # FLOPs of one generated frame (generation + history append + decode + success detector)
+    single.reset(seed=0)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        single.step(np.zeros(7, np.float32))
+    flops = counter.get_total_flops()
+    t_step = 1.0 / rows[0]["steps_per_s"]
+    t_cached, t_uncached = trunk_time(sim.wm, sim.steps, True), trunk_time(sim.wm, sim.steps, False)
+    # the same env step with the trunk's cached cost replaced by its uncached cost
+    rows.append({"env": "learned-single-no-kv-cache", "steps_per_s": 1.0 / (t_step - t_cached + t_uncached)})
+    for n in (1, 4, 16):
+        vec = gym.make_vec("HMA-RobomimicLift-v0", num_envs=n, vectorization_mode="vector_entry_point", **kwargs)
+        rows.append({"env": f"learned-vector-N{n}", "num_envs": n,
+                     "steps_per_s": time_steps(vec, max(20, steps // n), vector=True)})
+        vec.close()
+    info = {
+        "checkpoint": str(sim.checkpoint),
+        "params_dynamics_m": sim.wm.dynamics.num_params() / 1e6,
+        "unmasking_steps": sim.steps,
+        "flops_per_frame_g": flops / 1e9,
+        "achieved_gflops_single": flops / t_step / 1e9,
+        "trunk_ms_per_frame_cached": 1000 * t_cached,
+        "trunk_ms_per_frame_uncached": 1000 * t_uncached,
+    }
+    single.close()
+    return rows, info
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200, help="timed steps per configuration")
+    parser.add_argument("--checkpoint", default=None, help="learned env checkpoint (default: the shipped one)")
+    parser.add_argument("--skip-learned", action="store_true", help="GT rows only")
     args = parser.parse_args(argv)
+    peak = matmul_peak()
     rows = gt_rows(args.steps)
-    base = next(r for r in rows if r["env"] == "gt-64px")["steps_per_s"]
+    payload: dict = {"steps": args.steps, "matmul_peak_gflops": peak}
+    if not args.skip_learned:
+        learned, info = learned_rows(args.steps, args.checkpoint)
+        rows += learned
+        info["fraction_of_matmul_peak"] = info["achieved_gflops_single"] / peak
+        payload["learned"] = info
+    gt64 = next(r for r in rows if r["env"] == "gt-64px")["steps_per_s"]
     for r in rows:
-        r["ratio_to_gt_64px"] = r["steps_per_s"] / base
-    payload = {"steps": args.steps, "rows": rows}
+        r["ms_per_step"] = 1000 / r["steps_per_s"]
+        r["ratio_to_gt_64px"] = r["steps_per_s"] / gt64
+        print(f"{r['env']:40s} {r['steps_per_s']:8.1f} steps/s {r['ms_per_step']:7.1f} ms x{r['ratio_to_gt_64px']:.2f}")
+    payload["rows"] = rows
+    if not args.skip_learned:
+        by = {r["env"]: r["steps_per_s"] for r in rows}
+        info = payload["learned"]
+        payload["targets"] = {
+            "single_learned_vs_gt_64px": by["learned-single"] / gt64,
+            "vector16_learned_vs_gt_64px": by["learned-vector-N16"] / gt64,
+            "kv_cache_speedup_env_step": by["learned-single"] / by["learned-single-no-kv-cache"],
+            "kv_cache_speedup_trunk": info["trunk_ms_per_frame_uncached"] / info["trunk_ms_per_frame_cached"],
+        }
     write_result("env_speed", payload)
     return payload
 
