@@ -14,7 +14,8 @@ from hma_gym.config import add_dataclass_args, dataclass_from_args
 
 # name -> (module, config class, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
-    "demo": ("training.demo", "DemoConfig", "demo", "the main job: run the shipped policies and write a video"),
+    "demo": ("policies.demo", "DemoConfig", "demo",
+             "the main job: paired GT-vs-learned episodes of a policy, both success rates and speeds, a video"),
     "collect": ("training.collect", "CollectConfig", "collect",
                 "roll the scripted expert in the GT env into a robomimic HDF5 file"),
     "render": ("training.render", "RenderConfig", "render",
@@ -33,6 +34,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
              "replay an action log in the learned env beside the GT env, as an mp4"),
     "eval-model": ("training.evaluate", "EvalModelConfig", "eval_model",
                    "open-loop fidelity, dPSNR, perplexity and success agreement of a checkpoint"),
+    "train-policy": ("training.policy", "PolicyTrainConfig", "train_policy",
+                     "train a Diffusion Policy on robomimic HDF5 data"),
 }
 
 

@@ -40,8 +40,11 @@ def test_bad_argument_is_a_clear_error(tmp_path, capsys):
     assert "episodes must be positive" in capsys.readouterr().err
 
 
-def test_demo_runs(tmp_path):
-    from training.demo import DemoConfig, demo
+def test_demo_runs(tiny_checkpoint, tmp_path):
+    from policies.demo import DemoConfig, demo
 
-    report = demo(DemoConfig(episodes=1, video=str(tmp_path / "demo.mp4")))
+    report = demo(DemoConfig(policy="expert", episodes=1, checkpoint=str(tiny_checkpoint),
+                             video=str(tmp_path / "demo.mp4")))
     assert report["episodes"] == 1 and (tmp_path / "demo.mp4").stat().st_size > 1000
+    assert report["gt_success_rate"] == 1.0 and 0.0 <= report["learned_success_rate"] <= 1.0
+    assert report["gt_steps_per_s"] > 0 and report["learned_steps_per_s"] > 0
