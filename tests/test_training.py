@@ -93,3 +93,22 @@ def test_corrupt_or_missing_weights_name_the_file(dynamics_run, tmp_path):
         load_module_weights(model, tmp_path / "nothing.safetensors")
     with pytest.raises(CheckpointError, match="does not exist"):
         check_checkpoint_dir(tmp_path / "no_such_dir")
+
+
+def test_same_script_runs_under_torchrun(tiny_data, tokenizer_run, tmp_path):
+    """Two CPU processes (gloo) train the dynamics model together; rank 0 writes the run."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    assert torchrun, "torchrun ships with torch"
+    out = tmp_path / "ddp"
+    cmd = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "hma_gym.cli", "train", "--data", str(tiny_data),
+           "--tokenizer", str(tokenizer_run), "--out", str(out), "--steps", "4", "--eval-every", "4",
+           "--save-every", "4", "--device", "cpu", *DYN_ARGS]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "dynamics.safetensors").exists()
+    assert [r["step"] for r in _log(out) if r["event"] == "train"][-1] == 4
