@@ -392,3 +392,19 @@ def test_patch_grouping_round_trip() -> None:
     back = model._from_slots(slots[..., None].float())[..., 0].long()
     assert torch.equal(back, tokens)
     assert model.config.tokens_per_frame == (GRID // 2) ** 2 + 2 + 1
+
+
+def test_row_masked_append_leaves_other_rows_untouched() -> None:
+    model = tiny_model(perturb=True).eval()
+    batch = make_batch([0, 1, 0])
+    cache = model.new_cache(3)
+    append_all(model, cache, batch, range(2))
+    keys = [k.clone() for k in cache.k]
+    pos = cache.pos.clone()
+    rows = torch.tensor([False, True, False])
+    model.append_frame(cache, batch["tokens"][:, 2], batch["states"][:, 2], batch["actions"][:, 1],
+                       batch["embodiment_ids"], rows=rows)
+    assert cache.pos.tolist() == [pos[0].item(), pos[1].item() + 1, pos[2].item()]
+    for before, after in zip(keys, cache.k, strict=True):
+        assert torch.equal(before[0], after[0]) and torch.equal(before[2], after[2])
+        assert not torch.equal(before[1], after[1])
