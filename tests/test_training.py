@@ -112,3 +112,15 @@ def test_same_script_runs_under_torchrun(tiny_data, tokenizer_run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "dynamics.safetensors").exists()
     assert [r["step"] for r in _log(out) if r["event"] == "train"][-1] == 4
+
+
+def test_eval_model_reports_fidelity(tiny_checkpoint, tiny_data, tmp_path):
+    out = tmp_path / "eval.json"
+    main(["eval-model", "--checkpoint", str(tiny_checkpoint), "--data", str(tiny_data), "--out", str(out),
+          "--random-actions", "1", "--no-progress"])
+    report = json.loads(out.read_text())
+    for key in ("psnr", "ssim", "copy_last_prompt_psnr", "tokenizer_ceiling_psnr", "delta_psnr", "perplexity"):
+        assert np.isfinite(report[key]), key
+    assert len(report["psnr_per_frame"]) == 8 and report["windows"] >= 1
+    assert 0 <= report["success_agreement_generated"]["accuracy"] <= 1
+    assert report["free_run"]["horizon"] == 100 and len(report["free_run"]["buckets"]) == 10

@@ -162,6 +162,47 @@ def fidelity_report(wm: WorldModel, episodes: list[Episode], windows: list[tuple
     return report
 
 
+@torch.no_grad()
+def free_run_report(wm: WorldModel, episodes: list[Episode], horizon: int = 100, n_episodes: int = 8,
+                    steps: int = 2, temperature: float = 1.0, seed: int = 0) -> dict:
+    """Stability of long rollouts: from each episode's first frame, replay its actions (then hold still,
+    zero motion with the last gripper command) for `horizon` frames in one batch.
+
+    Collapse to noise shows as exploding pixel contrast, a frozen sim as no change while the arm moves;
+    reported per 10-frame bucket: PSNR against the GT frames where the episode still has them, the
+    image contrast (pixel std) relative to the GT first frame, and the mean per-frame pixel change.
+    """
+    eps = episodes[:n_episodes]
+    B = len(eps)
+    actions = np.zeros((B, horizon, wm.action_dim), np.float32)
+    for b, e in enumerate(eps):
+        n = min(horizon, len(e.actions))
+        actions[b, :n] = e.actions[:n]
+        actions[b, n:, -1] = e.actions[n - 1, -1]
+    gen = torch.Generator(device=wm.device).manual_seed(seed)
+    cache = wm.new_cache(B)
+    first = torch.from_numpy(np.stack([e.tokens[0] for e in eps]).astype(np.int64))
+    wm.observe(cache, first, torch.from_numpy(np.stack([e.states[0] for e in eps])))
+    frames = [np.stack([e.frames[0] for e in eps])]
+    for t in range(horizon):
+        a = torch.from_numpy(actions[:, t])
+        tokens, states = wm.generate(cache, a, steps=steps, temperature=temperature, generator=gen)
+        wm.observe(cache, tokens, states, a)
+        frames.append(wm.decode(tokens).cpu().numpy())
+    frames = np.stack(frames, 1)  # (B, horizon + 1, H, W, 3)
+    base_std = frames[:, 0].astype(np.float32).std()
+    buckets = []
+    for start in range(1, horizon + 1, 10):
+        sl = slice(start, min(start + 10, horizon + 1))
+        chunk = frames[:, sl].astype(np.float32)
+        gt_p = [psnr(frames[b, t], eps[b].frames[t]).item() for b in range(B)
+                for t in range(sl.start, sl.stop) if t < len(eps[b].frames)]
+        change = np.abs(np.diff(frames[:, sl.start - 1 : sl.stop].astype(np.float32), axis=1)).mean()
+        buckets.append({"frames": [sl.start, sl.stop - 1], "psnr_vs_gt": float(np.mean(gt_p)) if gt_p else None,
+                        "contrast_ratio": float(chunk.std() / base_std), "mean_abs_change": float(change)})
+    return {"episodes": B, "horizon": horizon, "buckets": buckets}
+
+
 @dataclass
 class EvalModelConfig(DataConfig):
     """Evaluate a packed checkpoint on the held-out episodes of a robomimic file."""
@@ -201,8 +242,9 @@ def eval_model(cfg: EvalModelConfig) -> dict:
     report = fidelity_report(wm, episodes, windows, steps=cfg.steps, temperature=cfg.temperature,
                              greedy=cfg.greedy, n_random=cfg.random_actions, seed=cfg.seed,
                              progress=cfg.progress)
+    report["free_run"] = free_run_report(wm, episodes, steps=cfg.steps, temperature=cfg.temperature, seed=cfg.seed)
     report = {"checkpoint": checkpoint, "data": cfg.data, "split": "valid", "config": asdict(cfg), **report}
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     Path(cfg.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in report.items() if not k.endswith("per_frame")}, indent=2))
+    print(json.dumps({k: v for k, v in report.items() if not k.endswith("per_frame") and k != "free_run"}, indent=2))
     return report
