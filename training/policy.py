@@ -1,0 +1,359 @@
+"""`hma-gym train-policy`: train a Diffusion Policy on a robomimic HDF5 file.
+
+Data come through robomimic's own `SequenceDataset` (so every file robomimic reads trains a policy; files
+without MuJoCo `states`, e.g. synthetic ones, are fine: states are never read). One dataset item is the
+window around a time step t: observations t-n_obs_steps+1 .. t and the `horizon` actions that start at
+the first of them (robomimic's `frame_stack=n_obs_steps`, `seq_length=horizon-n_obs_steps+1`; the start of
+a demo is padded by repeating its first step, the end by repeating its last, as diffusion_policy does).
+
+Batches are drawn in `batch_fn` from the numpy generator the shared loop passes (indices, crop corners,
+diffusion noise and steps), so an interrupted run resumes exactly. The fitted normaliser (min-max to
+[-1, 1]) is part of the policy's state dict. An EMA of the weights (diffusion_policy's schedule) is what
+gets exported.
+
+Writes to `out/`: `policy.safetensors` + `policy.json` (a loadable policy directory, every `save_every`
+steps and at the end), `iter_{step}/` (the same, at each of `save_at`), `log.jsonl`, `train_state.pt`,
+`metrics.json`.
+
+CPU defaults: ~5M parameters (4.4M in the U-Net), batch 64, 2,000 steps at lr 3e-4 (diffusion_policy uses
+1e-4 for hundreds of epochs on a GPU; a short CPU budget wants a higher rate).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import os
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+import torch.nn as nn
+
+from hma_gym.checkpoint import save_json
+from hma_gym.config import to_jsonable
+from hma_gym.data.hdf5 import DatasetError
+from policies.diffusion.config import DiffusionPolicyConfig
+from training.loop import LoopConfig, train_loop
+
+
+@dataclass
+class PolicyTrainConfig(LoopConfig):
+    """Train a Diffusion Policy (CNN U-Net, image + proprio history -> action chunks) on a robomimic file."""
+
+    out: str = "runs/dp"
+    """Run directory (policy.safetensors, policy.json, iter_*/, log.jsonl, train_state.pt)."""
+    steps: int = 2000
+    """Optimizer steps."""
+    batch_size: int = 64
+    """Windows per step."""
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate as a fraction of the peak (cosine decay)."""
+    weight_decay: float = 1e-6
+    """AdamW weight decay (diffusion_policy's value)."""
+    eval_every: int = 250
+    """Held-out evaluation (denoising loss, sampled-action MSE on mask/valid) every n steps (and at the end)."""
+    data: str = "data/lift.hdf5"
+    """robomimic-layout HDF5 file."""
+    filter_key: str = "train"
+    """Train on the demos of this mask (mask/<filter_key>); empty = every demo of the file."""
+    valid_key: str = "valid"
+    """Evaluate on the demos of this mask; empty or absent in the file = no held-out evaluation."""
+    max_demos: int = 0
+    """Train on the first n demos of the filter key only (0 = all), for data-amount ablations."""
+    save_at: tuple[int, ...] = ()
+    """Also write a full policy directory out/iter_{step}/ after each of these steps."""
+    ema: bool = True
+    """Export an exponential moving average of the weights (diffusion_policy's schedule)."""
+    ema_power: float = 0.75
+    """EMA decay at step k: 1 - (1 + k) ** -ema_power, capped by ema_max_decay."""
+    ema_max_decay: float = 0.9999
+    """Upper bound of the EMA decay."""
+    eval_samples: int = 64
+    """Held-out windows of the evaluation (fixed across evaluations)."""
+    # ---- the policy (see policies.diffusion.DiffusionPolicyConfig)
+    image_key: str = "agentview_image"
+    """Camera observation key (uint8 (H, W, 3))."""
+    proprio_keys: tuple[str, ...] = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos")
+    """Low-dimensional observation keys, concatenated in this order into the proprio vector."""
+    crop_size: int = 58
+    """Random crop (training) / centre crop (acting) of the image, in pixels (<= the file's image size)."""
+    n_obs_steps: int = 2
+    """Observation frames of history the policy conditions on."""
+    horizon: int = 16
+    """Actions predicted per chunk (a multiple of 2 ** (len(down_dims) - 1))."""
+    n_action_steps: int = 8
+    """Actions of a chunk executed before re-planning (<= horizon - n_obs_steps + 1)."""
+    encoder_channels: tuple[int, ...] = (16, 32, 64)
+    """Image encoder: stride-2 conv stem width, then one stride-2 residual stage per further entry."""
+    num_keypoints: int = 32
+    """Spatial-softmax keypoints of the image encoder (0 = global average pooling instead)."""
+    image_feature_dim: int = 64
+    """Image feature size per frame."""
+    down_dims: tuple[int, ...] = (64, 128, 256)
+    """Channel widths of the 1-D U-Net levels."""
+    kernel_size: int = 5
+    """Temporal kernel size of the U-Net convolutions."""
+    n_groups: int = 8
+    """GroupNorm groups (image encoder and U-Net)."""
+    diffusion_step_embed_dim: int = 64
+    """Size of the diffusion step embedding."""
+    num_train_timesteps: int = 100
+    """Diffusion steps of the DDPM training schedule."""
+    beta_schedule: str = "squaredcos_cap_v2"
+    """Noise schedule (diffusers name)."""
+    prediction_type: str = "epsilon"
+    """What the denoiser predicts: epsilon (the noise) or sample (the clean actions)."""
+    sampler: str = "ddim"
+    """Scheduler the exported policy acts with: ddim or ddpm."""
+    num_inference_steps: int = 10
+    """Denoising steps per sampled chunk (acting and evaluation)."""
+
+    def __post_init__(self):
+        LoopConfig.__post_init__(self)
+        self.save_at = tuple(int(s) for s in self.save_at)
+        self.proprio_keys = tuple(self.proprio_keys)
+        self.encoder_channels = tuple(int(c) for c in self.encoder_channels)
+        self.down_dims = tuple(int(d) for d in self.down_dims)
+        if self.max_demos < 0:
+            raise ValueError(f"max_demos must be >= 0 (0 = all). Got {self.max_demos=}")
+        bad = [s for s in self.save_at if not 1 <= s <= self.steps]
+        if bad:
+            raise ValueError(f"save_at steps must be in 1..steps={self.steps}. Got save_at={self.save_at}")
+        if not 0 < self.ema_power <= 1:
+            raise ValueError(f"ema_power must be in (0, 1]. Got {self.ema_power=}")
+        if not 0 <= self.ema_max_decay < 1:
+            raise ValueError(f"ema_max_decay must be in [0, 1). Got {self.ema_max_decay=}")
+        if self.eval_samples <= 0:
+            raise ValueError(f"eval_samples must be positive. Got {self.eval_samples=}")
+        # the policy's own checks, with the data-dependent sizes stubbed (checked again on the data)
+        self.policy_config(image_size=self.crop_size, proprio_dim=len(self.proprio_keys), action_dim=1)
+
+    def policy_config(self, image_size: int, proprio_dim: int, action_dim: int) -> DiffusionPolicyConfig:
+        shared = {f.name: getattr(self, f.name) for f in fields(DiffusionPolicyConfig) if hasattr(self, f.name)}
+        shared.update(image_size=image_size, proprio_dim=proprio_dim, action_dim=action_dim)
+        return DiffusionPolicyConfig(**shared)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@functools.cache
+def _windows_class() -> type:
+    """`SequenceDataset` with two changes, made in a subclass (robomimic is imported only when training).
+
+    - `max_demos`: robomimic 0.3.0 selects demos only by filter key, so `load_demo_info` is overridden
+      to keep the first n demos (in index order) of the key; no temporary filter key is written.
+    - images cached once: `hdf5_cache_mode="low_dim"` re-reads (and lzf-decompresses) every image from
+      the file on every `__getitem__`, and `"all"` pre-computes every window (horizon x images per time
+      step: ~3 GB for 200 Lift demos), so this class caches the raw per-demo arrays of every key
+      (~160 MB for the same file) and reads windows from them.
+    """
+    from robomimic.utils.dataset import SequenceDataset
+
+    class RobomimicWindows(SequenceDataset):
+        def __init__(self, *args, max_demos: int = 0, **kwargs):
+            self.max_demos = max_demos
+            super().__init__(*args, **kwargs)
+
+        def load_demo_info(self, filter_by_attribute=None, demos=None):
+            if demos is None and self.max_demos > 0:
+                if filter_by_attribute is not None:
+                    names = [n.decode() for n in self.hdf5_file[f"mask/{filter_by_attribute}"][:]]
+                else:
+                    names = list(self.hdf5_file["data"].keys())
+                demos = sorted(names, key=lambda n: int(n[5:]))[: self.max_demos]
+            super().load_demo_info(filter_by_attribute=filter_by_attribute, demos=demos)
+
+        def load_dataset_in_memory(self, demo_list, hdf5_file, obs_keys, dataset_keys, load_next_obs):
+            self.obs_keys_in_memory = list(self.obs_keys)
+            return super().load_dataset_in_memory(demo_list, hdf5_file, self.obs_keys, dataset_keys, load_next_obs)
+
+    return RobomimicWindows
+
+
+def open_windows(path: str | os.PathLike, cfg: PolicyTrainConfig, filter_key: str | None, max_demos: int = 0):
+    """robomimic `SequenceDataset` of (obs history, action chunk) windows of the demos under `filter_key`."""
+    import robomimic.utils.obs_utils as ObsUtils
+
+    ObsUtils.initialize_obs_utils_with_obs_specs(
+        {"obs": {"low_dim": list(cfg.proprio_keys), "rgb": [cfg.image_key]}}
+    )
+    return _windows_class()(
+        hdf5_path=os.fspath(path), obs_keys=[cfg.image_key, *cfg.proprio_keys], dataset_keys=["actions"],
+        frame_stack=cfg.n_obs_steps, seq_length=cfg.horizon - cfg.n_obs_steps + 1, pad_frame_stack=True,
+        pad_seq_length=True, hdf5_cache_mode="low_dim", filter_by_attribute=filter_key, load_next_obs=False,
+        max_demos=max_demos,
+    )
+
+
+def as_uint8_hwc(images: np.ndarray) -> np.ndarray:
+    """(..., H, W, 3) uint8 as stored; undoes robomimic's `process_obs` (float (..., 3, H, W) in [0, 1]) if applied."""
+    if images.dtype == np.uint8:
+        return images
+    if images.shape[-3] == 3 and images.shape[-1] != 3:
+        images = np.moveaxis(images, -3, -1)
+    return np.clip(np.rint(images * 255.0 if images.max() <= 1.0 else images), 0, 255).astype(np.uint8)
+
+
+def split_window(item: dict, cfg: PolicyTrainConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One dataset item -> images (To, H, W, 3) uint8, proprio (To, P), actions (horizon, A)."""
+    to = cfg.n_obs_steps
+    obs = item["obs"]
+    images = as_uint8_hwc(np.asarray(obs[cfg.image_key][:to]))
+    proprio = np.concatenate([np.asarray(obs[k][:to], np.float32).reshape(to, -1) for k in cfg.proprio_keys], -1)
+    return images, proprio, np.asarray(item["actions"][: cfg.horizon], np.float32)
+
+
+def collate(ds, indices: np.ndarray, cfg: PolicyTrainConfig) -> dict[str, torch.Tensor]:
+    parts = [split_window(ds[int(i)], cfg) for i in indices]
+    return {
+        "images": torch.from_numpy(np.stack([p[0] for p in parts])),  # (B, To, H, W, 3) uint8
+        "proprio": torch.from_numpy(np.stack([p[1] for p in parts])),  # (B, To, P)
+        "actions": torch.from_numpy(np.stack([p[2] for p in parts])),  # (B, horizon, A)
+    }
+
+
+def demo_arrays(ds, cfg: PolicyTrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Every (proprio, action) row of the dataset's demos, from robomimic's in-memory cache."""
+    proprio = np.concatenate([np.concatenate([np.asarray(ds.hdf5_cache[ep]["obs"][k], np.float32).reshape(
+        int(ds.hdf5_cache[ep]["attrs"]["num_samples"]), -1) for k in cfg.proprio_keys], -1) for ep in ds.demos])
+    actions = np.concatenate([np.asarray(ds.hdf5_cache[ep]["actions"], np.float32) for ep in ds.demos])
+    return proprio, actions
+
+
+def has_demos(path: str | os.PathLike, key: str) -> bool:
+    with h5py.File(path, "r") as f:
+        return bool(key) and f"mask/{key}" in f and len(f[f"mask/{key}"]) > 0
+
+
+# ----------------------------------------------------------------------------- EMA
+
+
+class EmaTrainee(nn.Module):
+    """The trained model plus its EMA copy (no gradients; saved in train_state.pt for exact resume)."""
+
+    def __init__(self, model: nn.Module, ema: bool):
+        super().__init__()
+        self.model = model
+        self.ema = copy.deepcopy(model).requires_grad_(False) if ema else None
+        self.register_buffer("ema_step", torch.zeros((), dtype=torch.long))
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(batch)
+
+    @property
+    def exported(self) -> nn.Module:
+        return self.ema if self.ema is not None else self.model
+
+    @torch.no_grad()
+    def update_ema(self, step: int, power: float, max_decay: float) -> None:
+        """Fold the weights after `step` optimizer steps into the average (once per step)."""
+        if self.ema is None or int(self.ema_step) >= step:
+            return
+        decay = 0.0 if step <= 1 else min(max_decay, 1.0 - step ** -power)
+        for e, p in zip(self.ema.parameters(), self.model.parameters(), strict=True):
+            e.lerp_(p, 1.0 - decay)
+        for e, b in zip(self.ema.buffers(), self.model.buffers(), strict=True):
+            e.copy_(b)
+        self.ema_step.fill_(step)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train_policy(cfg: PolicyTrainConfig) -> dict:
+    """Train (or resume) a Diffusion Policy; returns a summary (also printed as JSON and saved as metrics.json)."""
+    from policies.diffusion.model import DiffusionModel
+    from policies.diffusion.policy import save_policy
+
+    if not Path(cfg.data).is_file():
+        raise DatasetError(f"{cfg.data}: file does not exist")
+    filter_key = cfg.filter_key or None
+    if filter_key is not None and not has_demos(cfg.data, filter_key):
+        raise DatasetError(f"{cfg.data}: no demos under mask/{filter_key} (--filter-key)")
+    train = open_windows(cfg.data, cfg, filter_key, cfg.max_demos)
+    valid = open_windows(cfg.data, cfg, cfg.valid_key) if cfg.valid_key and has_demos(cfg.data, cfg.valid_key) \
+        else None
+
+    images, proprio, actions = split_window(train[0], cfg)
+    if images.shape[1] != images.shape[2]:
+        raise DatasetError(f"{cfg.data}: {cfg.image_key} is {images.shape[1]}x{images.shape[2]}; square images only")
+    if cfg.crop_size > images.shape[1]:
+        raise ValueError(f"crop_size must be <= the file's image size {images.shape[1]}. Got {cfg.crop_size=}")
+    policy_cfg = cfg.policy_config(image_size=images.shape[1], proprio_dim=proprio.shape[1],
+                                   action_dim=actions.shape[1])
+
+    torch.manual_seed(cfg.seed)
+    model = DiffusionModel(policy_cfg)
+    all_proprio, all_actions = demo_arrays(train, cfg)
+    model.normalizer.proprio.fit(torch.from_numpy(all_proprio))
+    model.normalizer.action.fit(torch.from_numpy(all_actions))
+    trainee = EmaTrainee(model, cfg.ema)
+    out = Path(cfg.out)
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    info = {"data": str(cfg.data), "filter_key": cfg.filter_key, "max_demos": cfg.max_demos,
+            "train_demos": train.n_demos, "train_windows": len(train), "ema": cfg.ema}
+    exported_at: set[int] = set()
+    span = policy_cfg.image_size - policy_cfg.crop_size + 1
+
+    def after_step(step: int) -> None:
+        """Work due once `step` optimizer steps are done: the EMA update, the save_at exports."""
+        trainee.update_ema(step, cfg.ema_power, cfg.ema_max_decay)
+        if is_main and step in cfg.save_at and step not in exported_at:
+            save_policy(out / f"iter_{step}", trainee.exported, policy_cfg, {**info, "step": step})
+            exported_at.add(step)
+
+    def batch_fn(step: int, rng: np.random.Generator) -> dict:
+        if step > 0:
+            after_step(step)
+        batch = collate(train, rng.integers(0, len(train), cfg.batch_size), cfg)
+        b = cfg.batch_size
+        batch["crop"] = torch.from_numpy(rng.integers(0, span, (b, 2)))
+        batch["noise"] = torch.from_numpy(rng.standard_normal((b, policy_cfg.horizon, policy_cfg.action_dim))
+                                          .astype(np.float32))
+        batch["timesteps"] = torch.from_numpy(rng.integers(0, policy_cfg.num_train_timesteps, b))
+        return batch
+
+    def loss_fn(net: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+        loss = net(batch)
+        return loss, {"loss": loss}
+
+    eval_fn = None
+    if valid is not None:
+        eval_rng = np.random.default_rng(12345)
+        eval_batch = collate(valid, eval_rng.choice(len(valid), min(cfg.eval_samples, len(valid)), replace=False), cfg)
+        n_eval = len(eval_batch["actions"])
+        eval_batch["crop"] = torch.full((n_eval, 2), (policy_cfg.image_size - policy_cfg.crop_size) // 2)
+        eval_batch["noise"] = torch.from_numpy(eval_rng.standard_normal(eval_batch["actions"].shape).astype(np.float32))
+        eval_batch["timesteps"] = torch.from_numpy(eval_rng.integers(0, policy_cfg.num_train_timesteps, n_eval))
+
+        def eval_fn(m: nn.Module) -> dict:
+            net = m.exported
+            device = next(net.parameters()).device
+            batch = {k: v.to(device) for k, v in eval_batch.items()}
+            gen = torch.Generator(device=device).manual_seed(0)
+            chunk = net.sample(batch["images"], batch["proprio"], generator=gen)  # (B, horizon, A)
+            lo, hi = policy_cfg.n_obs_steps - 1, policy_cfg.n_obs_steps - 1 + policy_cfg.n_action_steps
+            return {"valid_loss": net(batch),
+                    "valid_action_mse": (chunk[:, lo:hi] - batch["actions"][:, lo:hi]).pow(2).mean()}
+
+    def export_fn(m: nn.Module, step: int) -> None:
+        after_step(step)
+        save_policy(out, trainee.exported, policy_cfg, {**info, "step": step})
+
+    run_config = {**to_jsonable(cfg), "policy": policy_cfg.to_dict(), "policy_params": model.num_params(), **info}
+    t0 = time.perf_counter()
+    last = train_loop(cfg, trainee, batch_fn, loss_fn, eval_fn, export_fn, run_config, desc="policy")
+    result = {**last, "params": model.num_params(), "train_demos": train.n_demos, "train_windows": len(train),
+              "wall_s": time.perf_counter() - t0, "out": str(out)}
+    if is_main:
+        save_json(out / "metrics.json", to_jsonable(result))
+        print(json.dumps(to_jsonable(result), indent=2))
+    return result
