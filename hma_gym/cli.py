@@ -29,7 +29,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "pack": ("training.pack", "PackConfig", "pack",
              "assemble a checkpoint directory (tokenizer, dynamics, detector, statistics, initial observations)"),
     "evaluate": ("policies.evaluate", "EvaluateConfig", "evaluate",
-                 "success rate (95% interval), length and speed of a policy in a GT or learned env"),
+                 "success rate (95%% interval), length and speed of a policy in a GT or learned env"),
     "play": ("hma_gym.play", "PlayConfig", "play",
              "replay an action log in the learned env beside the GT env, as an mp4"),
     "eval-model": ("training.evaluate", "EvalModelConfig", "eval_model",
