@@ -37,6 +37,7 @@ def test_round_trip_and_masks(tmp_path):
     assert info["demos"] == 6 and info["samples"] == sum(5 + i for i in range(6))
     assert list_demos(path, "valid") == ["demo_2", "demo_5"]
     assert len(list_demos(path, "train")) == 4
+    assert list_demos(path, "train_success") == list_demos(path, "train")  # every episode here succeeded
     demo = read_demo(path, "demo_1", next_obs=True)
     assert demo["actions"].shape == (6, 7) and demo["obs"]["agentview_image"].shape == (6, 8, 8, 3)
     assert demo["attrs"]["model_file"] == "<mujoco/>" and demo["dones"][-1] == 1

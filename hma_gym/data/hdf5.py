@@ -150,11 +150,20 @@ class RobomimicWriter:
 
 
 def _write_masks(f: h5py.File, names: list[str], valid_every: int) -> None:
+    """mask/train and mask/valid, plus mask/train_success and mask/valid_success (demos whose `success`
+    attribute is true, e.g. to train a policy on successful demos only)."""
     names = sorted(names, key=demo_sort_key)
     valid = [n for n in names if is_valid_split(demo_sort_key(n), valid_every)]
     train = [n for n in names if n not in set(valid)]
+    data = f["data"] if "data" in f else None
+
+    def succeeded(n: str) -> bool:
+        return data is not None and n in data and bool(data[n].attrs.get("success", False))
+
     mask = f.require_group("mask")
-    for split, members in (("train", train), ("valid", valid)):
+    splits = {"train": train, "valid": valid, "train_success": [n for n in train if succeeded(n)],
+              "valid_success": [n for n in valid if succeeded(n)]}
+    for split, members in splits.items():
         if split in mask:
             del mask[split]
         mask.create_dataset(split, data=np.array(members, dtype="S"))
