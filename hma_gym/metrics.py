@@ -71,3 +71,36 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     centre = (p + z * z / (2 * n)) / denom
     half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return max(0.0, float(centre - half)), min(1.0, float(centre + half))
+
+
+def pearson(x, y) -> float:
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if x.std() == 0 or y.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def spearman(x, y) -> float:
+    """Pearson correlation of the ranks (ties get their average rank)."""
+    from scipy.stats import rankdata
+
+    return pearson(rankdata(x), rankdata(y))
+
+
+def mmrv(real, sim) -> float:
+    """Mean Maximum Rank Violation (SIMPLER, Li et al. 2024).
+
+    For each policy i, the largest real-performance gap |real_i - real_j| over the policies j whose
+    order the simulator gets wrong ((sim_i < sim_j) != (real_i < real_j)); averaged over i. 0 when the
+    simulator ranks every pair as reality does.
+    """
+    real, sim = np.asarray(real, float), np.asarray(sim, float)
+    n = len(real)
+    if n == 0 or len(sim) != n:
+        raise ValueError(f"mmrv needs two equally long non-empty lists. Got {len(real)} and {len(sim)}")
+    worst = np.zeros(n)
+    for i in range(n):
+        for j in range(n):
+            if (sim[i] < sim[j]) != (real[i] < real[j]):
+                worst[i] = max(worst[i], abs(real[i] - real[j]))
+    return float(worst.mean())

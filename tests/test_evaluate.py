@@ -45,3 +45,17 @@ def test_wilson_interval():
     low, high = wilson_interval(5, 10)
     assert low == pytest.approx(0.2366, abs=1e-3) and high == pytest.approx(0.7634, abs=1e-3)
     assert wilson_interval(0, 10)[0] == 0.0
+
+
+def test_correlation_metrics_against_hand_computed_values():
+    from hma_gym.metrics import mmrv, pearson, spearman
+
+    real = [0.2, 0.4, 0.6, 0.8]
+    assert pearson(real, [0.1, 0.3, 0.5, 0.7]) == pytest.approx(1.0)
+    assert spearman(real, [0.1, 0.5, 0.3, 0.7]) == pytest.approx(0.8)  # 1 - 6*2/(4*15)
+    assert mmrv(real, [0.1, 0.3, 0.5, 0.7]) == 0.0
+    # sim swaps policies 1 and 2 (real gap 0.2): each of them has a max violation of 0.2 -> mean 0.1
+    assert mmrv(real, [0.1, 0.5, 0.3, 0.7]) == pytest.approx(0.1)
+    # sim ranks everything backwards: worst gaps 0.6, 0.4, 0.4, 0.6 -> 0.5
+    assert mmrv(real, [0.7, 0.5, 0.3, 0.1]) == pytest.approx(0.5)
+    assert pearson([0.1, 0.2, 0.3], [0.3, 0.3, 0.3]) != pearson([0.1, 0.2, 0.3], [0.3, 0.3, 0.3])  # NaN

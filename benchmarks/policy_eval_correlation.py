@@ -1,0 +1,91 @@
+"""Do the learned simulator's verdicts track the ground truth's? Several policies of different quality,
+each evaluated on the same initial states in the GT env and (paired reset) in the learned env, whose
+success comes from its own success detector.
+
+    python -m benchmarks.policy_eval_correlation --policies runs/dp_lift/iter_100 runs/dp_lift/iter_300 ... \
+        [--episodes 50] [--seed 20000] [--checkpoint DIR] [--num-envs 16]
+
+Writes benchmarks/results/policy_eval_correlation.json (pearson, spearman, mmrv, per-policy success in
+both sims, wall times) and policy_eval_correlation.png (scatter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from benchmarks.common import RESULTS, write_result
+from hma_gym.metrics import mmrv, pearson, spearman
+from policies.evaluate import EvaluateConfig, evaluate
+
+
+def scatter(rows: list[dict], path, stats: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    gt = [r["gt_success"] for r in rows]
+    learned = [r["learned_success"] for r in rows]
+    ax.plot([0, 1], [0, 1], color="0.7", lw=1, ls="--")
+    ax.scatter(gt, learned, s=40)
+    for r in rows:
+        ax.annotate(r["name"], (r["gt_success"], r["learned_success"]), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
+    ax.set_xlabel("success rate, MuJoCo (GT)")
+    ax.set_ylabel("success rate, HMA learned sim")
+    ax.set_xlim(-0.03, 1.03)
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_title(f"pearson {stats['pearson']:.2f}  spearman {stats['spearman']:.2f}  mmrv {stats['mmrv']:.3f}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--policies", nargs="+", required=True, help="policy specs (DP checkpoint dirs, ...)")
+    parser.add_argument("--names", nargs="*", default=None, help="short names for the plot")
+    parser.add_argument("--episodes", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=20_000, help="episode seeds seed..seed+n (held out)")
+    parser.add_argument("--checkpoint", default="", help="learned env checkpoint (default: the shipped one)")
+    parser.add_argument("--num-envs", type=int, default=16)
+    args = parser.parse_args(argv)
+    names = args.names or [p.rstrip("/").split("/")[-1] for p in args.policies]
+    rows, wall = [], {"gt_s": 0.0, "learned_s": 0.0}
+    for spec, name in zip(args.policies, names, strict=True):
+        out = Path("outputs/correlation") / name  # per-policy reports (not committed)
+        t0 = time.perf_counter()
+        gt = evaluate(EvaluateConfig(policy=spec, env="RobomimicLift-v0", episodes=args.episodes, seed=args.seed,
+                                     out=str(out) + "_gt.json"))
+        t1 = time.perf_counter()
+        learned = evaluate(EvaluateConfig(policy=spec, env="HMA-RobomimicLift-v0", episodes=args.episodes,
+                                          seed=args.seed, checkpoint=args.checkpoint, num_envs=args.num_envs,
+                                          out=str(out) + "_learned.json"))
+        t2 = time.perf_counter()
+        wall["gt_s"] += t1 - t0
+        wall["learned_s"] += t2 - t1
+        rows.append({"name": name, "policy": spec, "gt_success": gt["success_rate"],
+                     "learned_success": learned["success_rate"], "gt_ci95": gt["success_ci95"],
+                     "learned_ci95": learned["success_ci95"], "gt_mean_length": gt["mean_length"],
+                     "learned_mean_length": learned["mean_length"],
+                     "per_episode_agreement": sum(a["success"] == b["success"] for a, b in
+                                                  zip(gt["per_episode"], learned["per_episode"], strict=True))
+                     / args.episodes})
+        print(rows[-1])
+    gt_rates = [r["gt_success"] for r in rows]
+    learned_rates = [r["learned_success"] for r in rows]
+    stats = {"pearson": pearson(gt_rates, learned_rates), "spearman": spearman(gt_rates, learned_rates),
+             "mmrv": mmrv(gt_rates, learned_rates)}
+    payload = {**stats, "episodes_per_policy": args.episodes, "seeds": [args.seed, args.seed + args.episodes - 1],
+               "checkpoint": learned["checkpoint"], "policies": rows, "wall_time": wall}
+    scatter(rows, RESULTS / "policy_eval_correlation.png", stats)
+    write_result("policy_eval_correlation", payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
