@@ -28,6 +28,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
               "train the HMA world model on a robomimic file (needs a trained tokenizer)"),
     "pack": ("training.pack", "PackConfig", "pack",
              "assemble a checkpoint directory (tokenizer, dynamics, detector, statistics, initial observations)"),
+    "synthesize": ("training.synthesize", "SynthesizeConfig", "synthesize",
+                   "generate a synthetic robomimic file with the learned simulator (replayed actions or a policy)"),
     "evaluate": ("policies.evaluate", "EvaluateConfig", "evaluate",
                  "success rate (95%% interval), length and speed of a policy in a GT or learned env"),
     "play": ("hma_gym.play", "PlayConfig", "play",

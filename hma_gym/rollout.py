@@ -121,7 +121,7 @@ def rollout(
     reset_options: dict | Sequence[dict | None] | None = None,
     writer=None,
     steps_after_success: int = 0,
-    max_steps: int | None = None,
+    max_steps: int | Sequence[int] | None = None,
     progress: bool = True,
     desc: str = "rollout",
     on_step=None,
@@ -139,11 +139,15 @@ def rollout(
     - `writer`: a `RobomimicWriter` to record every episode as a robomimic demo.
     - `steps_after_success`: with an env that does not terminate on success, keep stepping this many
       steps after the first success, then end the episode (so success frames are not rare in data).
+    - `max_steps`: end episodes after this many steps (one int, or one per episode).
     - `on_step(env_index, obs, action, reward, next_obs, info)`: optional hook (e.g. video frames).
     """
     if n_episodes <= 0:
         raise ValueError(f"n_episodes must be positive. Got {n_episodes=}")
     seed_list = _episode_seeds(seeds, n_episodes)
+    limits = list(max_steps) if isinstance(max_steps, Sequence) else [max_steps] * n_episodes
+    if len(limits) != n_episodes:
+        raise ValueError(f"got {len(limits)} max_steps for {n_episodes} episodes")
     option_list = _episode_options(reset_options, n_episodes)
     is_vec = isinstance(env, gym.vector.VectorEnv)
     n_envs = env.num_envs if is_vec else 1
@@ -182,7 +186,8 @@ def rollout(
                     sub = j if is_vec else None
                     states[j] = _call(env, "mujoco_state", sub)
                     if buffers[j] is None:
-                        buffers[j] = writer.new_episode(model_file=_call(env, "model_xml", sub))
+                        buffers[j] = writer.new_episode(model_file=_call(env, "model_xml", sub),
+                                                        episode_index=wave[j])
             if is_vec:
                 next_obs, reward, terminated, truncated, info = env.step(actions)
             else:
@@ -200,9 +205,10 @@ def rollout(
                 success[j] |= bool(step_success[j])
                 done = bool(terminated[j] or truncated[j])
                 done |= success[j] and since_success[j] >= steps_after_success
-                done |= max_steps is not None and length[j] >= max_steps
+                limit = limits[wave[j]]  # active envs always hold a real episode of the wave
+                done |= limit is not None and length[j] >= limit
                 if on_step is not None:
-                    on_step(wave[j] if j < len(wave) else None, _index(obs, j), actions[j], float(reward[j]),
+                    on_step(wave[j], _index(obs, j), actions[j], float(reward[j]),
                             _index(next_obs, j), {k: v[j] for k, v in info.items() if np.ndim(v) > 0})
                 if writer is not None:
                     buffers[j].add_step(_index(obs, j), actions[j], float(reward[j]), done,

@@ -184,3 +184,42 @@ def test_action_log_round_trip_and_play(tiny_checkpoint, tmp_path):
     b = replay(log, learned.unwrapped, gt.unwrapped)
     np.testing.assert_array_equal(a["learned_frames"], b["learned_frames"])
     np.testing.assert_array_equal(a["learned_frames"][0], a["gt_frames"][0])
+
+
+def test_synthesize_replays_held_out_actions_and_resumes(tiny_checkpoint, tiny_data, tmp_path):
+    import h5py
+
+    from hma_gym.cli import main
+    from hma_gym.data.hdf5 import list_demos, read_demo, read_env_args, validate_file
+
+    out = tmp_path / "synth.hdf5"
+    args = ["synthesize", "--actions", str(tiny_data), "--out", str(out), "--checkpoint", str(tiny_checkpoint),
+            "--split", "all", "--num-envs", "3", "--no-progress"]
+    main([*args, "--episodes", "2"])  # an "interrupted" run: 2 of the 8 demos
+    assert validate_file(out)["demos"] == 2
+    main(args)  # resumes: only the remaining 6
+    info = validate_file(out)
+    assert info["demos"] == 8
+    env_args = read_env_args(out)
+    assert env_args["synthetic"] is True and len(env_args["checkpoint_hash"]) == 16
+    with h5py.File(out, "r") as f:
+        sources = sorted(f[f"data/{n}"].attrs["source_demo"] for n in list_demos(out))
+        assert "states" not in f["data/demo_0"]
+    assert sources == sorted(list_demos(tiny_data))
+    # each synthetic episode is as long as its source and starts from its first observation
+    with h5py.File(out, "r") as f:
+        first = f["data/demo_0"]
+        src = read_demo(tiny_data, str(first.attrs["source_demo"]))
+        assert first["actions"].shape == src["actions"].shape
+        np.testing.assert_array_equal(first["obs/agentview_image"][0], src["obs"]["agentview_image"][0])
+        np.testing.assert_allclose(first["actions"][()], src["actions"], rtol=1e-6)
+
+    import robomimic.utils.obs_utils as ObsUtils
+    from robomimic.utils.dataset import SequenceDataset
+
+    ObsUtils.initialize_obs_utils_with_obs_specs({"obs": {"low_dim": ["robot0_eef_pos"], "rgb": ["agentview_image"]}})
+    ds = SequenceDataset(hdf5_path=str(out), obs_keys=["agentview_image", "robot0_eef_pos"],
+                         dataset_keys=["actions", "rewards", "dones"], seq_length=4, frame_stack=1,
+                         pad_seq_length=True, pad_frame_stack=True, hdf5_cache_mode="low_dim",
+                         filter_by_attribute="train", load_next_obs=True)
+    assert ds[0]["obs"]["agentview_image"].shape == (4, 16, 16, 3)

@@ -75,6 +75,7 @@ class RobomimicWriter:
         self.path = os.fspath(path)
         self.env_args = dict(env_args)
         self.valid_every = int(valid_every)
+        self.episode_attrs = None
         parent = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(parent, exist_ok=True)
         if os.path.exists(self.path):
@@ -109,8 +110,14 @@ class RobomimicWriter:
             _write_masks(f, names, self.valid_every)
 
     # ------------------------------------------------------------------ episodes
-    def new_episode(self, model_file: str | None = None, **attrs) -> EpisodeBuffer:
-        """A buffer for one episode; several may be open at once (one per env of a vector env)."""
+    def new_episode(self, model_file: str | None = None, episode_index: int | None = None, **attrs) -> EpisodeBuffer:
+        """A buffer for one episode; several may be open at once (one per env of a vector env).
+
+        With `self.episode_attrs` (a function of the rollout's episode index) its attributes are added,
+        e.g. which source demo a synthetic episode replays.
+        """
+        if self.episode_attrs is not None and episode_index is not None:
+            attrs = {**self.episode_attrs(episode_index), **attrs}
         return EpisodeBuffer(model_file=model_file, attrs=attrs)
 
     def write_episode(self, ep: EpisodeBuffer, **attrs) -> str:
