@@ -14,6 +14,15 @@ from hma_gym.models.tokenizer import (
 )
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine threads spin-wait for seconds."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_config(**kw) -> TokenizerConfig:
     return TokenizerConfig(**{**tokenizer_presets["tiny"]().to_dict(), **kw})
 
@@ -115,9 +124,9 @@ def test_adam_steps_lower_the_loss():
     torch.manual_seed(0)
     model = ImageTokenizer(tiny_config())
     images = squares(8)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
     first = None
-    for _ in range(30):
+    for _ in range(20):
         _, losses = model(images)
         opt.zero_grad()
         losses["loss"].backward()

@@ -50,6 +50,8 @@ Images = torch.Tensor | np.ndarray
 
 @dataclass
 class TokenizerConfig:
+    """Shape, width and training knobs of an ``ImageTokenizer``; validated on construction."""
+
     image_size: int = 64
     """Side of the square input frame in pixels."""
     grid: int = 16
@@ -77,7 +79,9 @@ class TokenizerConfig:
         if self.image_size < 1:
             raise ValueError(f"image_size must be positive. Got {self.image_size=}")
         if self.grid < 1 or self.image_size % self.grid != 0:
-            raise ValueError(f"grid must be a positive divisor of image_size. Got {self.grid=}, {self.image_size=}")
+            raise ValueError(
+                f"grid must be a positive divisor of image_size. Got {self.grid=}, {self.image_size=}"
+            )
         factor = self.image_size // self.grid
         if factor < 2 or factor & (factor - 1):
             raise ValueError(
@@ -150,7 +154,9 @@ def fsq_codes_to_index(codes: torch.Tensor, levels: tuple[int, ...] | list[int])
     Mixed radix, first channel least significant: id = d0 + L0 * (d1 + L1 * (d2 + ...)).
     """
     if codes.shape[-1] != len(levels):
-        raise ValueError(f"codes must end in {len(levels)} channels (one per level). Got {tuple(codes.shape)}")
+        raise ValueError(
+            f"codes must end in {len(levels)} channels (one per level). Got {tuple(codes.shape)}"
+        )
     index = torch.zeros(codes.shape[:-1], dtype=torch.long, device=codes.device)
     for i in reversed(range(len(levels))):
         index = index * levels[i] + codes[..., i].long()
@@ -383,9 +389,10 @@ class ImageTokenizer(nn.Module):
 
         ``losses``: "loss" (what to minimise), "l1", "mse", "psnr" (dB, mean over images).
         With ``prev_images`` (the frames just before ``images``, same layout) both frames are
-        reconstructed (the metrics cover both), and "temporal" (the consistency penalty) and
-        "token_stability" (fraction of equal token ids between the two frames) are added;
-        ``cfg.temporal_weight * temporal`` enters "loss". ``recon`` covers ``images`` only.
+        reconstructed (the metrics cover both), and "temporal" (the consistency penalty),
+        "token_stability" (fraction of equal token ids between the two frames) and
+        "token_stability_static" (the same over cells whose pixels did not change at all) are
+        added; ``cfg.temporal_weight * temporal`` enters "loss". ``recon`` covers ``images`` only.
         """
         x = self._to_float(images)  # (B, 3, H, W)
         b = x.shape[0]
