@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = "0" ] || echo sudo)
 APT_PACKAGES := libegl1 libegl-mesa0 libgl1-mesa-dri libgl1 libglx-mesa0
 export MUJOCO_GL ?= egl
 
-.PHONY: setup demo test lint bench clean-venv
+.PHONY: setup demo test lint bench lift-checkpoint dp-lift clean-venv
 
 setup: $(STAMP)
 
@@ -39,6 +39,27 @@ lint: setup
 
 bench: setup
 	$(PY) -m benchmarks.env_speed
+
+# The recipe of the shipped Lift checkpoint (hma_gym/assets/lift): hours on a 2-core CPU.
+HMA := $(VENV)/bin/hma-gym
+lift-checkpoint: setup
+	$(HMA) collect --task lift --episodes 200 --seed 0 --out data/lift.hdf5
+	$(HMA) train-tokenizer --data data/lift.hdf5 --out runs/tokenizer --steps 3000 --batch-size 16 \
+	  --temporal-weight 0.05 --weight-decay 0 --min-lr-ratio 0.05 --warmup 50 --threads 1
+	$(HMA) train --data data/lift.hdf5 --tokenizer runs/tokenizer --out runs/dynamics --d-model 160 --n-layer 4 \
+	  --n-head 4 --patch-size 2 --prompt-frames 1 --steps 1600 --batch-size 8 --lr 1.5e-3 --warmup 100 \
+	  --eval-every 400 --eval-windows 24 --save-every 100 --threads 1
+	$(HMA) train-detector --data data/lift.hdf5 --out runs/detector --threads 1
+	$(HMA) pack --out hma_gym/assets/lift --tokenizer runs/tokenizer --dynamics runs/dynamics \
+	  --detector runs/detector --data data/lift.hdf5 --bank-size 180
+	$(HMA) eval-model --data data/lift.hdf5 --out benchmarks/results/eval_model_lift.json
+
+# The recipe of the shipped Diffusion Policy (policies/assets/dp_lift), on the successful training demos.
+dp-lift: setup
+	$(HMA) train-policy --data data/lift.hdf5 --filter-key train_success --valid-key valid_success \
+	  --out runs/dp_lift --steps 2000 --save-at 100 200 300 500 800 1200 --threads 1
+	rm -rf policies/assets/dp_lift && mkdir -p policies/assets/dp_lift
+	cp runs/dp_lift/policy.json runs/dp_lift/policy.safetensors policies/assets/dp_lift/
 
 clean-venv:
 	rm -rf $(VENV)

@@ -124,3 +124,16 @@ def test_eval_model_reports_fidelity(tiny_checkpoint, tiny_data, tmp_path):
     assert len(report["psnr_per_frame"]) == 8 and report["windows"] >= 1
     assert 0 <= report["success_agreement_generated"]["accuracy"] <= 1
     assert report["free_run"]["horizon"] == 100 and len(report["free_run"]["buckets"]) == 10
+
+
+def test_decoder_finetune_keeps_every_code(tiny_data, tokenizer_run, tmp_path):
+    from hma_gym.world_model import load_tokenizer
+
+    out = tmp_path / "tok_ft"
+    main(["train-tokenizer", "--data", str(tiny_data), "--out", str(out), "--preset", "tiny", "--image-size", "16",
+          "--steps", "10", "--batch-size", "16", "--eval-every", "10", "--save-every", "10", "--threads", "1",
+          "--init-from", str(tokenizer_run), "--freeze-encoder", "--temporal-weight", "0", "--no-progress"])
+    frames = torch.from_numpy(load_episodes(DataConfig(data=str(tiny_data), image_size=16), "valid")[0].frames)
+    before, after = load_tokenizer(tokenizer_run), load_tokenizer(out)
+    assert torch.equal(before.encode(frames), after.encode(frames))
+    assert not torch.equal(before.decode(before.encode(frames)), after.decode(after.encode(frames)))

@@ -33,6 +33,11 @@ class TokenizerTrainConfig(LoopConfig, DataConfig):
     """Peak learning rate."""
     eval_frames: int = 512
     """Held-out frames used for PSNR and token stability."""
+    init_from: str = ""
+    """Start from the weights of a trained tokenizer directory (e.g. to fine-tune its decoder)."""
+    freeze_encoder: bool = False
+    """Train the decoder only: the codes of every frame stay exactly as they are, so a world model trained
+    on them stays valid, while reconstruction quality improves."""
 
     def __post_init__(self):
         LoopConfig.__post_init__(self)
@@ -71,6 +76,21 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
     model_cfg = cfg.model_config()
     model = ImageTokenizer(model_cfg)
+    trainable = None
+    if cfg.init_from:
+        from hma_gym.world_model import load_tokenizer as load_trained
+
+        source = load_trained(cfg.init_from)
+        if source.cfg.to_dict() | {"temporal_weight": 0} != model_cfg.to_dict() | {"temporal_weight": 0}:
+            raise ValueError(f"--init-from {cfg.init_from}: its config {source.cfg.to_dict()} differs from "
+                             f"{model_cfg.to_dict()}")
+        model.load_state_dict(source.state_dict())
+    if cfg.freeze_encoder:
+        if not cfg.init_from:
+            raise ValueError("--freeze-encoder needs --init-from (a trained encoder)")
+        for p in model.encoder.parameters():
+            p.requires_grad_(False)
+        trainable = list(model.decoder.parameters())
 
     def batch_fn(step: int, rng: np.random.Generator) -> dict:
         idx = rng.integers(0, len(train_frames), cfg.batch_size // 2 if cfg.temporal_weight > 0 else cfg.batch_size)
@@ -99,20 +119,10 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> dict:
                                                   "data": cfg.data, "image_key": cfg.image_key})
 
     run_config = {"command": "train-tokenizer", **asdict(cfg), "model": model_cfg.to_dict()}
-    metrics = train_loop(cfg, model, batch_fn, loss_fn, eval_fn, export_fn, run_config, desc="tokenizer")
+    metrics = train_loop(cfg, model, batch_fn, loss_fn, eval_fn, export_fn, run_config, trainable=trainable,
+                         desc="tokenizer")
     report = {"out": cfg.out, "params": model.num_params(), **metrics}
     Path(cfg.out, "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
     return report
 
-
-def load_tokenizer(directory: str) -> ImageTokenizer:
-    """The tokenizer saved by `train-tokenizer` (or packed into a checkpoint) in `directory`."""
-    from hma_gym.checkpoint import load_module_weights, read_module_config
-
-    cfg = read_module_config(directory, "tokenizer")
-    model_cfg = TokenizerConfig.from_dict({k: v for k, v in cfg.items()
-                                           if k in TokenizerConfig.__dataclass_fields__})
-    model = ImageTokenizer(model_cfg)
-    load_module_weights(model, Path(directory) / "tokenizer.safetensors")
-    return model.eval()
