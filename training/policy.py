@@ -37,12 +37,12 @@ import torch.nn as nn
 from hma_gym.checkpoint import save_json
 from hma_gym.config import to_jsonable
 from hma_gym.data.hdf5 import DatasetError
-from policies.diffusion.config import DiffusionPolicyConfig
+from policies.diffusion.config import DiffusionPolicyArch, DiffusionPolicyConfig
 from training.loop import LoopConfig, train_loop
 
 
 @dataclass
-class PolicyTrainConfig(LoopConfig):
+class PolicyTrainConfig(LoopConfig, DiffusionPolicyArch):
     """Train a Diffusion Policy (CNN U-Net, image + proprio history -> action chunks) on a robomimic file."""
 
     out: str = "runs/dp"
@@ -77,43 +77,6 @@ class PolicyTrainConfig(LoopConfig):
     """Upper bound of the EMA decay."""
     eval_samples: int = 64
     """Held-out windows of the evaluation (fixed across evaluations)."""
-    # ---- the policy (see policies.diffusion.DiffusionPolicyConfig)
-    image_key: str = "agentview_image"
-    """Camera observation key (uint8 (H, W, 3))."""
-    proprio_keys: tuple[str, ...] = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos")
-    """Low-dimensional observation keys, concatenated in this order into the proprio vector."""
-    crop_size: int = 58
-    """Random crop (training) / centre crop (acting) of the image, in pixels (<= the file's image size)."""
-    n_obs_steps: int = 2
-    """Observation frames of history the policy conditions on."""
-    horizon: int = 16
-    """Actions predicted per chunk (a multiple of 2 ** (len(down_dims) - 1))."""
-    n_action_steps: int = 8
-    """Actions of a chunk executed before re-planning (<= horizon - n_obs_steps + 1)."""
-    encoder_channels: tuple[int, ...] = (16, 32, 64)
-    """Image encoder: stride-2 conv stem width, then one stride-2 residual stage per further entry."""
-    num_keypoints: int = 32
-    """Spatial-softmax keypoints of the image encoder (0 = global average pooling instead)."""
-    image_feature_dim: int = 64
-    """Image feature size per frame."""
-    down_dims: tuple[int, ...] = (64, 128, 256)
-    """Channel widths of the 1-D U-Net levels."""
-    kernel_size: int = 5
-    """Temporal kernel size of the U-Net convolutions."""
-    n_groups: int = 8
-    """GroupNorm groups (image encoder and U-Net)."""
-    diffusion_step_embed_dim: int = 64
-    """Size of the diffusion step embedding."""
-    num_train_timesteps: int = 100
-    """Diffusion steps of the DDPM training schedule."""
-    beta_schedule: str = "squaredcos_cap_v2"
-    """Noise schedule (diffusers name)."""
-    prediction_type: str = "epsilon"
-    """What the denoiser predicts: epsilon (the noise) or sample (the clean actions)."""
-    sampler: str = "ddim"
-    """Scheduler the exported policy acts with: ddim or ddpm."""
-    num_inference_steps: int = 10
-    """Denoising steps per sampled chunk (acting and evaluation)."""
 
     def __post_init__(self):
         LoopConfig.__post_init__(self)

@@ -12,24 +12,14 @@ PREDICTION_TYPES = ("epsilon", "sample")
 
 
 @dataclass
-class DiffusionPolicyConfig:
-    """A CNN Diffusion Policy (Chi et al. 2023) sized for a CPU.
-
-    Time alignment (diffusion_policy's): a sample sees observations t-n_obs_steps+1 .. t and predicts
-    actions t-n_obs_steps+1 .. t-n_obs_steps+horizon; the policy executes actions t .. t+n_action_steps-1
-    (index n_obs_steps-1 of the chunk onwards), then re-plans.
-    """
+class DiffusionPolicyArch:
+    """The choices that define a Diffusion Policy's architecture and sampler (what a user picks; the
+    sizes that come from the data are in `DiffusionPolicyConfig`)."""
 
     image_key: str = "agentview_image"
     """Camera observation key (uint8 (H, W, 3))."""
     proprio_keys: tuple[str, ...] = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos")
     """Low-dimensional observation keys, concatenated in this order into the proprio vector."""
-    proprio_dim: int = 9
-    """Length of the concatenated proprio vector."""
-    action_dim: int = 7
-    """Action size."""
-    image_size: int = 64
-    """Height and width of the camera image."""
     crop_size: int = 58
     """Random crop (training) / centre crop (acting) of the image, in pixels (= image_size: no crop)."""
     n_obs_steps: int = 2
@@ -62,6 +52,23 @@ class DiffusionPolicyConfig:
     """Scheduler used to act: ddim (fast, deterministic given the initial noise) or ddpm."""
     num_inference_steps: int = 10
     """Denoising steps per sampled chunk."""
+
+
+@dataclass
+class DiffusionPolicyConfig(DiffusionPolicyArch):
+    """A CNN Diffusion Policy (Chi et al. 2023) sized for a CPU.
+
+    Time alignment (diffusion_policy's): a sample sees observations t-n_obs_steps+1 .. t and predicts
+    actions t-n_obs_steps+1 .. t-n_obs_steps+horizon; the policy executes actions t .. t+n_action_steps-1
+    (index n_obs_steps-1 of the chunk onwards), then re-plans.
+    """
+
+    proprio_dim: int = 9
+    """Length of the concatenated proprio vector."""
+    action_dim: int = 7
+    """Action size."""
+    image_size: int = 64
+    """Height and width of the camera image."""
 
     def __post_init__(self):
         self.proprio_keys = tuple(str(k) for k in self.proprio_keys)
