@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from hma_gym.checkpoint import CheckpointError, load_module_weights, load_tensors, read_module_config
+from hma_gym.models.tokenizer import images_to_float
 
 __all__ = ["DetectorConfig", "SuccessDetector", "load_detector", "DETECTOR_NAME", "NORM_FILE"]
 
@@ -149,20 +150,7 @@ class SuccessDetector(nn.Module):
 
     def _to_float(self, images: Images) -> torch.Tensor:
         """uint8 (B, H, W, 3) or float (B, 3, H, W) in [0, 1] -> (B, 3, H, W) in the model's dtype/device."""
-        ref = self.head[-1].weight
-        if isinstance(images, np.ndarray):
-            images = np.ascontiguousarray(images)  # e.g. frame[::-1] views, which torch cannot wrap
-        images = torch.as_tensor(images)
-        s = self.cfg.image_size
-        if images.dtype == torch.uint8:
-            if images.ndim != 4 or tuple(images.shape[1:]) != (s, s, 3):
-                raise ValueError(f"uint8 images must be (B, {s}, {s}, 3). Got {tuple(images.shape)}")
-            return images.to(ref.device).permute(0, 3, 1, 2).to(ref.dtype) / 255.0
-        if not images.is_floating_point():
-            raise ValueError(f"images must be uint8 (B, H, W, 3) or float (B, 3, H, W). Got {images.dtype}")
-        if images.ndim != 4 or tuple(images.shape[1:]) != (3, s, s):
-            raise ValueError(f"float images must be (B, 3, {s}, {s}) in [0, 1]. Got {tuple(images.shape)}")
-        return images.to(device=ref.device, dtype=ref.dtype)
+        return images_to_float(images, self.cfg.image_size, self.head[-1].weight)
 
     def forward(self, images: Images, states: torch.Tensor | np.ndarray | None = None) -> torch.Tensor:
         """Success logits (B,). `states` (B, state_dim) are already normalised (ignored when state_dim=0)."""

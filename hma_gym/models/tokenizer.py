@@ -273,6 +273,23 @@ class Decoder(nn.Module):
 # ----------------------------------------------------------------------------- tokenizer
 
 
+def images_to_float(images: Images, size: int, ref: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, size, size, 3) or float (B, 3, size, size) in [0, 1] -> float (B, 3, size, size) on ref's
+    device and dtype; any other layout raises ValueError."""
+    if isinstance(images, np.ndarray):
+        images = np.ascontiguousarray(images)  # e.g. frame[::-1] views, which torch cannot wrap
+    images = torch.as_tensor(images)
+    if images.dtype == torch.uint8:
+        if images.ndim != 4 or tuple(images.shape[1:]) != (size, size, 3):
+            raise ValueError(f"uint8 images must be (B, {size}, {size}, 3). Got {tuple(images.shape)}")
+        return images.to(ref.device).permute(0, 3, 1, 2).to(ref.dtype) / 255.0
+    if not images.is_floating_point():
+        raise ValueError(f"images must be uint8 (B, H, W, 3) or float (B, 3, H, W). Got {images.dtype}")
+    if images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
+        raise ValueError(f"float images must be (B, 3, {size}, {size}) in [0, 1]. Got {tuple(images.shape)}")
+    return images.to(device=ref.device, dtype=ref.dtype)
+
+
 class ImageTokenizer(nn.Module):
     """FSQ autoencoder between RGB frames and a ``grid x grid`` map of token ids.
 
@@ -315,21 +332,7 @@ class ImageTokenizer(nn.Module):
 
     def _to_float(self, images: Images) -> torch.Tensor:
         """uint8 (B, H, W, 3) or float (B, 3, H, W) in [0, 1] -> (B, 3, H, W) in the model's dtype/device."""
-        ref = self.decoder.net[0].weight
-        if isinstance(images, np.ndarray):
-            images = np.ascontiguousarray(images)  # e.g. frame[::-1] views, which torch cannot wrap
-        images = torch.as_tensor(images)
-        s = self.cfg.image_size
-        if images.dtype == torch.uint8:
-            if images.ndim != 4 or tuple(images.shape[1:]) != (s, s, 3):
-                raise ValueError(f"uint8 images must be (B, {s}, {s}, 3). Got {tuple(images.shape)}")
-            images = images.to(ref.device).permute(0, 3, 1, 2)
-            return images.to(ref.dtype) / 255.0
-        if not images.is_floating_point():
-            raise ValueError(f"images must be uint8 (B, H, W, 3) or float (B, 3, H, W). Got {images.dtype}")
-        if images.ndim != 4 or tuple(images.shape[1:]) != (3, s, s):
-            raise ValueError(f"float images must be (B, 3, {s}, {s}) in [0, 1]. Got {tuple(images.shape)}")
-        return images.to(device=ref.device, dtype=ref.dtype)
+        return images_to_float(images, self.cfg.image_size, self.decoder.net[0].weight)
 
     # ---------------------------------------------------------------- continuous side
 
