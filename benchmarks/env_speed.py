@@ -11,6 +11,7 @@ noisy machine; absolute numbers move with its load.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import gymnasium as gym
@@ -102,7 +103,27 @@ def trunk_time(wm, steps: int, cached: bool, repeats: int = 5) -> float:
     return best
 
 
-def learned_rows(steps: int, checkpoint: str | None) -> tuple[list[dict], dict]:
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+def flatness(env, steps: int, block: int = 100) -> dict:
+    """Time per step and resident memory over a long episode-free run (no resets): both should stay flat."""
+    rng = np.random.default_rng(0)
+    env.reset(seed=0)
+    times, rss = [], []
+    for _ in range(0, steps, block):
+        t0 = time.perf_counter()
+        for _ in range(block):
+            env.step(rng.uniform(-1, 1, 7).astype(np.float32))
+        times.append(1000 * (time.perf_counter() - t0) / block)
+        rss.append(rss_mb())
+    return {"steps": steps, "block": block, "ms_per_step_first_block": times[0], "ms_per_step_last_block": times[-1],
+            "ms_per_step_by_block": times, "rss_mb_first_block": rss[0], "rss_mb_last_block": rss[-1]}
+
+
+def learned_rows(steps: int, checkpoint: str | None, long_steps: int) -> tuple[list[dict], dict]:
     kwargs = {"checkpoint": checkpoint} if checkpoint else {}
     rows = []
     single = gym.make("HMA-RobomimicLift-v0", **kwargs)
@@ -132,6 +153,8 @@ def learned_rows(steps: int, checkpoint: str | None) -> tuple[list[dict], dict]:
         "trunk_ms_per_frame_cached": 1000 * t_cached,
         "trunk_ms_per_frame_uncached": 1000 * t_uncached,
     }
+    if long_steps:
+        info["flatness"] = flatness(single.unwrapped, long_steps)
     single.close()
     return rows, info
 
@@ -141,12 +164,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=200, help="timed steps per configuration")
     parser.add_argument("--checkpoint", default=None, help="learned env checkpoint (default: the shipped one)")
     parser.add_argument("--skip-learned", action="store_true", help="GT rows only")
+    parser.add_argument("--long-steps", type=int, default=2000,
+                        help="steps of the flatness run (time and memory per step over one long episode; 0 = skip)")
     args = parser.parse_args(argv)
     peak = matmul_peak()
     rows = gt_rows(args.steps)
     payload: dict = {"steps": args.steps, "matmul_peak_gflops": peak}
     if not args.skip_learned:
-        learned, info = learned_rows(args.steps, args.checkpoint)
+        learned, info = learned_rows(args.steps, args.checkpoint, args.long_steps)
         rows += learned
         info["fraction_of_matmul_peak"] = info["achieved_gflops_single"] / peak
         payload["learned"] = info
