@@ -12,7 +12,7 @@ both sims, wall times) and policy_eval_correlation.png (scatter).
 from __future__ import annotations
 
 import argparse
-import time
+import json
 from pathlib import Path
 
 from benchmarks.common import RESULTS, write_result
@@ -45,6 +45,17 @@ def scatter(rows: list[dict], path, stats: dict) -> None:
     plt.close(fig)
 
 
+def reuse_or_evaluate(cfg: EvaluateConfig, reuse: bool) -> dict:
+    """An earlier report of the same evaluation (policy, env, episodes, seed, checkpoint) or a new one."""
+    path = Path(cfg.out)
+    if reuse and path.exists():
+        old = json.loads(path.read_text())
+        same = all(old["config"].get(k) == getattr(cfg, k) for k in ("policy", "env", "episodes", "seed", "checkpoint"))
+        if same:
+            return old
+    return evaluate(cfg)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--policies", nargs="+", required=True, help="policy specs (DP checkpoint dirs, ...)")
@@ -53,21 +64,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=20_000, help="episode seeds seed..seed+n (held out)")
     parser.add_argument("--checkpoint", default="", help="learned env checkpoint (default: the shipped one)")
     parser.add_argument("--num-envs", type=int, default=16)
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse per-policy reports in outputs/correlation/ made with the same episodes and seed")
     args = parser.parse_args(argv)
     names = args.names or [p.rstrip("/").split("/")[-1] for p in args.policies]
     rows, wall = [], {"gt_s": 0.0, "learned_s": 0.0}
     for spec, name in zip(args.policies, names, strict=True):
         out = Path("outputs/correlation") / name  # per-policy reports (not committed)
-        t0 = time.perf_counter()
-        gt = evaluate(EvaluateConfig(policy=spec, env="RobomimicLift-v0", episodes=args.episodes, seed=args.seed,
-                                     out=str(out) + "_gt.json"))
-        t1 = time.perf_counter()
-        learned = evaluate(EvaluateConfig(policy=spec, env="HMA-RobomimicLift-v0", episodes=args.episodes,
-                                          seed=args.seed, checkpoint=args.checkpoint, num_envs=args.num_envs,
-                                          out=str(out) + "_learned.json"))
-        t2 = time.perf_counter()
-        wall["gt_s"] += t1 - t0
-        wall["learned_s"] += t2 - t1
+        gt_cfg = EvaluateConfig(policy=spec, env="RobomimicLift-v0", episodes=args.episodes, seed=args.seed,
+                                out=str(out) + "_gt.json")
+        learned_cfg = EvaluateConfig(policy=spec, env="HMA-RobomimicLift-v0", episodes=args.episodes, seed=args.seed,
+                                     checkpoint=args.checkpoint, num_envs=args.num_envs,
+                                     out=str(out) + "_learned.json")
+        gt, learned = (reuse_or_evaluate(c, args.reuse) for c in (gt_cfg, learned_cfg))
+        wall["gt_s"] += gt["wall_time_s"]
+        wall["learned_s"] += learned["wall_time_s"]
         rows.append({"name": name, "policy": spec, "gt_success": gt["success_rate"],
                      "learned_success": learned["success_rate"], "gt_ci95": gt["success_ci95"],
                      "learned_ci95": learned["success_ci95"], "gt_mean_length": gt["mean_length"],
