@@ -67,6 +67,7 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
     tmp = path.with_suffix(path.suffix + ".tmp")
     clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     save_file(clean, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 

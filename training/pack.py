@@ -14,6 +14,7 @@ from hma_gym.checkpoint import (
     FORMAT_VERSION,
     check_checkpoint_dir,
     load_json,
+    load_tensors,
     read_module_config,
     save_json,
     save_tensors,
@@ -49,6 +50,8 @@ class PackConfig:
     """Default sampling temperature."""
     recipe: str = ""
     """Free text: the commands that produced the parts (stored in config.json)."""
+    half: bool = True
+    """Store the weights as float16 (half the size; loading casts them back to the model's float32)."""
 
     def __post_init__(self):
         if self.bank_size < 1:
@@ -76,9 +79,12 @@ def pack(cfg: PackConfig) -> dict:
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    shutil.copy(Path(cfg.tokenizer) / "tokenizer.safetensors", out / "tokenizer.safetensors")
-    shutil.copy(Path(cfg.dynamics) / "dynamics.safetensors", out / "dynamics.safetensors")
-    for name in ("detector.safetensors", "detector.json", "detector_normalization.safetensors"):
+    for source, name in ((cfg.tokenizer, "tokenizer"), (cfg.dynamics, "dynamics"), (cfg.detector, "detector")):
+        weights = load_tensors(Path(source) / f"{name}.safetensors")
+        if cfg.half:
+            weights = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
+        save_tensors(out / f"{name}.safetensors", weights)
+    for name in ("detector.json", "detector_normalization.safetensors"):
         shutil.copy(Path(cfg.detector) / name, out / name)
     shutil.copy(Path(cfg.dynamics) / "normalization.safetensors", out / "normalization.safetensors")
     save_tensors(out / "init_bank.safetensors",

@@ -1,0 +1,64 @@
+"""The shipped checkpoint: `gym.make("HMA-RobomimicLift-v0")` works out of the box and ships in the wheel."""
+
+import subprocess
+import sys
+import zipfile
+
+import gymnasium as gym
+import numpy as np
+from gymnasium.utils.env_checker import check_env
+
+from hma_gym.checkpoint import CHECKPOINT_FILES, check_checkpoint_dir
+from hma_gym.envs.learned_env import check_paired, default_checkpoint
+
+
+def test_shipped_checkpoint_is_complete_and_small():
+    path = default_checkpoint()
+    config = check_checkpoint_dir(path)
+    assert config["env"]["gt_env_id"] == "RobomimicLift-v0"
+    size = sum(p.stat().st_size for p in path.iterdir())
+    assert size < 40e6, f"shipped checkpoint is {size / 1e6:.1f} MB"
+
+
+def test_make_without_arguments_matches_the_gt_env():
+    learned = gym.make("HMA-RobomimicLift-v0")
+    gt = gym.make("RobomimicLift-v0")
+    check_paired(gt, learned)
+    assert learned.spec.max_episode_steps == gt.spec.max_episode_steps == 100
+    check_env(learned.unwrapped)
+    from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+    sb3_check_env(learned.unwrapped, warn=True)
+    gt_obs, _ = gt.reset(seed=0)
+    obs, _ = learned.reset(seed=0, options={"initial_observation": gt_obs})
+    np.testing.assert_array_equal(obs["agentview_image"], gt_obs["agentview_image"])
+    for _ in range(5):
+        obs, reward, terminated, truncated, info = learned.step(np.zeros(7, np.float32))
+    assert learned.observation_space.contains(obs) and 0 <= info["success_prob"] <= 1
+    learned.close()
+    gt.close()
+
+
+def test_sb3_evaluate_policy_runs():
+    from stable_baselines3.common.evaluation import evaluate_policy
+
+    class Still:
+        """A minimal SB3-style model: predict() -> zero actions."""
+
+        def predict(self, obs, state=None, episode_start=None, deterministic=True):
+            n = len(obs["agentview_image"]) if obs["agentview_image"].ndim == 4 else 1
+            return np.zeros((n, 7), np.float32), None
+
+    env = gym.make("HMA-RobomimicLift-v0", max_episode_steps=5)
+    mean, std = evaluate_policy(Still(), env, n_eval_episodes=2, warn=False)
+    assert np.isfinite(mean) and 0 <= mean <= 5
+
+
+def test_wheel_contains_the_weights(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    wheel = next(tmp_path.glob("hma_gym-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for name in CHECKPOINT_FILES:
+        assert f"hma_gym/assets/lift/{name}" in names, name
