@@ -69,16 +69,20 @@ def check_paired(gt_env: gym.Env, learned_env: gym.Env) -> None:
 class _LearnedSim:
     """Batched state shared by the single and the vector learned env: n episodes, one model call per step."""
 
-    def __init__(self, checkpoint: str | os.PathLike | None, n: int, steps: int, temperature: float, greedy: bool,
-                 device: str, variant: str = "maskgit"):
-        if steps < 1:
-            raise ValueError(f"steps (MaskGIT unmasking steps) must be >= 1. Got {steps=}")
-        if not greedy and temperature <= 0:
-            raise ValueError(f"temperature must be > 0 (or greedy=True). Got {temperature=}")
+    def __init__(self, checkpoint: str | os.PathLike | None, n: int, steps: int | None, temperature: float | None,
+                 greedy: bool, device: str, variant: str = "maskgit"):
         path = Path(checkpoint) if checkpoint is not None else default_checkpoint(variant)
         self.checkpoint = path
         self.wm = WorldModel.from_checkpoint(path, device=device)
         self.config = load_json(path / "config.json")
+        # generation defaults come from the checkpoint (what its eval-model figures used)
+        generation = self.config.get("generation", {})
+        steps = int(generation.get("steps", 2)) if steps is None else steps
+        temperature = float(generation.get("temperature", 1.0)) if temperature is None else temperature
+        if steps < 1:
+            raise ValueError(f"steps (MaskGIT unmasking steps) must be >= 1. Got {steps=}")
+        if not greedy and temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (or greedy=True). Got {temperature=}")
         self.env_config = self.config["env"]
         if int(self.env_config.get("action_stride", 1)) != 1:
             raise CheckpointError(f"{path}: the env steps one control action per frame; action_stride must be 1")
@@ -196,8 +200,9 @@ class HMAEnv(gym.Env):
 
     ## Arguments
     `checkpoint` (a packed checkpoint directory; default: the shipped one), `variant` ("maskgit" or
-    "mar", for the shipped checkpoints), `steps` (MaskGIT unmasking steps, default 2), `temperature`,
-    `greedy` (argmax decoding), `device`, `terminate_on_success`, `render_mode` ("rgb_array").
+    "mar", for the shipped checkpoints), `steps` (MaskGIT unmasking steps) and `temperature` (default:
+    the checkpoint's `generation` settings, 2 steps), `greedy` (argmax decoding), `device`,
+    `terminate_on_success`, `render_mode` ("rgb_array").
 
     ## Cost
     One frame = `steps` masked passes + one cached pass of the trunk over a single frame's tokens
@@ -207,8 +212,8 @@ class HMAEnv(gym.Env):
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
 
-    def __init__(self, checkpoint: str | os.PathLike | None = None, variant: str = "maskgit", steps: int = 2,
-                 temperature: float = 1.0, greedy: bool = False, device: str = "cpu",
+    def __init__(self, checkpoint: str | os.PathLike | None = None, variant: str = "maskgit",
+                 steps: int | None = None, temperature: float | None = None, greedy: bool = False, device: str = "cpu",
                  terminate_on_success: bool = True, render_mode: str | None = None):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be None or 'rgb_array'. Got {render_mode=}")
@@ -268,7 +273,8 @@ class HMAVectorEnv(gym.vector.VectorEnv):
     metadata = {"render_modes": ["rgb_array"], "render_fps": 20, "autoreset_mode": gym.vector.AutoresetMode.NEXT_STEP}
 
     def __init__(self, num_envs: int = 1, checkpoint: str | os.PathLike | None = None, variant: str = "maskgit",
-                 steps: int = 2, temperature: float = 1.0, greedy: bool = False, device: str = "cpu",
+                 steps: int | None = None, temperature: float | None = None, greedy: bool = False,
+                 device: str = "cpu",
                  terminate_on_success: bool = True, max_episode_steps: int | None = None,
                  render_mode: str | None = None):
         if num_envs < 1:
