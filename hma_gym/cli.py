@@ -34,6 +34,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                  "success rate (95%% interval), length and speed of a policy in a GT or learned env"),
     "play": ("hma_gym.play", "PlayConfig", "play",
              "replay an action log in the learned env beside the GT env, as an mp4"),
+    "serve": ("hma_gym.serve", "ServeConfig", "serve",
+              "drive the learned env live in the browser from the keyboard, GT beside it (local web app)"),
     "eval-model": ("training.evaluate", "EvalModelConfig", "eval_model",
                    "open-loop fidelity, dPSNR, perplexity and success agreement of a checkpoint"),
     "train-policy": ("training.policy", "PolicyTrainConfig", "train_policy",
