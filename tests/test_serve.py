@@ -279,8 +279,10 @@ def decode_png(data_url: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1]))).convert("RGB"))
 
 
-def browser():
-    """Headless Debian Chromium through Selenium: nothing is downloaded at run time."""
+@pytest.fixture(scope="session")
+def chromium():
+    """Headless Debian Chromium through Selenium (nothing is downloaded at run time); checked before the
+    tiny checkpoint is built, so a missing browser fails (or HMA_SKIP_BROWSER=1 skips) at once."""
     if os.environ.get("HMA_SKIP_BROWSER") == "1":
         pytest.skip("HMA_SKIP_BROWSER=1")
     missing = [p for p in ("/usr/bin/chromium", "/usr/bin/chromedriver") if not shutil.which(p)]
@@ -292,12 +294,16 @@ def browser():
     if missing:
         pytest.fail(f"the browser test needs {missing}: run `make setup` (apt-get install chromium chromium-driver; "
                     "pip install -e '.[dev]'), or set HMA_SKIP_BROWSER=1 to skip it")
-    options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1200,900"):
-        options.add_argument(arg)
-    return webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
+
+    def start():
+        options = webdriver.ChromeOptions()
+        options.binary_location = "/usr/bin/chromium"
+        for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                    "--window-size=1200,900"):
+            options.add_argument(arg)
+        return webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
+
+    return start
 
 
 def pin_cube_size(set_attr=setattr):
@@ -344,13 +350,13 @@ def serve_process(checkpoint, tmp_path):
         out.close()
 
 
-def test_drive_in_a_real_browser_and_replay_the_action_log(tiny_checkpoint, tmp_path, monkeypatch):
+def test_drive_in_a_real_browser_and_replay_the_action_log(chromium, tiny_checkpoint, tmp_path, monkeypatch):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
-    driver = browser()
+    driver = chromium()
     try:
         with serve_process(tiny_checkpoint, tmp_path) as url:
             driver.get(url + "/")
