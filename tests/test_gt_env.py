@@ -54,6 +54,20 @@ def test_seeded_reset_is_reproducible(lift_env):
     np.testing.assert_allclose(runs[0], runs[1])
 
 
+def test_two_instances_build_the_same_scene(lift_env):
+    """robosuite draws Lift's cube size once per instance: the fixed scene seed makes instances agree."""
+    other = gym.make("RobomimicLift-v0")
+    try:
+        a, _ = lift_env.reset(seed=7)
+        b, _ = other.reset(seed=7)
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+        sizes = [env.unwrapped._rs.cube.size for env in (lift_env, other)]
+        np.testing.assert_array_equal(sizes[0], sizes[1])
+    finally:
+        other.close()
+
+
 def test_bad_actions_raise_and_leave_env_usable(lift_env):
     lift_env.reset(seed=0)
     with pytest.raises(ValueError, match=r"shape \(7,\)"):

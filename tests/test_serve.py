@@ -306,27 +306,12 @@ def chromium():
     return start
 
 
-def pin_cube_size(set_attr=setattr):
-    """Workaround for a GT env gap: robosuite's Lift draws the cube's size once, at construction, from the
-    robosuite env's own generator, which RobosuiteEnv leaves unseeded (`suite.make(..., seed=None)`), so
-    `reset(seed=s)` in two GT env instances can differ by a millimetre of cube. The server and the replay
-    are two instances: both pin the size here, so the comparison tests serve and replay, not that gap."""
-    import robosuite.models.objects.primitive.box as box
-
-    original = box.get_size
-    set_attr(box, "get_size", lambda *a, rng=None, **k: original(*a, rng=np.random.default_rng(0), **k))
-
-
-# `hma-gym serve`'s entry point with the cube size pinned (see pin_cube_size)
-SERVE = "import sys, tests.test_serve as t; t.pin_cube_size(); from hma_gym.cli import main; sys.exit(main())"
-
-
 @contextmanager
 def serve_process(checkpoint, tmp_path):
     """`hma-gym serve` for real, in its own process, on a free port."""
     port = free_port()
     out = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-c", SERVE, "serve", "--checkpoint", str(checkpoint),
+    proc = subprocess.Popen([sys.executable, "-m", "hma_gym.cli", "serve", "--checkpoint", str(checkpoint),
                              "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
                             env={**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")})
     url = f"http://127.0.0.1:{port}"
@@ -350,7 +335,7 @@ def serve_process(checkpoint, tmp_path):
         out.close()
 
 
-def test_drive_in_a_real_browser_and_replay_the_action_log(chromium, tiny_checkpoint, tmp_path, monkeypatch):
+def test_drive_in_a_real_browser_and_replay_the_action_log(chromium, tiny_checkpoint, tmp_path):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -431,7 +416,6 @@ def test_drive_in_a_real_browser_and_replay_the_action_log(chromium, tiny_checkp
         driver.quit()
 
     # the downloaded log replays, with `play`'s machinery, to exactly the frames the page showed
-    pin_cube_size(monkeypatch.setattr)  # as the server ran (undone after the test)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the server ran
     try:

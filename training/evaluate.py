@@ -164,7 +164,7 @@ def fidelity_report(wm: WorldModel, episodes: list[Episode], windows: list[tuple
 
 @torch.no_grad()
 def free_run_report(wm: WorldModel, episodes: list[Episode], horizon: int = 100, n_episodes: int = 8,
-                    steps: int = 2, temperature: float = 1.0, seed: int = 0) -> dict:
+                    steps: int = 2, temperature: float = 1.0, seed: int = 0, greedy: bool = False) -> dict:
     """Stability of long rollouts: from each episode's first frame, replay its actions (then hold still,
     zero motion with the last gripper command) for `horizon` frames in one batch.
 
@@ -186,7 +186,7 @@ def free_run_report(wm: WorldModel, episodes: list[Episode], horizon: int = 100,
     frames = [np.stack([e.frames[0] for e in eps])]
     for t in range(horizon):
         a = torch.from_numpy(actions[:, t])
-        tokens, states = wm.generate(cache, a, steps=steps, temperature=temperature, generator=gen)
+        tokens, states = wm.generate(cache, a, steps=steps, temperature=temperature, generator=gen, greedy=greedy)
         wm.observe(cache, tokens, states, a)
         frames.append(wm.decode(tokens).cpu().numpy())
     frames = np.stack(frames, 1)  # (B, horizon + 1, H, W, 3)
@@ -242,7 +242,8 @@ def eval_model(cfg: EvalModelConfig) -> dict:
     report = fidelity_report(wm, episodes, windows, steps=cfg.steps, temperature=cfg.temperature,
                              greedy=cfg.greedy, n_random=cfg.random_actions, seed=cfg.seed,
                              progress=cfg.progress)
-    report["free_run"] = free_run_report(wm, episodes, steps=cfg.steps, temperature=cfg.temperature, seed=cfg.seed)
+    report["free_run"] = free_run_report(wm, episodes, steps=cfg.steps, temperature=cfg.temperature, seed=cfg.seed,
+                                         greedy=cfg.greedy)
     report = {"checkpoint": checkpoint, "data": cfg.data, "split": "valid", "config": asdict(cfg), **report}
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     Path(cfg.out).write_text(json.dumps(report, indent=2) + "\n")

@@ -69,7 +69,9 @@ class RobosuiteEnv(gym.Env):
     `task`, `robot`, `controller` (robosuite names), `camera`, `image_size`, `control_freq`,
     `terminate_on_success`, `use_camera` (False: no image key, no rendering),
     `fast_render` (True: no multisample anti-aliasing, shadows, reflections or skybox, ~3x cheaper
-    on a CPU; the images are then slightly more aliased), `render_mode` ("rgb_array").
+    on a CPU; the images are then slightly more aliased), `render_mode` ("rgb_array"), `scene_seed`
+    (seeds what robosuite draws once per instance, such as Lift's cube size, so that every instance
+    builds the same scene; default 0).
 
     ## Version history
     * v0: initial release (robosuite 1.5.2, mujoco 3.3.7).
@@ -90,6 +92,7 @@ class RobosuiteEnv(gym.Env):
         fast_render: bool = True,
         proprio_keys: tuple[str, ...] = DEFAULT_PROPRIO_KEYS,
         render_mode: str | None = None,
+        scene_seed: int = 0,
     ):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be None or 'rgb_array'. Got {render_mode=}")
@@ -123,6 +126,10 @@ class RobosuiteEnv(gym.Env):
             horizon=10**9,
             ignore_done=True,
             hard_reset=False,  # keeps the fast render context; placements are still re-sampled
+            # robosuite draws some scene properties once, at construction (Lift's cube size), from its own
+            # generator: a fixed seed makes every instance build the same scene, so `reset(seed=s)` agrees
+            # across instances and processes (the per-episode randomness is reseeded in `reset`)
+            seed=int(scene_seed),
         )
         self._rs = suite.make(task, **self.env_kwargs)
         if use_camera and fast_render:
