@@ -36,6 +36,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
              "replay an action log in the learned env beside the GT env, as an mp4"),
     "serve": ("hma_gym.serve", "ServeConfig", "serve",
               "drive the learned env live in the browser from the keyboard, GT beside it (local web app)"),
+    "calibrate-success": ("training.calibrate", "CalibrateConfig", "calibrate_success",
+                          "choose the learned env's success rule (threshold, frames in a row) on held-out episodes"),
     "eval-model": ("training.evaluate", "EvalModelConfig", "eval_model",
                    "open-loop fidelity, dPSNR, perplexity and success agreement of a checkpoint"),
     "train-policy": ("training.policy", "PolicyTrainConfig", "train_policy",

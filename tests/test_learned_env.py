@@ -223,3 +223,25 @@ def test_synthesize_replays_held_out_actions_and_resumes(tiny_checkpoint, tiny_d
                          pad_seq_length=True, pad_frame_stack=True, hdf5_cache_mode="low_dim",
                          filter_by_attribute="train", load_next_obs=True)
     assert ds[0]["obs"]["agentview_image"].shape == (4, 16, 16, 3)
+
+
+def test_success_needs_frames_in_a_row(tiny_checkpoint):
+    """The success rule: probability >= success_threshold on success_frames consecutive frames."""
+    with pytest.raises(ValueError, match="success_frames"):
+        HMAEnv(checkpoint=tiny_checkpoint, success_frames=0)
+    with pytest.raises(ValueError, match="success_threshold"):
+        HMAEnv(checkpoint=tiny_checkpoint, success_threshold=1.5)
+    # a threshold every probability passes: success exactly at the k-th step, in every row
+    vec = HMAVectorEnv(num_envs=2, checkpoint=tiny_checkpoint, success_frames=3, success_threshold=1e-9)
+    vec.reset(seed=0)
+    zeros = np.zeros((2, 7), np.float32)
+    for _ in range(2):
+        _, reward, terminated, _, info = vec.step(zeros)
+        assert not terminated.any() and not info["is_success"].any() and (reward == 0).all()
+    _, reward, terminated, _, info = vec.step(zeros)
+    assert terminated.all() and info["is_success"].all() and (reward == 1).all()
+    # a threshold no probability passes: never
+    env = HMAEnv(checkpoint=tiny_checkpoint, success_frames=1, success_threshold=1 - 1e-9)
+    env.reset(seed=0)
+    for _ in range(5):
+        assert not env.step(np.zeros(7, np.float32))[4]["is_success"]

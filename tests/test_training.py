@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from hma_gym.checkpoint import CheckpointError, check_checkpoint_dir, load_module_weights
 from hma_gym.cli import main
+from hma_gym.envs.learned_env import HMAEnv
 from tests.conftest import DYN_ARGS
 from tests.conftest import read_log as _log
 from training.data import DataConfig, load_episodes, resize_frames
@@ -137,3 +138,35 @@ def test_decoder_finetune_keeps_every_code(tiny_data, tokenizer_run, tmp_path):
     before, after = load_tokenizer(tokenizer_run), load_tokenizer(out)
     assert torch.equal(before.encode(frames), after.encode(frames))
     assert not torch.equal(before.decode(before.encode(frames)), after.decode(after.encode(frames)))
+
+
+def test_calibrate_success_scores_rules_and_writes_the_choice(tiny_checkpoint, tiny_data, tmp_path):
+    import shutil
+
+    from training.calibrate import choose, first_run, score_rules
+
+    # the rule arithmetic, by hand
+    hits = np.array([[1, 1, 0, 1], [1, 0, 1, 0], [0, 1, 1, 1]], dtype=bool)
+    assert first_run(hits, 1).tolist() == [True, True, True]
+    assert first_run(hits, 2).tolist() == [True, False, True]
+    assert first_run(hits, 3).tolist() == [False, False, True]
+    probs = np.array([[0.9, 0.9, np.nan], [0.9, 0.1, 0.9], [0.2, 0.2, 0.2]], dtype=np.float32)
+    rows = score_rules(probs, np.array([True, False, False]), thresholds=(0.5,), max_frames=2)
+    assert [r["balanced_accuracy"] for r in rows] == [0.75, 1.0]  # k=1 calls row 2 a success; k=2 does not
+    assert choose(rows, 0.5)["frames"] == 2
+
+    # the command, on a copy of the tiny checkpoint
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    out = tmp_path / "calib.json"
+    main(["calibrate-success", "--checkpoint", str(ckpt), "--data", str(tiny_data), "--image-size", "16",
+          "--max-frames", "2", "--thresholds", "0.3", "0.6", "--out", str(out), "--write", "--no-progress"])
+    report = json.loads(out.read_text())
+    assert report["episodes"] >= 1 and report["split"] == "valid"
+    assert len(report["rules"]) == 4
+    generation = json.loads((ckpt / "config.json").read_text())["generation"]
+    assert generation["success_threshold"] == report["chosen"]["threshold"]
+    assert generation["success_frames"] == report["chosen"]["frames"]
+    env = HMAEnv(checkpoint=ckpt)
+    assert (env.sim.success_threshold, env.sim.success_frames) == (report["chosen"]["threshold"],
+                                                                   report["chosen"]["frames"])

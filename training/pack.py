@@ -48,6 +48,8 @@ class PackConfig:
     """Default MaskGIT unmasking steps."""
     temperature: float = 1.0
     """Default sampling temperature."""
+    greedy: bool = False
+    """Default to argmax decoding (deterministic given the start) instead of sampling."""
     recipe: str = ""
     """Free text: the commands that produced the parts (stored in config.json)."""
     half: bool = True
@@ -110,7 +112,7 @@ def pack(cfg: PackConfig) -> dict:
         "tokenizer": tok_cfg,
         "dynamics": dyn_meta["hma"],
         "detector": det_meta["config"],  # also in detector.json, which the detector loader reads
-        "generation": {"steps": cfg.generation_steps, "temperature": cfg.temperature},
+        "generation": {"steps": cfg.generation_steps, "temperature": cfg.temperature, "greedy": cfg.greedy},
         "provenance": {
             "data": data,
             "bank_demos": len(names),

@@ -70,7 +70,8 @@ class _LearnedSim:
     """Batched state shared by the single and the vector learned env: n episodes, one model call per step."""
 
     def __init__(self, checkpoint: str | os.PathLike | None, n: int, steps: int | None, temperature: float | None,
-                 greedy: bool, device: str, variant: str = "maskgit"):
+                 greedy: bool | None, device: str, variant: str = "maskgit", success_frames: int | None = None,
+                 success_threshold: float | None = None):
         path = Path(checkpoint) if checkpoint is not None else default_checkpoint(variant)
         self.checkpoint = path
         self.wm = WorldModel.from_checkpoint(path, device=device)
@@ -79,10 +80,21 @@ class _LearnedSim:
         generation = self.config.get("generation", {})
         steps = int(generation.get("steps", 2)) if steps is None else steps
         temperature = float(generation.get("temperature", 1.0)) if temperature is None else temperature
+        greedy = bool(generation.get("greedy", False)) if greedy is None else greedy
         if steps < 1:
             raise ValueError(f"steps (MaskGIT unmasking steps) must be >= 1. Got {steps=}")
         if not greedy and temperature <= 0:
             raise ValueError(f"temperature must be > 0 (or greedy=True). Got {temperature=}")
+        # success: the detector's probability at least `success_threshold` on `success_frames` frames in a row
+        success_frames = int(generation.get("success_frames", 1)) if success_frames is None else success_frames
+        if success_threshold is None:
+            success_threshold = float(generation.get("success_threshold", self.wm.threshold))
+        if success_frames < 1:
+            raise ValueError(f"success_frames must be >= 1. Got {success_frames=}")
+        if not 0.0 < success_threshold < 1.0:
+            raise ValueError(f"success_threshold must be in (0, 1). Got {success_threshold=}")
+        self.success_frames, self.success_threshold = success_frames, float(success_threshold)
+        self.streak = np.zeros(n, dtype=np.int64)
         self.env_config = self.config["env"]
         if int(self.env_config.get("action_stride", 1)) != 1:
             raise CheckpointError(f"{path}: the env steps one control action per frame; action_stride must be 1")
@@ -150,13 +162,17 @@ class _LearnedSim:
         states = torch.from_numpy(self.state_vector(self.obs))
         self.wm.observe(self.cache, self.wm.encode(frames), states, rows=None if bool(mask.all()) else mask)
         self.started[rows] = True
+        self.streak[rows] = 0
 
     def draw_start(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
         i = int(rng.integers(self.bank_size))
         return {k: v[i].copy() for k, v in self.bank.items()}
 
     def step(self, actions: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-        """Advance every row by one frame. Returns observations, success and success probability."""
+        """Advance every row by one frame. Returns observations, success and success probability.
+
+        Success: the detector's probability reached `success_threshold` on the last `success_frames`
+        frames of the row's episode."""
         a = torch.from_numpy(np.ascontiguousarray(actions, dtype=np.float32))
         tokens, states = self.wm.generate(self.cache, a, steps=self.steps, temperature=self.temperature,
                                           generator=self.generator, greedy=self.greedy)
@@ -165,7 +181,8 @@ class _LearnedSim:
         prob = self.wm.success_prob(frames, states).cpu().numpy()
         states_np = states.cpu().numpy()
         self.obs = {self.image_key: frames.cpu().numpy(), **self.split_state(states_np)}
-        return self.obs, prob >= self.wm.threshold, prob
+        self.streak = np.where(prob >= self.success_threshold, self.streak + 1, 0)
+        return self.obs, self.streak >= self.success_frames, prob
 
 
 def _validate_actions(actions, n: int, dim: int) -> np.ndarray:
@@ -188,7 +205,8 @@ class HMAEnv(gym.Env):
 
     ## Rewards and episode end
     A success detector trained on ground-truth labels scores every generated frame: reward 1.0 and
-    `info["is_success"]` when its probability passes the checkpoint's threshold (probability in
+    `info["is_success"]` once its probability has passed `success_threshold` on `success_frames`
+    frames in a row (both from the checkpoint's `generation` settings unless given; probability in
     `info["success_prob"]`); `terminated` on success unless `terminate_on_success=False`. Truncation
     comes from the registered `max_episode_steps` (100 for Lift).
 
@@ -201,8 +219,10 @@ class HMAEnv(gym.Env):
     ## Arguments
     `checkpoint` (a packed checkpoint directory; default: the shipped one), `variant` ("maskgit" or
     "mar", for the shipped checkpoints), `steps` (MaskGIT unmasking steps) and `temperature` (default:
-    the checkpoint's `generation` settings, 2 steps), `greedy` (argmax decoding), `device`,
-    `terminate_on_success`, `render_mode` ("rgb_array").
+    the checkpoint's `generation` settings, 2 steps), `greedy` (argmax decoding; default: the
+    checkpoint's), `device`,
+    `terminate_on_success`, `render_mode` ("rgb_array"), `success_frames` and `success_threshold`
+    (the success rule above; default: the checkpoint's, calibrated by `hma-gym calibrate-success`).
 
     ## Cost
     One frame = `steps` masked passes + one cached pass of the trunk over a single frame's tokens
@@ -213,11 +233,13 @@ class HMAEnv(gym.Env):
     metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
 
     def __init__(self, checkpoint: str | os.PathLike | None = None, variant: str = "maskgit",
-                 steps: int | None = None, temperature: float | None = None, greedy: bool = False, device: str = "cpu",
-                 terminate_on_success: bool = True, render_mode: str | None = None):
+                 steps: int | None = None, temperature: float | None = None, greedy: bool | None = None, device: str = "cpu",
+                 terminate_on_success: bool = True, render_mode: str | None = None,
+                 success_frames: int | None = None, success_threshold: float | None = None):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be None or 'rgb_array'. Got {render_mode=}")
-        self.sim = _LearnedSim(checkpoint, 1, steps, temperature, greedy, device, variant)
+        self.sim = _LearnedSim(checkpoint, 1, steps, temperature, greedy, device, variant, success_frames,
+                               success_threshold)
         self.observation_space, self.action_space = self.sim.observation_space, self.sim.action_space
         self.metadata = {**self.metadata, "render_fps": int(self.sim.env_config.get("control_freq", 20))}
         self.render_mode = render_mode
@@ -273,14 +295,16 @@ class HMAVectorEnv(gym.vector.VectorEnv):
     metadata = {"render_modes": ["rgb_array"], "render_fps": 20, "autoreset_mode": gym.vector.AutoresetMode.NEXT_STEP}
 
     def __init__(self, num_envs: int = 1, checkpoint: str | os.PathLike | None = None, variant: str = "maskgit",
-                 steps: int | None = None, temperature: float | None = None, greedy: bool = False,
+                 steps: int | None = None, temperature: float | None = None, greedy: bool | None = None,
                  device: str = "cpu",
                  terminate_on_success: bool = True, max_episode_steps: int | None = None,
-                 render_mode: str | None = None):
+                 render_mode: str | None = None, success_frames: int | None = None,
+                 success_threshold: float | None = None):
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1. Got {num_envs=}")
         self.num_envs = num_envs
-        self.sim = _LearnedSim(checkpoint, num_envs, steps, temperature, greedy, device, variant)
+        self.sim = _LearnedSim(checkpoint, num_envs, steps, temperature, greedy, device, variant, success_frames,
+                               success_threshold)
         self.single_observation_space = self.sim.observation_space
         self.single_action_space = self.sim.action_space
         self.observation_space = batch_space(self.single_observation_space, num_envs)

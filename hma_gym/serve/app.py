@@ -66,7 +66,7 @@ class ServeConfig:
 
     def env_kwargs(self) -> dict:
         """The learned env's arguments, as the action log records them for `play`."""
-        kwargs: dict = {"greedy": self.greedy}
+        kwargs: dict = {"greedy": True} if self.greedy else {}  # else the checkpoint's default
         if self.checkpoint:
             from pathlib import Path
 

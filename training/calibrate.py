@@ -1,0 +1,157 @@
+"""`hma-gym calibrate-success`: choose the learned env's success rule on held-out episodes.
+
+The success detector is trained on ground-truth frames; the learned env shows it generated ones, where
+artefacts can look like a lifted cube for a frame or two, and an episode ends at its first detection.
+So the episode-level decision ("did the episode succeed?") is calibrated in the learned env itself:
+each held-out episode of a robomimic file is replayed open loop (its true actions, from its first
+observation) in the batched learned env, the detector's probability is recorded at every step, and
+every rule "probability >= threshold on k frames in a row" is scored against the episodes' ground-truth
+outcomes. The rule with the best balanced accuracy (ties: fewer frames, then the threshold nearest the
+detector's own) is reported and, with `--write`, stored in the checkpoint's `generation` settings,
+which the learned env reads.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from hma_gym.checkpoint import load_json, save_json
+from hma_gym.metrics import binary_metrics
+from training.data import DataConfig, Episode, load_episodes
+
+
+@dataclass
+class CalibrateConfig(DataConfig):
+    """Calibrate the learned env's success rule (threshold, frames in a row) on held-out episodes."""
+
+    checkpoint: str = ""
+    """Packed checkpoint directory (empty: the shipped Lift checkpoint)."""
+    split: str = "valid"
+    """Episodes to replay: the file's held-out split (valid) or train."""
+    thresholds: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+    """Candidate probability thresholds."""
+    max_frames: int = 5
+    """Candidate rules need the probability on 1..max_frames frames in a row."""
+    repeats: int = 1
+    """Replays of every episode (different sampling seeds) pooled into the score."""
+    seed: int = 0
+    """Sampling seed of the first replay."""
+    out: str = "outputs/calibrate_success.json"
+    """JSON report path."""
+    write: bool = False
+    """Store the chosen rule in the checkpoint's config.json (generation.success_threshold/_frames)."""
+    device: str = "cpu"
+    """cpu or cuda."""
+    progress: bool = True
+    """Show progress bars."""
+
+
+def first_run(hits: np.ndarray, k: int) -> np.ndarray:
+    """(N, T) bool -> (N,) bool: some k consecutive True values in each row."""
+    streak = np.zeros(hits.shape[0], dtype=np.int64)
+    found = np.zeros(hits.shape[0], dtype=bool)
+    for t in range(hits.shape[1]):
+        streak = np.where(hits[:, t], streak + 1, 0)
+        found |= streak >= k
+    return found
+
+
+def replay_probabilities(checkpoint: str, episodes: list[Episode], seed: int, device: str = "cpu",
+                         progress: bool = True) -> np.ndarray:
+    """Replay every episode's actions from its first observation in one batched learned env.
+
+    Returns the detector's probability (N, T) for each step, NaN past an episode's end.
+    """
+    from hma_gym.envs.learned_env import HMAVectorEnv
+
+    n = len(episodes)
+    env = HMAVectorEnv(num_envs=n, checkpoint=checkpoint or None, device=device, terminate_on_success=False,
+                       max_episode_steps=10**9)
+    sim = env.sim
+    starts = {sim.image_key: np.stack([e.frames[0] for e in episodes]),
+              **sim.split_state(np.stack([e.states[0] for e in episodes]))}
+    env.reset(seed=[seed + i for i in range(n)], options={"initial_observation": starts})
+    lengths = np.array([len(e.actions) for e in episodes])
+    horizon = int(lengths.max())
+    action_dim = env.single_action_space.shape[0]
+    probs = np.full((n, horizon), np.nan, dtype=np.float32)
+    for t in tqdm(range(horizon), desc="replay held-out episodes", disable=not progress):
+        actions = np.zeros((n, action_dim), dtype=np.float32)
+        for i, e in enumerate(episodes):
+            if t < len(e.actions):
+                actions[i] = e.actions[t][:action_dim]
+        _, _, _, _, info = env.step(actions)
+        alive = t < lengths
+        probs[alive, t] = info["success_prob"][alive]
+    env.close()
+    return probs
+
+
+def score_rules(probs: np.ndarray, labels: np.ndarray, thresholds, max_frames: int) -> list[dict]:
+    rows = []
+    for threshold in thresholds:
+        hits = np.nan_to_num(probs, nan=0.0) >= threshold
+        for k in range(1, max_frames + 1):
+            pred = first_run(hits, k)
+            rows.append({"threshold": float(threshold), "frames": k, **binary_metrics(pred, labels)})
+    return rows
+
+
+def choose(rows: list[dict], detector_threshold: float) -> dict:
+    return max(rows, key=lambda r: (round(r["balanced_accuracy"], 6), round(r["accuracy"], 6), -r["frames"],
+                                    -abs(r["threshold"] - detector_threshold)))
+
+
+def calibrate_success(cfg: CalibrateConfig) -> dict:
+    from hma_gym.envs.learned_env import default_checkpoint
+    from hma_gym.world_model import WorldModel
+
+    checkpoint = cfg.checkpoint or str(default_checkpoint())
+    if cfg.split not in ("valid", "train"):
+        raise ValueError(f"split must be valid or train. Got {cfg.split=}")
+    if cfg.repeats < 1 or cfg.max_frames < 1:
+        raise ValueError("repeats and max_frames must be >= 1")
+    wm = WorldModel.from_checkpoint(checkpoint, device=cfg.device)
+    data = DataConfig(**{k: getattr(cfg, k) for k in DataConfig.__dataclass_fields__})
+    data.image_size = wm.image_size
+    episodes = load_episodes(data, cfg.split, progress=cfg.progress)
+    labels = np.array([bool(e.success.any()) for e in episodes])
+    probs = np.concatenate([replay_probabilities(checkpoint, episodes, cfg.seed + 1000 * r, cfg.device,
+                                                 cfg.progress) for r in range(cfg.repeats)])
+    labels_all = np.tile(labels, cfg.repeats)
+    rows = score_rules(probs, labels_all, cfg.thresholds, cfg.max_frames)
+    best = choose(rows, wm.threshold)
+    default = next(r for r in rows if r["frames"] == 1 and abs(r["threshold"] - wm.threshold) < 1e-9) \
+        if any(abs(t - wm.threshold) < 1e-9 for t in cfg.thresholds) else None
+    report = {
+        "checkpoint": checkpoint,
+        "data": cfg.data,
+        "split": cfg.split,
+        "episodes": len(episodes),
+        "successful_episodes": int(labels.sum()),
+        "repeats": cfg.repeats,
+        "detector_threshold": wm.threshold,
+        "chosen": best,
+        "single_frame_at_detector_threshold": default,
+        "rules": rows,
+        "config": asdict(cfg),
+    }
+    if cfg.write:
+        config_path = Path(checkpoint) / "config.json"
+        config = load_json(config_path)
+        config.setdefault("generation", {}).update(
+            {"success_threshold": best["threshold"], "success_frames": best["frames"]})
+        config.setdefault("provenance", {})["success_calibration"] = {
+            k: report[k] for k in ("data", "split", "episodes", "successful_episodes", "repeats")} | {
+            "balanced_accuracy": best["balanced_accuracy"], "accuracy": best["accuracy"]}
+        save_json(config_path, config)
+    Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(cfg.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({k: report[k] for k in ("checkpoint", "episodes", "successful_episodes", "chosen",
+                                              "single_frame_at_detector_threshold")}, indent=2))
+    return report
