@@ -233,8 +233,8 @@ class HMAEnv(gym.Env):
     metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
 
     def __init__(self, checkpoint: str | os.PathLike | None = None, variant: str = "maskgit",
-                 steps: int | None = None, temperature: float | None = None, greedy: bool | None = None, device: str = "cpu",
-                 terminate_on_success: bool = True, render_mode: str | None = None,
+                 steps: int | None = None, temperature: float | None = None, greedy: bool | None = None,
+                 device: str = "cpu", terminate_on_success: bool = True, render_mode: str | None = None,
                  success_frames: int | None = None, success_threshold: float | None = None):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be None or 'rgb_array'. Got {render_mode=}")
