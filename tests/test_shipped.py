@@ -62,3 +62,19 @@ def test_wheel_contains_the_weights(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for name in CHECKPOINT_FILES:
         assert f"hma_gym/assets/lift/{name}" in names, name
+    for name in ("policy.json", "policy.safetensors"):
+        assert f"policies/assets/dp_lift/{name}" in names, name
+
+
+def test_shipped_diffusion_policy_loads_and_acts():
+    """`dp-lift` by name: the shipped Diffusion Policy gives an action chunk for GT observations."""
+    from policies.registry import load_policy
+
+    env = gym.make("RobomimicLift-v0")
+    obs, _ = env.reset(seed=0)
+    policy = load_policy("dp-lift", env, seed=0)
+    batch = {k: v[None] for k, v in obs.items()}
+    policy.reset()
+    action = policy.act(batch)
+    env.close()
+    assert action.shape == (1, 7) and np.all(np.isfinite(action)) and np.all(np.abs(action) <= 1.0 + 1e-6)
