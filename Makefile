@@ -52,7 +52,10 @@ lift-checkpoint: setup
 	$(HMA) train-detector --data data/lift.hdf5 --out runs/detector --threads 1
 	$(HMA) pack --out hma_gym/assets/lift --tokenizer runs/tokenizer --dynamics runs/dynamics \
 	  --detector runs/detector --data data/lift.hdf5 --bank-size 180
-	$(HMA) eval-model --data data/lift.hdf5 --out benchmarks/results/eval_model_lift.json
+	$(HMA) calibrate-success --checkpoint hma_gym/assets/lift --data data/lift.hdf5 --repeats 2 --write \
+	  --out benchmarks/results/calibrate_success_lift.json
+	$(HMA) eval-model --data data/lift.hdf5 --stride 16 --random-actions 2 \
+	  --out benchmarks/results/eval_model_lift.json
 
 # The recipe of the shipped Diffusion Policy (policies/assets/dp_lift), on the successful training demos,
 # as it was run: 2000 steps (cosine schedule over 2000), then resumed under an 8000-step schedule; the
