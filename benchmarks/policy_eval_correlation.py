@@ -45,6 +45,14 @@ def scatter(rows: list[dict], path, stats: dict) -> None:
     plt.close(fig)
 
 
+def episode_confusion(gt: list[dict], learned: list[dict]) -> dict:
+    """Per-episode verdicts of the two sims on the same starts: where the learned sim disagrees, and how."""
+    pairs = [(a["success"], b["success"]) for a, b in zip(gt, learned, strict=True)]
+    return {"per_episode_agreement": sum(a == b for a, b in pairs) / len(pairs),
+            "gt_fail_learned_success": sum(not a and b for a, b in pairs),
+            "gt_success_learned_fail": sum(a and not b for a, b in pairs)}
+
+
 def reuse_or_evaluate(cfg: EvaluateConfig, reuse: bool) -> dict:
     """An earlier report of the same evaluation (policy, env, episodes, seed, checkpoint) or a new one."""
     path = Path(cfg.out)
@@ -83,9 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "learned_success": learned["success_rate"], "gt_ci95": gt["success_ci95"],
                      "learned_ci95": learned["success_ci95"], "gt_mean_length": gt["mean_length"],
                      "learned_mean_length": learned["mean_length"],
-                     "per_episode_agreement": sum(a["success"] == b["success"] for a, b in
-                                                  zip(gt["per_episode"], learned["per_episode"], strict=True))
-                     / args.episodes})
+                     **episode_confusion(gt["per_episode"], learned["per_episode"])})
         print(rows[-1])
     gt_rates = [r["gt_success"] for r in rows]
     learned_rates = [r["learned_success"] for r in rows]

@@ -59,3 +59,12 @@ def test_correlation_metrics_against_hand_computed_values():
     # sim ranks everything backwards: worst gaps 0.6, 0.4, 0.4, 0.6 -> 0.5
     assert mmrv(real, [0.7, 0.5, 0.3, 0.1]) == pytest.approx(0.5)
     assert pearson([0.1, 0.2, 0.3], [0.3, 0.3, 0.3]) != pearson([0.1, 0.2, 0.3], [0.3, 0.3, 0.3])  # NaN
+
+
+def test_episode_confusion_by_hand():
+    from benchmarks.policy_eval_correlation import episode_confusion
+
+    gt = [{"success": s} for s in (True, True, False, False, False)]
+    learned = [{"success": s} for s in (True, False, True, True, False)]
+    assert episode_confusion(gt, learned) == {"per_episode_agreement": 0.4, "gt_fail_learned_success": 2,
+                                              "gt_success_learned_fail": 1}
