@@ -12,30 +12,34 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import numpy as np
 import torch
 from PIL import Image
 
-from hma_gym.play import make_pair, paired_reset
+import hma_gym
+from hma_gym.play import make_pair
 from policies.registry import load_policy
 
 
-def run(env, obs, spec: str, max_steps: int = 100) -> tuple[list[np.ndarray], dict]:
+def run(env, spec: str, seed: int, start: dict | None = None) -> tuple[list[np.ndarray], dict]:
+    """One episode of the policy through the project's rollout loop, from `start` when given."""
     policy = load_policy(spec, env, seed=0)
-    policy.reset()
-    frames, probs, width = [obs["agentview_image"]], [], []
-    success = False
-    for _ in range(max_steps):
-        action = policy.act({k: v[None] for k, v in obs.items()})[0]
-        obs, _, terminated, truncated, info = env.step(action)
-        frames.append(obs["agentview_image"])
-        width.append(float(obs["robot0_gripper_qpos"][0] - obs["robot0_gripper_qpos"][1]))
+    frames, probs, width = [], [], []
+
+    def record(i, obs, action, reward, next_obs, info):
+        if not frames:
+            frames.append(obs["agentview_image"])
+        frames.append(next_obs["agentview_image"])
+        width.append(float(next_obs["robot0_gripper_qpos"][0] - next_obs["robot0_gripper_qpos"][1]))
         probs.append(float(info.get("success_prob", float(info["is_success"]))))
-        success = bool(info["is_success"])
-        if terminated or truncated:
-            break
-    return frames, {"length": len(frames) - 1, "success": success, "success_prob": probs, "gripper_width": width}
+
+    options = None if start is None else [{"initial_observation": start}]
+    result = hma_gym.rollout(env, policy, 1, seeds=[seed], reset_options=options, progress=False, on_step=record)
+    episode = result.episodes[0]
+    return frames, {"length": episode.length, "success": bool(episode.success), "success_prob": probs,
+                    "gripper_width": width}
 
 
 def strip(frames: list[np.ndarray], every: int, n: int) -> np.ndarray:
@@ -53,13 +57,13 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     learned, gt = make_pair(args.env)
-    gt_obs, learned_obs = paired_reset(gt, learned, args.seed)
-    gt_frames, gt_info = run(gt, gt_obs, args.policy)
-    learned_frames, learned_info = run(learned, learned_obs, args.policy)
+    gt_frames, gt_info = run(gt, args.policy, args.seed)
+    # the paired start: the learned env begins from the GT env's reset observation of the same seed
+    learned_frames, learned_info = run(learned, args.policy, args.seed, start=gt.reset(seed=args.seed)[0])
     n = (max(len(gt_frames), len(learned_frames)) + args.every - 1) // args.every
     image = np.concatenate([strip(gt_frames, args.every, n), strip(learned_frames, args.every, n)], axis=0)
     Image.fromarray(image).resize((image.shape[1] * 2, image.shape[0] * 2), Image.NEAREST).save(args.out + ".png")
-    report = {"command": "python -m benchmarks.paired_episode " + " ".join(argv or __import__("sys").argv[1:]),
+    report = {"command": "python -m benchmarks.paired_episode " + " ".join(argv or sys.argv[1:]),
               "policy": args.policy, "seed": args.seed, "gt": gt_info, "learned": learned_info}
     with open(args.out + ".json", "w") as f:
         json.dump(report, f, indent=1)

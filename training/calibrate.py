@@ -6,8 +6,8 @@ So the episode-level decision ("did the episode succeed?") is calibrated in the 
 each held-out episode of a robomimic file is replayed open loop (its true actions, from its first
 observation) in the batched learned env, the detector's probability is recorded at every step, and
 every rule "probability >= threshold on k frames in a row" is scored against the episodes' ground-truth
-outcomes. The rule with the best balanced accuracy (ties: fewer frames, then the threshold nearest the
-detector's own) is reported and, with `--write`, stored in the checkpoint's `generation` settings,
+outcomes. The rule with the best balanced accuracy (ties: higher accuracy, fewer frames, then the
+threshold nearest the detector's own) is reported and, with `--write`, stored in the checkpoint's `generation` settings,
 which the learned env reads.
 """
 
@@ -18,10 +18,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
+import hma_gym
 from hma_gym.checkpoint import load_json, save_json
+from hma_gym.envs.learned_env import HMAVectorEnv, default_checkpoint
 from hma_gym.metrics import binary_metrics
+from policies.base import ReplayPolicy
 from training.data import DataConfig, Episode, load_episodes
 
 
@@ -61,34 +63,31 @@ def first_run(hits: np.ndarray, k: int) -> np.ndarray:
     return found
 
 
-def replay_probabilities(checkpoint: str, episodes: list[Episode], seed: int, device: str = "cpu",
-                         progress: bool = True) -> np.ndarray:
-    """Replay every episode's actions from its first observation in one batched learned env.
+def replay_probabilities(env, episodes: list[Episode], seed: int, progress: bool = True) -> np.ndarray:
+    """Replay every episode's actions from its first observation through the rollout loop, in a batched
+    learned env with one row per episode (made with `terminate_on_success=False`).
 
     Returns the detector's probability (N, T) for each step, NaN past an episode's end.
     """
-    from hma_gym.envs.learned_env import HMAVectorEnv
-
-    n = len(episodes)
-    env = HMAVectorEnv(num_envs=n, checkpoint=checkpoint or None, device=device, terminate_on_success=False,
-                       max_episode_steps=10**9)
     sim = env.sim
-    starts = {sim.image_key: np.stack([e.frames[0] for e in episodes]),
-              **sim.split_state(np.stack([e.states[0] for e in episodes]))}
-    env.reset(seed=[seed + i for i in range(n)], options={"initial_observation": starts})
-    lengths = np.array([len(e.actions) for e in episodes])
-    horizon = int(lengths.max())
+
+    def first_observation(e: Episode) -> dict:
+        return {sim.image_key: e.frames[0], **{k: v[0] for k, v in sim.split_state(e.states[:1]).items()}}
+
+    starts = [{"initial_observation": first_observation(e)} for e in episodes]
+    lengths = [len(e.actions) for e in episodes]
     action_dim = env.single_action_space.shape[0]
-    probs = np.full((n, horizon), np.nan, dtype=np.float32)
-    for t in tqdm(range(horizon), desc="replay held-out episodes", disable=not progress):
-        actions = np.zeros((n, action_dim), dtype=np.float32)
-        for i, e in enumerate(episodes):
-            if t < len(e.actions):
-                actions[i] = e.actions[t][:action_dim]
-        _, _, _, _, info = env.step(actions)
-        alive = t < lengths
-        probs[alive, t] = info["success_prob"][alive]
-    env.close()
+    probs = np.full((len(episodes), max(lengths)), np.nan, dtype=np.float32)
+    t = np.zeros(len(episodes), dtype=np.int64)
+
+    def record(i, obs, action, reward, next_obs, info):
+        probs[i, t[i]] = info["success_prob"]
+        t[i] += 1
+
+    hma_gym.rollout(env, ReplayPolicy([e.actions[:, :action_dim] for e in episodes]), len(episodes),
+                    seeds=[seed + i for i in range(len(episodes))], reset_options=starts,
+                    steps_after_success=10**9, max_steps=lengths, progress=progress,
+                    desc="replay held-out episodes", on_step=record)
     return probs
 
 
@@ -108,26 +107,26 @@ def choose(rows: list[dict], detector_threshold: float) -> dict:
 
 
 def calibrate_success(cfg: CalibrateConfig) -> dict:
-    from hma_gym.envs.learned_env import default_checkpoint
-    from hma_gym.world_model import WorldModel
-
     checkpoint = cfg.checkpoint or str(default_checkpoint())
     if cfg.split not in ("valid", "train"):
         raise ValueError(f"split must be valid or train. Got {cfg.split=}")
     if cfg.repeats < 1 or cfg.max_frames < 1:
         raise ValueError("repeats and max_frames must be >= 1")
-    wm = WorldModel.from_checkpoint(checkpoint, device=cfg.device)
     data = DataConfig(**{k: getattr(cfg, k) for k in DataConfig.__dataclass_fields__})
-    data.image_size = wm.image_size
+    data.image_size = int(load_json(Path(checkpoint) / "config.json")["env"]["image_size"])
     episodes = load_episodes(data, cfg.split, progress=cfg.progress)
     labels = np.array([bool(e.success.any()) for e in episodes])
-    probs = np.concatenate([replay_probabilities(checkpoint, episodes, cfg.seed + 1000 * r, cfg.device,
-                                                 cfg.progress) for r in range(cfg.repeats)])
+    # one row per episode; the success rule is not applied (episodes run to their end)
+    env = HMAVectorEnv(num_envs=len(episodes), checkpoint=checkpoint, device=cfg.device, terminate_on_success=False,
+                       max_episode_steps=10**9)
+    wm = env.sim.wm
+    probs = np.concatenate([replay_probabilities(env, episodes, cfg.seed + 1000 * r, cfg.progress)
+                            for r in range(cfg.repeats)])
+    env.close()
     labels_all = np.tile(labels, cfg.repeats)
     rows = score_rules(probs, labels_all, cfg.thresholds, cfg.max_frames)
     best = choose(rows, wm.threshold)
-    default = next(r for r in rows if r["frames"] == 1 and abs(r["threshold"] - wm.threshold) < 1e-9) \
-        if any(abs(t - wm.threshold) < 1e-9 for t in cfg.thresholds) else None
+    default = next((r for r in rows if r["frames"] == 1 and abs(r["threshold"] - wm.threshold) < 1e-9), None)
     report = {
         "checkpoint": checkpoint,
         "data": cfg.data,
