@@ -31,11 +31,11 @@ def machine() -> dict:
     }
 
 
-def write_result(name: str, payload: dict) -> Path:
+def write_result(name: str, payload: dict, module: str | None = None) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     payload = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               "command": "python -m benchmarks." + name + " " + " ".join(sys.argv[1:]),
+               "command": "python -m benchmarks." + (module or name) + " " + " ".join(sys.argv[1:]),
                "machine": machine(), **payload}
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {path}")

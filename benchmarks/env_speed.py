@@ -3,9 +3,11 @@ env (single; natively batched vector env at N = 1, 4, 16; with and without the k
 generated frame and the achieved FLOP/s against a matmul peak measured in the same run.
 
     python -m benchmarks.env_speed [--steps 200] [--checkpoint DIR] [--skip-learned]
+    python -m benchmarks.env_speed --device cuda --skip-gt     # learned rows on a GPU
 
-Writes benchmarks/results/env_speed.json. Ratios between rows are the meaningful numbers on a shared,
-noisy machine; absolute numbers move with its load.
+Writes benchmarks/results/env_speed.json (env_speed_<device>.json for a --device other than cpu).
+Ratios between rows are the meaningful numbers on a shared, noisy machine; absolute numbers move with
+its load.
 """
 
 from __future__ import annotations
@@ -23,8 +25,15 @@ import hma_gym  # noqa: F401
 from benchmarks.common import write_result
 
 
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def time_steps(env, steps: int, seed: int = 0, vector: bool = False) -> float:
-    """Env steps per second over `steps` random-action steps (resets excluded; N steps per vector step)."""
+    """Env steps per second over `steps` random-action steps (resets excluded; N steps per vector step).
+
+    A step returns numpy arrays, so it has finished on the device when it returns."""
     rng = np.random.default_rng(seed)
     n = env.num_envs if vector else 1
     shape = (n, 7) if vector else (7,)
@@ -43,13 +52,18 @@ def time_steps(env, steps: int, seed: int = 0, vector: bool = False) -> float:
     return done * n / elapsed
 
 
-def matmul_peak(size: int = 1024, repeats: int = 20) -> float:
-    """fp32 GFLOP/s of a square matmul with torch's current thread count (best of `repeats`)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_peak(size: int = 1024, repeats: int = 20, device: str = "cpu") -> float:
+    """fp32 GFLOP/s of a square matmul on `device` (CPU: torch's current thread count), best of `repeats`."""
+    if device != "cpu":
+        size = 8192
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    torch.mm(a, b)
     best = float("inf")
     for _ in range(repeats):
+        sync(device)
         t0 = time.perf_counter()
         torch.mm(a, b)
+        sync(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * size**3 / best / 1e9
 
@@ -80,15 +94,17 @@ def trunk_time(wm, steps: int, cached: bool, repeats: int = 5) -> float:
     model = wm.dynamics
     window = model.config.max_frames - 1
     g = model.config.grid
-    tokens = torch.randint(0, model.config.vocab_size, (1, g, g))
-    states = torch.zeros(1, wm.state_dim)
-    action = torch.zeros(1, wm.action_dim)
+    dev = wm.device
+    tokens = torch.randint(0, model.config.vocab_size, (1, g, g), device=dev)
+    states = torch.zeros(1, wm.state_dim, device=dev)
+    action = torch.zeros(1, wm.action_dim, device=dev)
     ids = wm._ids(1)
     full = model.new_cache(1)
     for _ in range(window):
         model.append_frame(full, tokens, states, action, ids)
     best = float("inf")
     for _ in range(repeats):
+        sync(str(dev))
         t0 = time.perf_counter()
         if cached:
             model.generate_frame(full, action, ids, steps=steps)
@@ -98,7 +114,8 @@ def trunk_time(wm, steps: int, cached: bool, repeats: int = 5) -> float:
                 cache = model.new_cache(1)
                 for _ in range(window):
                     model.append_frame(cache, tokens, states, action, ids)
-                model.predict_frame(cache, tokens, torch.ones(1, g, g, dtype=torch.bool), action, ids)
+                model.predict_frame(cache, tokens, torch.ones(1, g, g, dtype=torch.bool, device=dev), action, ids)
+        sync(str(dev))
         best = min(best, time.perf_counter() - t0)
     return best
 
@@ -123,8 +140,10 @@ def flatness(env, steps: int, block: int = 100) -> dict:
             "ms_per_step_by_block": times, "rss_mb_first_block": rss[0], "rss_mb_last_block": rss[-1]}
 
 
-def learned_rows(steps: int, checkpoint: str | None, long_steps: int) -> tuple[list[dict], dict]:
+def learned_rows(steps: int, checkpoint: str | None, long_steps: int, device: str = "cpu",
+                 sizes: tuple[int, ...] = (1, 4, 16)) -> tuple[list[dict], dict]:
     kwargs = {"checkpoint": checkpoint} if checkpoint else {}
+    kwargs["device"] = device
     rows = []
     single = gym.make("HMA-RobomimicLift-v0", **kwargs)
     rows.append({"env": "learned-single", "steps_per_s": time_steps(single, steps)})
@@ -139,12 +158,13 @@ def learned_rows(steps: int, checkpoint: str | None, long_steps: int) -> tuple[l
     t_cached, t_uncached = trunk_time(sim.wm, sim.steps, True), trunk_time(sim.wm, sim.steps, False)
     # the same env step with the trunk's cached cost replaced by its uncached cost
     rows.append({"env": "learned-single-no-kv-cache", "steps_per_s": 1.0 / (t_step - t_cached + t_uncached)})
-    for n in (1, 4, 16):
+    for n in sizes:
         vec = gym.make_vec("HMA-RobomimicLift-v0", num_envs=n, vectorization_mode="vector_entry_point", **kwargs)
         rows.append({"env": f"learned-vector-N{n}", "num_envs": n,
                      "steps_per_s": time_steps(vec, max(20, steps // n), vector=True)})
         vec.close()
     info = {
+        "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
         "checkpoint": str(sim.checkpoint),
         "params_dynamics_m": sim.wm.dynamics.num_params() / 1e6,
         "unmasking_steps": sim.steps,
@@ -164,24 +184,32 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=200, help="timed steps per configuration")
     parser.add_argument("--checkpoint", default=None, help="learned env checkpoint (default: the shipped one)")
     parser.add_argument("--skip-learned", action="store_true", help="GT rows only")
+    parser.add_argument("--skip-gt", action="store_true", help="learned rows only (no ratios to the GT env)")
+    parser.add_argument("--device", default="cpu", help="device of the learned env (cpu, cuda)")
+    parser.add_argument("--vector-sizes", type=int, nargs="+", default=[1, 4, 16], help="vector env sizes N")
     parser.add_argument("--long-steps", type=int, default=2000,
                         help="steps of the flatness run (time and memory per step over one long episode; 0 = skip)")
     args = parser.parse_args(argv)
-    peak = matmul_peak()
-    rows = gt_rows(args.steps)
-    payload: dict = {"steps": args.steps, "matmul_peak_gflops": peak}
+    if args.skip_gt and args.skip_learned:
+        parser.error("--skip-gt and --skip-learned leave nothing to measure")
+    peak = matmul_peak(device=args.device)
+    rows = [] if args.skip_gt else gt_rows(args.steps)
+    payload: dict = {"steps": args.steps, "matmul_peak_gflops": peak, "device": args.device}
     if not args.skip_learned:
-        learned, info = learned_rows(args.steps, args.checkpoint, args.long_steps)
+        learned, info = learned_rows(args.steps, args.checkpoint, args.long_steps, args.device,
+                                     tuple(args.vector_sizes))
         rows += learned
         info["fraction_of_matmul_peak"] = info["achieved_gflops_single"] / peak
         payload["learned"] = info
-    gt64 = next(r for r in rows if r["env"] == "gt-64px")["steps_per_s"]
+    gt64 = next((r["steps_per_s"] for r in rows if r["env"] == "gt-64px"), None)
     for r in rows:
         r["ms_per_step"] = 1000 / r["steps_per_s"]
-        r["ratio_to_gt_64px"] = r["steps_per_s"] / gt64
-        print(f"{r['env']:40s} {r['steps_per_s']:8.1f} steps/s {r['ms_per_step']:7.1f} ms x{r['ratio_to_gt_64px']:.2f}")
+        if gt64:
+            r["ratio_to_gt_64px"] = r["steps_per_s"] / gt64
+        print(f"{r['env']:40s} {r['steps_per_s']:8.1f} steps/s {r['ms_per_step']:7.1f} ms"
+              + (f" x{r['ratio_to_gt_64px']:.2f}" if gt64 else ""))
     payload["rows"] = rows
-    if not args.skip_learned:
+    if gt64 and not args.skip_learned and 16 in args.vector_sizes:
         by = {r["env"]: r["steps_per_s"] for r in rows}
         info = payload["learned"]
         payload["targets"] = {
@@ -190,7 +218,8 @@ def main(argv: list[str] | None = None) -> dict:
             "kv_cache_speedup_env_step": by["learned-single"] / by["learned-single-no-kv-cache"],
             "kv_cache_speedup_trunk": info["trunk_ms_per_frame_uncached"] / info["trunk_ms_per_frame_cached"],
         }
-    write_result("env_speed", payload)
+    write_result("env_speed" if args.device == "cpu" else f"env_speed_{args.device.split(':')[0]}", payload,
+                 module="env_speed")
     return payload
 
 

@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                        "train the success detector on ground-truth success labels"),
     "train-tokenizer": ("training.tokenizer", "TokenizerTrainConfig", "train_tokenizer",
                         "train the FSQ image tokenizer on a file's frames"),
+    "tokenize": ("training.tokens", "TokenizeConfig", "tokenize",
+                 "pre-tokenise robomimic files into a small cache for `train --tokens` (e.g. on another machine)"),
     "train": ("training.dynamics", "DynamicsTrainConfig", "train_dynamics",
               "train the HMA world model on a robomimic file (needs a trained tokenizer)"),
     "pack": ("training.pack", "PackConfig", "pack",

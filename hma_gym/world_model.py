@@ -116,7 +116,7 @@ class WorldModel(nn.Module):
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, g, g) -> uint8 (B, H, W, 3) frames."""
-        return self.tokenizer.decode_uint8(tokens)
+        return self.tokenizer.decode_uint8(tokens.to(self.device))
 
     # ------------------------------------------------------------------ dynamics
     def new_cache(self, batch_size: int) -> HMACache:

@@ -1,4 +1,9 @@
-"""`hma-gym collect`: roll a scripted expert (with noise and failure modes) in the GT env into HDF5."""
+"""`hma-gym collect`: roll a policy in the GT env into robomimic HDF5.
+
+The default policy is the scripted expert with action noise and failure modes; `--policy` records any
+other policy instead (e.g. an imperfect Diffusion Policy checkpoint, so that the world model sees the
+failures such policies make: the paper trains on successful and failed interactions alike).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import gymnasium as gym
 
 import hma_gym
 from hma_gym.data.hdf5 import RobomimicWriter, list_demos, validate_file
+from policies.registry import SCRIPTED, load_policy
 from policies.scripted import LiftExpert, LiftExpertConfig
 
 TASK_IDS = {"lift": "RobomimicLift-v0"}
@@ -23,6 +29,8 @@ class CollectConfig:
     """Output HDF5 file; an existing file is appended to."""
     task: str = "lift"
     """Task name (lift)."""
+    policy: str = "expert"
+    """expert (scripted, with noise and failure modes), random, dp-lift, a DP checkpoint dir or sb3:ALGO:PATH."""
     episodes: int = 200
     """Number of episodes to add."""
     seed: int = 0
@@ -54,20 +62,26 @@ def collect(cfg: CollectConfig) -> dict:
     env_id = TASK_IDS[cfg.task]
     env = gym.make(env_id, image_size=cfg.image_size, terminate_on_success=False)
     env_args = env.unwrapped.env_args()
-    env_args.update(env_id=env_id, synthetic=False, collector="lift-expert",
-                    expert={"action_noise": cfg.action_noise, "failure_probs": cfg.failure_probs})
+    scripted = cfg.policy in SCRIPTED
+    env_args.update(env_id=env_id, synthetic=False, collector="lift-expert" if scripted else cfg.policy)
+    if scripted:
+        env_args["expert"] = {"action_noise": cfg.action_noise, "failure_probs": cfg.failure_probs}
     writer = RobomimicWriter(cfg.out, env_args, valid_every=cfg.valid_every)
     already = len(list_demos(cfg.out))
-    expert = LiftExpert(env, LiftExpertConfig(action_noise=cfg.action_noise, failure_probs=cfg.failure_probs),
-                        seed=cfg.seed + already)
+    if scripted:
+        policy = LiftExpert(env, LiftExpertConfig(action_noise=cfg.action_noise, failure_probs=cfg.failure_probs),
+                            seed=cfg.seed + already)
+    else:
+        policy = load_policy(cfg.policy, env, seed=cfg.seed + already)
     t0 = time.perf_counter()
-    result = hma_gym.rollout(env, expert, cfg.episodes, seeds=cfg.seed + already, writer=writer,
+    result = hma_gym.rollout(env, policy, cfg.episodes, seeds=cfg.seed + already, writer=writer,
                              steps_after_success=cfg.steps_after_success, progress=cfg.progress, desc="collect")
     minutes = (time.perf_counter() - t0) / 60
     env.close()
     summary = validate_file(cfg.out)
     report = {
         "out": cfg.out,
+        "policy": cfg.policy,
         "episodes_added": cfg.episodes,
         "success_rate": result.success_rate,
         "mean_length": result.mean_length,

@@ -25,6 +25,9 @@ class DataConfig:
 
     data: str = "data/lift.hdf5"
     """robomimic-layout HDF5 file."""
+    extra_data: tuple[str, ...] = ()
+    """More robomimic files of the same embodiment and keys (e.g. GT rollouts of imperfect policies); their
+    demos join each split of `data`."""
     image_key: str = "agentview_image"
     """Camera observation key (after key_map)."""
     proprio_keys: tuple[str, ...] = DEFAULT_PROPRIO_KEYS
@@ -57,7 +60,7 @@ class Episode:
     tokens: np.ndarray | None = None  # (L+1, g, g) int16, filled by pre-tokenisation
 
     def __len__(self) -> int:
-        return len(self.frames)
+        return len(self.states)
 
 
 def resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
@@ -71,21 +74,29 @@ def resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
 
 
 def load_episodes(cfg: DataConfig, split: str | None, progress: bool = False) -> list[Episode]:
-    """Episodes of one split ("train", "valid" or None for all) as arrays in memory."""
-    validate_file(cfg.data)
-    names = list_demos(cfg.data, split)
-    if cfg.max_demos:
-        names = names[: cfg.max_demos]
-    if not names:
-        raise DatasetError(f"{cfg.data}: no demos in split {split!r}")
+    """Episodes of one split ("train", "valid" or None for all) as arrays in memory.
+
+    Demos of `cfg.extra_data` files follow those of `cfg.data`, named `file:demo_N`; `max_demos`
+    applies per file.
+    """
+    sources = []
+    for i, path in enumerate((cfg.data, *cfg.extra_data)):
+        validate_file(path)
+        names = list_demos(path, split)
+        if cfg.max_demos:
+            names = names[: cfg.max_demos]
+        sources += [(path, name, name if i == 0 else f"{path}:{name}") for name in names]
+    if not sources:
+        files = ", ".join((cfg.data, *cfg.extra_data))
+        raise DatasetError(f"{files}: no demos in split {split!r}")
     file_key = {k: cfg.key_map.get(k, k) for k in (cfg.image_key, *cfg.proprio_keys)}
     episodes = []
-    for name in tqdm(names, desc=f"load {split or 'all'}", disable=not progress):
-        demo = read_demo(cfg.data, name, keys=list(file_key.values()), next_obs=True)
+    for path, name, label in tqdm(sources, desc=f"load {split or 'all'}", disable=not progress):
+        demo = read_demo(path, name, keys=list(file_key.values()), next_obs=True)
         obs, nxt = demo["obs"], demo["next_obs"]
         for key, fk in file_key.items():
             if fk not in obs or fk not in nxt:
-                raise DatasetError(f"{cfg.data}/{name}: no observation {fk!r} (for {key!r}); set key_map")
+                raise DatasetError(f"{path}/{name}: no observation {fk!r} (for {key!r}); set key_map")
         frames = np.concatenate([obs[file_key[cfg.image_key]], nxt[file_key[cfg.image_key]][-1:]])
         states = np.concatenate(
             [np.concatenate([obs[file_key[k]], nxt[file_key[k]][-1:]]).reshape(len(frames), -1)
@@ -98,7 +109,7 @@ def load_episodes(cfg: DataConfig, split: str | None, progress: bool = False) ->
         n_frames = (len(actions)) // k + 1
         idx = np.arange(n_frames) * k
         episodes.append(Episode(
-            name=name,
+            name=label,
             frames=resize_frames(frames[idx], cfg.image_size),
             states=states[idx],
             actions=actions[: (n_frames - 1) * k].reshape(n_frames - 1, -1),

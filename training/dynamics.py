@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hma_gym.checkpoint import save_module, save_tensors
+from hma_gym.checkpoint import save_module, save_tensors, weights_hash
 from hma_gym.models.hma import HMA_PRESETS, EmbodimentSpec, make_hma
 from hma_gym.world_model import WorldModel, load_tokenizer
 from training.data import DataConfig, Normalizer, load_episodes, sample_windows, window_batch
 from training.evaluate import eval_windows, fidelity_report, tokenize_episodes
 from training.loop import LoopConfig, train_loop
+from training.tokens import TokenCacheError, load_token_cache
 
 
 @dataclass
@@ -25,6 +26,9 @@ class DynamicsTrainConfig(LoopConfig, DataConfig):
     """Run directory; dynamics.safetensors, dynamics.json and normalization.safetensors are written here."""
     tokenizer: str = "runs/tokenizer"
     """Directory of a trained tokenizer (train-tokenizer)."""
+    tokens: str = ""
+    """A token cache from `hma-gym tokenize` made with this tokenizer: its episodes of --data and --extra-data
+    are read from it instead of from the files."""
     preset: str = "small"
     """Model size preset (tiny, small, base, xl)."""
     d_model: int = 0
@@ -78,12 +82,33 @@ def build_model(cfg: DynamicsTrainConfig, vocab_size: int, grid: int, action_dim
     )
 
 
+def select_files(episodes: list, cfg: DynamicsTrainConfig, cache_meta: dict) -> list:
+    """The cached episodes that come from cfg.data and cfg.extra_data (a cache may hold more files)."""
+    cached = cache_meta["data"]
+    if cached["data"] != cfg.data:
+        raise TokenCacheError(f"{cfg.tokens} was made from {cached['data']}, not --data {cfg.data}")
+    missing = set(cfg.extra_data) - set(cached["extra_data"])
+    if missing:
+        raise TokenCacheError(f"{cfg.tokens} holds no episodes of {sorted(missing)} (it has {cached['extra_data']})")
+    keep = set(cfg.extra_data)
+    return [e for e in episodes if ":" not in e.name or e.name.rsplit(":", 1)[0] in keep]
+
+
 def train_dynamics(cfg: DynamicsTrainConfig) -> dict:
     tokenizer = load_tokenizer(cfg.tokenizer)
     data = cfg.data_config()
     data.image_size = tokenizer.cfg.image_size
-    train_eps = load_episodes(data, "train", progress=cfg.progress)
-    valid_eps = load_episodes(data, "valid", progress=cfg.progress)
+    sources = {"data": cfg.data, "extra_data": list(cfg.extra_data)}
+    if cfg.tokens:
+        splits, cache_meta = load_token_cache(cfg.tokens)
+        if cache_meta.get("tokenizer_hash") != weights_hash(cfg.tokenizer):
+            raise TokenCacheError(f"{cfg.tokens} was made by another tokenizer than {cfg.tokenizer} "
+                                  f"({cache_meta.get('tokenizer')}); rerun `hma-gym tokenize`")
+        train_eps, valid_eps = (select_files(splits[s], cfg, cache_meta) for s in ("train", "valid"))
+        sources["tokens"] = cfg.tokens
+    else:
+        train_eps = load_episodes(data, "train", progress=cfg.progress)
+        valid_eps = load_episodes(data, "valid", progress=cfg.progress)
     norm = Normalizer.fit(train_eps)
 
     torch.manual_seed(cfg.seed)
@@ -113,12 +138,13 @@ def train_dynamics(cfg: DynamicsTrainConfig) -> dict:
 
     def export_fn(model, step: int) -> None:
         meta = {"hma": model.config.to_dict(), "embodiment": cfg.embodiment, "trained_steps": step,
-                "data": cfg.data, "image_key": cfg.image_key, "proprio_keys": list(cfg.proprio_keys),
+                **sources, "image_key": cfg.image_key, "proprio_keys": list(cfg.proprio_keys),
                 "action_stride": cfg.action_stride, "tokenizer": cfg.tokenizer}
         save_module(cfg.out, "dynamics", model, meta)
         save_tensors(Path(cfg.out) / "normalization.safetensors", norm_tensors)
 
-    run_config = {"command": "train", **asdict(cfg), "params": model.num_params()}
+    run_config = {"command": "train", **asdict(cfg), "params": model.num_params(),
+                  "train_episodes": len(train_eps), "valid_episodes": len(valid_eps)}
     metrics = train_loop(cfg, model, batch_fn, loss_fn, eval_fn, export_fn, run_config, desc="dynamics")
     report = {"out": cfg.out, "params": model.num_params(), **metrics}
     Path(cfg.out, "report.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -28,12 +28,14 @@ def eval_windows(episodes: list[Episode], T: int, stride: int) -> list[tuple[int
     return [(i, s) for i, e in enumerate(episodes) for s in range(0, len(e) - T + 1, stride)]
 
 
-def tokenize_episodes(wm: WorldModel, episodes: list[Episode], batch: int = 256) -> None:
-    """Fill `episode.tokens` with the world model's tokenizer codes (int16)."""
+def tokenize_episodes(encoder: WorldModel | torch.nn.Module, episodes: list[Episode], batch: int = 256) -> None:
+    """Fill `episode.tokens` with tokenizer codes (int16); `encoder` is a world model or a tokenizer."""
+    device = next(encoder.parameters()).device
     for e in episodes:
         if e.tokens is not None:
             continue
-        out = [wm.encode(torch.from_numpy(e.frames[i : i + batch])).cpu() for i in range(0, len(e), batch)]
+        out = [encoder.encode(torch.from_numpy(e.frames[i : i + batch]).to(device)).cpu()
+               for i in range(0, len(e), batch)]
         e.tokens = torch.cat(out).numpy().astype(np.int16)
 
 
