@@ -95,7 +95,7 @@ def main() -> None:
         runs.append(launch(name, a, root, plan[name], ["--eval-every", str(quarter), "--save-every", str(quarter)]))
     for (name, _), (proc, run_dir) in zip(args.run, runs, strict=True):
         try:
-            proc.wait(timeout=max(10, args.budget * 1.5 - (time.perf_counter() - t0)))
+            proc.wait(timeout=max(10, args.budget * 1.3 - (time.perf_counter() - t0)))
         except subprocess.TimeoutExpired:
             proc.kill()
             print(f"{name}: over time, killed (its last save is kept)", flush=True)
