@@ -3,10 +3,11 @@ each evaluated on the same initial states in the GT env and (paired reset) in th
 success comes from its own success detector.
 
     python -m benchmarks.policy_eval_correlation --policies runs/dp_lift/iter_100 runs/dp_lift/iter_300 ... \
-        [--episodes 50] [--seed 20000] [--checkpoint DIR] [--num-envs 16]
+        [--episodes 50] [--seed 20000] [--checkpoint DIR --tag NAME] [--num-envs 16] [--reuse]
 
-Writes benchmarks/results/policy_eval_correlation.json (pearson, spearman, mmrv, per-policy success in
-both sims, wall times) and policy_eval_correlation.png (scatter).
+Writes benchmarks/results/policy_eval_correlation[_TAG].json (pearson, spearman, mmrv, per-policy success
+in both sims, wall times) and a scatter PNG of the same name. Per-policy reports go to outputs/correlation/
+(`NAME_gt.json`, shared by every checkpoint, and `NAME_learned[_TAG].json`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 from pathlib import Path
 
 from benchmarks.common import RESULTS, write_result
+from hma_gym.checkpoint import weights_hash
 from hma_gym.metrics import mmrv, pearson, spearman
 from policies.evaluate import EvaluateConfig, evaluate
 
@@ -71,19 +73,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--episodes", type=int, default=50)
     parser.add_argument("--seed", type=int, default=20_000, help="episode seeds seed..seed+n (held out)")
     parser.add_argument("--checkpoint", default="", help="learned env checkpoint (default: the shipped one)")
+    parser.add_argument("--tag", default="", help="suffix of result files and learned-env reports (another checkpoint)")
     parser.add_argument("--num-envs", type=int, default=16)
     parser.add_argument("--reuse", action="store_true",
                         help="reuse per-policy reports in outputs/correlation/ made with the same episodes and seed")
     args = parser.parse_args(argv)
     names = args.names or [p.rstrip("/").split("/")[-1] for p in args.policies]
     rows, wall = [], {"gt_s": 0.0, "learned_s": 0.0}
+    suffix = f"_{args.tag}" if args.tag else ""
     for spec, name in zip(args.policies, names, strict=True):
         out = Path("outputs/correlation") / name  # per-policy reports (not committed)
         gt_cfg = EvaluateConfig(policy=spec, env="RobomimicLift-v0", episodes=args.episodes, seed=args.seed,
                                 out=str(out) + "_gt.json")
         learned_cfg = EvaluateConfig(policy=spec, env="HMA-RobomimicLift-v0", episodes=args.episodes, seed=args.seed,
                                      checkpoint=args.checkpoint, num_envs=args.num_envs,
-                                     out=str(out) + "_learned.json")
+                                     out=str(out) + f"_learned{suffix}.json")
         gt, learned = (reuse_or_evaluate(c, args.reuse) for c in (gt_cfg, learned_cfg))
         wall["gt_s"] += gt["wall_time_s"]
         wall["learned_s"] += learned["wall_time_s"]
@@ -98,9 +102,10 @@ def main(argv: list[str] | None = None) -> dict:
     stats = {"pearson": pearson(gt_rates, learned_rates), "spearman": spearman(gt_rates, learned_rates),
              "mmrv": mmrv(gt_rates, learned_rates)}
     payload = {**stats, "episodes_per_policy": args.episodes, "seeds": [args.seed, args.seed + args.episodes - 1],
-               "checkpoint": learned["checkpoint"], "policies": rows, "wall_time": wall}
-    scatter(rows, RESULTS / "policy_eval_correlation.png", stats)
-    write_result("policy_eval_correlation", payload)
+               "checkpoint": learned["checkpoint"], "checkpoint_weights_hash": weights_hash(learned["checkpoint"]),
+               "policies": rows, "wall_time": wall}
+    scatter(rows, RESULTS / f"policy_eval_correlation{suffix}.png", stats)
+    write_result(f"policy_eval_correlation{suffix}", payload, module="policy_eval_correlation")
     return payload
 
 

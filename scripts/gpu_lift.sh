@@ -13,10 +13,10 @@ nvidia-smi -L
 T="--tokens data/lift_dp_tokens.safetensors --data data/lift.hdf5 --tokenizer runs/tokenizer --patch-size 2"
 T="$T --prompt-frames 1 --batch-size 64 --warmup 300 --eval-windows 24 --bf16 --device cuda"
 X="--extra-data data/dp_a.hdf5 data/dp_b.hdf5"
-python3 scripts/parallel_train.py --budget "${BUDGET:-330}" --out "$out" \
+"${PYTHON:-python3}" scripts/parallel_train.py --budget "${BUDGET:-330}" --out "$out" --root runs/gpu \
   --run dp "$T $X --d-model 160 --n-layer 4 --n-head 4 --lr 1.5e-3" \
   --run expert "$T --d-model 160 --n-layer 4 --n-head 4 --lr 1.5e-3" \
   --run dp_large "$T $X --d-model 256 --n-layer 8 --n-head 8 --lr 1e-3" 2>&1 | tee "$out/train.log"
-python3 -m benchmarks.env_speed --device cuda --skip-gt --steps 200 --long-steps 500 --vector-sizes 1 4 16 64 \
+"${PYTHON:-python3}" -m benchmarks.env_speed --device cuda --skip-gt --steps 200 --long-steps 500 --vector-sizes 1 4 16 64 \
   2>&1 | grep -v WARN | tail -12
 cp benchmarks/results/env_speed_cuda.json "$out/"

@@ -130,6 +130,7 @@ def calibrate_success(cfg: CalibrateConfig) -> dict:
     report = {
         "checkpoint": checkpoint,
         "data": cfg.data,
+        "extra_data": list(cfg.extra_data),
         "split": cfg.split,
         "episodes": len(episodes),
         "successful_episodes": int(labels.sum()),
@@ -146,7 +147,7 @@ def calibrate_success(cfg: CalibrateConfig) -> dict:
         config.setdefault("generation", {}).update(
             {"success_threshold": best["threshold"], "success_frames": best["frames"]})
         config.setdefault("provenance", {})["success_calibration"] = {
-            k: report[k] for k in ("data", "split", "episodes", "successful_episodes", "repeats")} | {
+            k: report[k] for k in ("data", "extra_data", "split", "episodes", "successful_episodes", "repeats")} | {
             "balanced_accuracy": best["balanced_accuracy"], "accuracy": best["accuracy"]}
         save_json(config_path, config)
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
