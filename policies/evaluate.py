@@ -11,6 +11,7 @@ import gymnasium as gym
 import numpy as np
 
 import hma_gym
+from hma_gym.checkpoint import weights_hash
 from hma_gym.metrics import wilson_interval
 from hma_gym.video import label, write_video
 from policies.registry import load_policy
@@ -103,6 +104,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         "env": cfg.env,
         "learned": learned,
         "checkpoint": str(env.unwrapped.sim.checkpoint) if learned else None,
+        "checkpoint_weights_hash": weights_hash(env.unwrapped.sim.checkpoint) if learned else None,
         "episodes": cfg.episodes,
         "seeds": [seeds[0], seeds[-1]],
         "success_rate": result.success_rate,

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from hma_gym.cli import main
@@ -68,3 +69,17 @@ def test_episode_confusion_by_hand():
     learned = [{"success": s} for s in (True, False, True, True, False)]
     assert episode_confusion(gt, learned) == {"per_episode_agreement": 0.4, "gt_fail_learned_success": 2,
                                               "gt_success_learned_fail": 1}
+
+
+def test_bootstrap_intervals_of_the_correlation():
+    from benchmarks.policy_eval_correlation import bootstrap
+
+    rng = np.random.default_rng(0)
+    rates = [0.1, 0.3, 0.5, 0.7, 0.9]
+    gt = [list(rng.random(50) < r) for r in rates]
+    same = bootstrap(gt, gt, 200)  # a sim that agrees episode by episode: every resample is perfect
+    assert same["pearson"] == pytest.approx([1.0, 1.0]) and same["mmrv"] == [0.0, 0.0] and same["resamples"] == 200
+    noise = [list(rng.random(50) < 0.5) for _ in rates]  # verdicts unrelated to the GT ones
+    unrelated = bootstrap(gt, noise, 200)
+    assert unrelated["pearson"][0] < 0 < unrelated["pearson"][1]
+    assert unrelated["mmrv"][1] > 0.1
