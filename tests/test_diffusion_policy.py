@@ -34,22 +34,28 @@ def _obs(rng, n=None):
             "robot0_gripper_qpos": rng.normal(size=(*lead, 2)).astype(np.float32)}
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    """8 synthetic demos without MuJoCo `states` (as the learned simulator writes them); smooth actions."""
-    path = tmp_path_factory.mktemp("dp") / "synthetic.hdf5"
+def _write_demos(path: Path, episodes: int, first_seed: int = 0, size: int = SIZE, shift: float = 0.0) -> Path:
+    """Demos without MuJoCo `states` (as the learned simulator writes them); smooth actions."""
     writer = RobomimicWriter(path, {"env_name": "Lift", "type": 1, "env_kwargs": {}, "synthetic": True},
                              valid_every=4)
-    for e in range(8):
+    for e in range(first_seed, first_seed + episodes):
         rng = np.random.default_rng(e)
         ep = writer.new_episode()
-        n = 12 + e
+        n = 12 + e % 8
         for t in range(n):
             obs = _obs(rng)
-            action = np.clip(np.sin(0.3 * t + np.arange(7) + e), -1, 1)
+            if size != SIZE:
+                obs["agentview_image"] = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+            action = np.clip(np.sin(0.3 * t + np.arange(7) + e), -1, 1) + shift
             ep.add_step(obs, action, float(t == n - 1), t == n - 1, obs)
         writer.write_episode(ep)
     return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """8 synthetic demos."""
+    return _write_demos(tmp_path_factory.mktemp("dp") / "synthetic.hdf5", 8)
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +143,35 @@ def test_interrupted_run_resumes_exactly(data, run, tmp_path):
     for name in ("policy.safetensors", "iter_10/policy.safetensors"):
         a, b = load_file(str(run / name)), load_file(str(out / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_mixed_real_and_extra_files(data, tmp_path):
+    """--extra-data: demos of more files join the training set (the synthetic-data study's mixes); the
+    normaliser is fitted on every file's rows; files of another image size are refused."""
+    from safetensors.torch import load_file
+
+    extra = _write_demos(tmp_path / "extra.hdf5", 6, first_seed=100, shift=2.0)  # actions beyond the file's
+    extra_rows = sum(len(read_demo(extra, n)["actions"]) for n in list_demos(extra)[:4])
+    out = tmp_path / "mixed"
+    main(["train-policy", "--data", str(data), "--out", str(out), "--steps", "6", "--max-demos", "3",
+          "--extra-data", str(extra), "--extra-max-demos", "4", *TRAIN_ARGS])
+    meta = json.loads((out / "policy.json").read_text())["info"]
+    assert meta["train_demos"] == 7 and meta["extra_demos"] == [4] and meta["extra_data"] == [str(extra)]
+    own_rows = sum(len(read_demo(data, n)["actions"]) for n in list_demos(data, "train")[:3])
+    assert meta["train_windows"] == own_rows + extra_rows  # one window per time step
+    # the extra demos' actions reach the fitted normaliser: its range covers their (shifted) extremes
+    high = load_file(str(out / "policy.safetensors"))["normalizer.action.high"].numpy()
+    extra_max = np.max([read_demo(extra, n)["actions"].max(0) for n in list_demos(extra)[:4]], 0)
+    assert (extra_max > 1.5).all() and np.allclose(high, extra_max, atol=1e-5)
+    log = _log(out)
+    assert all(np.isfinite(r["loss"]) for r in log if r["event"] == "train")
+
+    with pytest.raises(Exception, match="differ in shape"):
+        main(["train-policy", "--data", str(data), "--out", str(tmp_path / "bad"), "--steps", "2",
+              "--extra-data", str(_write_demos(tmp_path / "big.hdf5", 2, size=20)), *TRAIN_ARGS])
+    with pytest.raises(Exception, match="no demos under mask/nope"):
+        main(["train-policy", "--data", str(data), "--out", str(tmp_path / "bad2"), "--steps", "2",
+              "--extra-data", str(extra), "--extra-filter-key", "nope", *TRAIN_ARGS])
 
 
 def test_save_load_round_trip_same_actions(run, tmp_path):

@@ -194,7 +194,7 @@ def test_synthesize_replays_held_out_actions_and_resumes(tiny_checkpoint, tiny_d
 
     out = tmp_path / "synth.hdf5"
     args = ["synthesize", "--actions", str(tiny_data), "--out", str(out), "--checkpoint", str(tiny_checkpoint),
-            "--split", "all", "--num-envs", "3", "--no-progress"]
+            "--split", "all", "--num-envs", "3", "--valid-every", "0", "--no-progress"]
     main([*args, "--episodes", "2"])  # an "interrupted" run: 2 of the 8 demos
     assert validate_file(out)["demos"] == 2
     main(args)  # resumes: only the remaining 6
@@ -206,6 +206,7 @@ def test_synthesize_replays_held_out_actions_and_resumes(tiny_checkpoint, tiny_d
         sources = sorted(f[f"data/{n}"].attrs["source_demo"] for n in list_demos(out))
         assert "states" not in f["data/demo_0"]
     assert sources == sorted(list_demos(tiny_data))
+    assert len(list_demos(out, "valid")) == 0 and len(list_demos(out, "train")) == 8  # --valid-every 0
     # each synthetic episode is as long as its source and starts from its first observation
     with h5py.File(out, "r") as f:
         first = f["data/demo_0"]

@@ -77,6 +77,12 @@ class PolicyTrainConfig(LoopConfig, DiffusionPolicyArch):
     """Upper bound of the EMA decay."""
     eval_samples: int = 64
     """Held-out windows of the evaluation (fixed across evaluations)."""
+    extra_data: tuple[str, ...] = ()
+    """More robomimic files (e.g. synthetic ones from `hma-gym synthesize`) whose demos join the training set."""
+    extra_filter_key: str = ""
+    """Demos of each extra file to use (mask/<key>); empty = every demo of the file."""
+    extra_max_demos: int = 0
+    """Use the first n demos (of the extra filter key) of each extra file only (0 = all)."""
 
     def __post_init__(self):
         LoopConfig.__post_init__(self)
@@ -84,8 +90,10 @@ class PolicyTrainConfig(LoopConfig, DiffusionPolicyArch):
         self.proprio_keys = tuple(self.proprio_keys)
         self.encoder_channels = tuple(int(c) for c in self.encoder_channels)
         self.down_dims = tuple(int(d) for d in self.down_dims)
-        if self.max_demos < 0:
-            raise ValueError(f"max_demos must be >= 0 (0 = all). Got {self.max_demos=}")
+        self.extra_data = tuple(str(p) for p in self.extra_data)
+        if self.max_demos < 0 or self.extra_max_demos < 0:
+            raise ValueError(f"max_demos and extra_max_demos must be >= 0 (0 = all). "
+                             f"Got {self.max_demos=}, {self.extra_max_demos=}")
         bad = [s for s in self.save_at if not 1 <= s <= self.steps]
         if bad:
             raise ValueError(f"save_at steps must be in 1..steps={self.steps}. Got save_at={self.save_at}")
@@ -184,11 +192,18 @@ def collate(ds, indices: np.ndarray, cfg: PolicyTrainConfig) -> dict[str, torch.
 
 
 def demo_arrays(ds, cfg: PolicyTrainConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Every (proprio, action) row of the dataset's demos, from robomimic's in-memory cache."""
-    proprio = np.concatenate([np.concatenate([np.asarray(ds.hdf5_cache[ep]["obs"][k], np.float32).reshape(
-        int(ds.hdf5_cache[ep]["attrs"]["num_samples"]), -1) for k in cfg.proprio_keys], -1) for ep in ds.demos])
-    actions = np.concatenate([np.asarray(ds.hdf5_cache[ep]["actions"], np.float32) for ep in ds.demos])
+    """Every (proprio, action) row of the dataset's demos, from robomimic's in-memory cache (a
+    `ConcatDataset` of several files: every part's rows)."""
+    parts = getattr(ds, "datasets", [ds])
+    proprio = np.concatenate([np.concatenate([np.asarray(d.hdf5_cache[ep]["obs"][k], np.float32).reshape(
+        int(d.hdf5_cache[ep]["attrs"]["num_samples"]), -1) for k in cfg.proprio_keys], -1)
+        for d in parts for ep in d.demos])
+    actions = np.concatenate([np.asarray(d.hdf5_cache[ep]["actions"], np.float32) for d in parts for ep in d.demos])
     return proprio, actions
+
+
+def count_demos(ds) -> int:
+    return sum(d.n_demos for d in getattr(ds, "datasets", [ds]))
 
 
 def has_demos(path: str | os.PathLike, key: str) -> bool:
@@ -242,6 +257,19 @@ def train_policy(cfg: PolicyTrainConfig) -> dict:
     if filter_key is not None and not has_demos(cfg.data, filter_key):
         raise DatasetError(f"{cfg.data}: no demos under mask/{filter_key} (--filter-key)")
     train = open_windows(cfg.data, cfg, filter_key, cfg.max_demos)
+    extra_key = cfg.extra_filter_key or None
+    extras = []
+    for path in cfg.extra_data:
+        if not Path(path).is_file():
+            raise DatasetError(f"{path}: file does not exist (--extra-data)")
+        if extra_key is not None and not has_demos(path, extra_key):
+            raise DatasetError(f"{path}: no demos under mask/{extra_key} (--extra-filter-key)")
+        extras.append(open_windows(path, cfg, extra_key, cfg.extra_max_demos))
+    if extras:
+        shapes = {tuple(np.shape(d[0]["obs"][cfg.image_key])) for d in [train, *extras]}
+        if len(shapes) > 1:
+            raise DatasetError(f"--data and --extra-data images differ in shape: {sorted(shapes)}")
+        train = torch.utils.data.ConcatDataset([train, *extras])
     valid = open_windows(cfg.data, cfg, cfg.valid_key) if cfg.valid_key and has_demos(cfg.data, cfg.valid_key) \
         else None
 
@@ -262,7 +290,10 @@ def train_policy(cfg: PolicyTrainConfig) -> dict:
     out = Path(cfg.out)
     is_main = int(os.environ.get("RANK", "0")) == 0
     info = {"data": str(cfg.data), "filter_key": cfg.filter_key, "max_demos": cfg.max_demos,
-            "train_demos": train.n_demos, "train_windows": len(train), "ema": cfg.ema}
+            "train_demos": count_demos(train), "train_windows": len(train), "ema": cfg.ema}
+    if extras:
+        info.update(extra_data=list(cfg.extra_data), extra_filter_key=cfg.extra_filter_key,
+                    extra_max_demos=cfg.extra_max_demos, extra_demos=[d.n_demos for d in extras])
     exported_at: set[int] = set()
     span = policy_cfg.image_size - policy_cfg.crop_size + 1
 
@@ -314,8 +345,8 @@ def train_policy(cfg: PolicyTrainConfig) -> dict:
     run_config = {**to_jsonable(cfg), "policy": policy_cfg.to_dict(), "policy_params": model.num_params(), **info}
     t0 = time.perf_counter()
     last = train_loop(cfg, trainee, batch_fn, loss_fn, eval_fn, export_fn, run_config, desc="policy")
-    result = {**last, "params": model.num_params(), "train_demos": train.n_demos, "train_windows": len(train),
-              "wall_s": time.perf_counter() - t0, "out": str(out)}
+    result = {**last, "params": model.num_params(), "train_demos": count_demos(train),
+              "train_windows": len(train), "wall_s": time.perf_counter() - t0, "out": str(out)}
     if is_main:
         save_json(out / "metrics.json", to_jsonable(result))
         print(json.dumps(to_jsonable(result), indent=2))

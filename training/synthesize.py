@@ -52,6 +52,8 @@ class SynthesizeConfig:
     """Seed of the learned env's sampling (and of the policy's starts)."""
     max_steps: int = 100
     """Episode length limit in policy mode."""
+    valid_every: int = 10
+    """Every n-th synthetic episode goes to mask/valid (0 = none: every episode is a training one)."""
     progress: bool = True
     """Show a progress bar."""
 
@@ -60,8 +62,9 @@ class SynthesizeConfig:
             raise ValueError("give --actions FILE (replay) or --policy P (policy mode)")
         if self.split not in ("valid", "train", "all"):
             raise ValueError(f"split must be valid, train or all. Got {self.split=}")
-        if self.num_envs < 1 or self.episodes < 0:
-            raise ValueError(f"num_envs must be >= 1 and episodes >= 0. Got {self.num_envs=}, {self.episodes=}")
+        if self.num_envs < 1 or self.episodes < 0 or self.valid_every < 0:
+            raise ValueError(f"num_envs must be >= 1, episodes and valid_every >= 0. "
+                             f"Got {self.num_envs=}, {self.episodes=}, {self.valid_every=}")
 
 
 def _done_sources(path: str) -> set[str]:
@@ -89,7 +92,7 @@ def synthesize(cfg: SynthesizeConfig) -> dict:
         "source": cfg.actions or None,
         "policy": cfg.policy or None,
     }
-    writer = RobomimicWriter(cfg.out, env_args)
+    writer = RobomimicWriter(cfg.out, env_args, valid_every=cfg.valid_every)
     image_key = sim.image_key
     if cfg.policy:
         n = cfg.episodes or 50
