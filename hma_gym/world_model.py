@@ -145,7 +145,7 @@ class WorldModel(nn.Module):
         s = (states.to(self.device).float() - self.state_mean) / self.state_std
         a = None if prev_actions is None else self._norm_action(prev_actions)
         self.dynamics.append_frame(cache, tokens.to(self.device), s, a, self._ids(len(tokens)), action_valid,
-                                   rows=None if rows is None else rows.to(self.device))
+                                   rows=None if rows is None else rows.to(self.device), return_hidden=False)
 
     @torch.no_grad()
     def generate(

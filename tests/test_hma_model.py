@@ -408,3 +408,53 @@ def test_row_masked_append_leaves_other_rows_untouched() -> None:
     for before, after in zip(keys, cache.k, strict=True):
         assert torch.equal(before[0], after[0]) and torch.equal(before[2], after[2])
         assert not torch.equal(before[1], after[1])
+
+
+def test_sample_categorical_matches_the_distribution():
+    """The generator's token sampler: frequencies follow the (unnormalised) probabilities, entries of
+    probability 0 are never drawn, and a seeded generator repeats its draws."""
+    from hma_gym.models.hma import sample_categorical
+
+    probs = torch.tensor([[0.0, 1.0, 3.0, 0.0, 4.0], [5.0, 0.0, 0.0, 0.0, 0.0]]).repeat(20000, 1)  # (40000, 5)
+    draws = sample_categorical(probs, torch.Generator().manual_seed(0))
+    assert draws.dtype == torch.long and draws.shape == (40000,)
+    first, second = draws[0::2], draws[1::2]
+    assert (second == 0).all()
+    freq = torch.bincount(first, minlength=5).float() / len(first)
+    assert freq[0] == 0 and freq[3] == 0
+    torch.testing.assert_close(freq, torch.tensor([0.0, 0.125, 0.375, 0.0, 0.5]), atol=0.012, rtol=0)
+    again = sample_categorical(probs, torch.Generator().manual_seed(0))
+    assert torch.equal(draws, again)
+
+
+def test_append_without_hidden_stores_the_same_keys_and_values() -> None:
+    """return_hidden=False (what the env uses) stops the last layer at its keys/values: same cache."""
+    model = tiny_model(perturb=True).eval()
+    batch = make_batch([0, 1, 0])
+    full, lean = model.new_cache(3), model.new_cache(3)
+    append_all(model, full, batch, range(3))
+    for t in range(3):
+        action = batch["actions"][:, t - 1] if t > 0 else None
+        out = model.append_frame(lean, batch["tokens"][:, t], batch["states"][:, t], action, batch["embodiment_ids"],
+                                 return_hidden=False)
+        assert out is None
+    assert torch.equal(full.pos, lean.pos)
+    for a, b in zip(full.k + full.v, lean.k + lean.v, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("patch_size", [1, 2])
+def test_token_logits_match_the_full_head(patch_size: int) -> None:
+    """generate_frame computes logits only for the tokens it samples: the same values as the full head."""
+    model = tiny_model(perturb=True, patch_size=patch_size).eval()
+    batch = make_batch([0, 1])
+    cache = model.new_cache(2)
+    append_all(model, cache, batch, range(2))
+    mask = torch.rand(2, model.n_image, generator=torch.Generator().manual_seed(0)) < 0.5
+    tokens = batch["tokens"][:, 2].flatten(1)
+    h, _, _ = model._cached_pass(cache, tokens, mask, None, batch["actions"][:, 1], batch["embodiment_ids"], None)
+    g = model.config.grid
+    full, _ = model.predict_frame(cache, tokens.view(2, g, g), mask.view(2, g, g), batch["actions"][:, 1],
+                                  batch["embodiment_ids"])
+    rows, cols = mask.nonzero(as_tuple=True)
+    torch.testing.assert_close(model._token_logits(h, rows, cols), full[rows, cols], atol=1e-5, rtol=1e-5)

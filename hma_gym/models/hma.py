@@ -190,15 +190,34 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale) + shift
 
 
-def rope(x: Tensor, pos: Tensor) -> Tensor:
-    """Rotary position embedding over frames. x: (B, N, H, F, hd), pos: (B, F) absolute frame indices."""
-    hd = x.shape[-1]
-    # angles in float32 (no buffer, so model.to(bfloat16) cannot degrade them)
-    inv_freq = 10000.0 ** (-torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd)
-    angles = pos.to(torch.float32)[:, None, None, :, None] * inv_freq  # (B, 1, 1, F, hd/2)
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+def rope_table(pos: Tensor, hd: int) -> tuple[Tensor, Tensor]:
+    """cos and sin of the rotary angles for absolute frame indices pos (B, F): each (B, 1, 1, F, hd/2),
+    float32 (no buffer, so model.to(bfloat16) cannot degrade them). One table serves every layer."""
+    inv_freq = 10000.0 ** (-torch.arange(0, hd, 2, device=pos.device, dtype=torch.float32) / hd)
+    angles = pos.to(torch.float32)[:, None, None, :, None] * inv_freq
+    return angles.cos(), angles.sin()
+
+
+def rope(x: Tensor, pos: Tensor, table: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """Rotary position embedding over frames. x: (B, N, H, F, hd), pos: (B, F) absolute frame indices
+    (or their precomputed ``rope_table``)."""
+    cos, sin = table if table is not None else rope_table(pos, x.shape[-1])
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+def sample_categorical(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One draw from each row of probs (N, V) (non-negative, rows need not sum to 1) -> (N,) long.
+
+    Inverse-CDF sampling: one uniform per row against the row's cumulative sums. The same distribution
+    as ``torch.multinomial(probs, 1)``, which on CPU draws an exponential variate for every entry of
+    every row (N x V of them) and was a fifth of a learned-env step; this draws N.
+    """
+    cdf = probs.float().cumsum(-1)  # (N, V)
+    u = torch.rand(cdf.shape[0], 1, device=cdf.device, generator=generator) * cdf[:, -1:]
+    # the first index whose cumulative sum exceeds u: index i with probability probs[i] / sum
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1).squeeze(-1)
 
 
 def attend_past_and_self(
@@ -253,13 +272,14 @@ class TemporalAttention(nn.Module):
         self.proj = nn.Linear(config.d_model, config.d_model)
 
     def forward(
-        self, x: Tensor, pos: Tensor, n_clean: int, past: tuple[Tensor, Tensor, Tensor] | None = None
+        self, x: Tensor, pos: Tensor, n_clean: int, past: tuple[Tensor, Tensor, Tensor] | None = None,
+        table: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         B, Fr, N, D = x.shape
         dropout = self.dropout if self.training else 0.0
         qkv = self.qkv(x.transpose(1, 2))  # (B, N, F, 3D)
         q, k, v = qkv.unflatten(-1, (3, self.n_head, -1)).permute(3, 0, 1, 4, 2, 5)  # each (B, N, H, F, hd)
-        q, k = rope(q, pos), rope(k, pos)
+        q, k = rope(q, pos, table), rope(k, pos, table)
         if past is not None:
             k_past, v_past, valid = past  # (B, N, H, W, hd), (B, N, H, W, hd), (B, W)
             y = attend_past_and_self(q, k, v, k_past, v_past, valid[:, None, None, None, :], dropout)
@@ -276,6 +296,14 @@ class TemporalAttention(nn.Module):
                 y = torch.cat([y, ym], dim=3)  # (B, N, H, F, hd)
         y = y.permute(0, 3, 1, 2, 4).reshape(B, Fr, N, D)
         return self.proj(y), (k, v)
+
+    def kv(self, x: Tensor, pos: Tensor, table: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """Only the keys and values ``forward`` would return (no queries, no attention): what a cache
+        append needs from the last layer."""
+        D = x.shape[-1]
+        kv = F.linear(x.transpose(1, 2), self.qkv.weight[D:], self.qkv.bias[D:])  # (B, N, F, 2D)
+        k, v = kv.unflatten(-1, (2, self.n_head, -1)).permute(3, 0, 1, 4, 2, 5)  # each (B, N, H, F, hd)
+        return rope(k, pos, table), v
 
 
 class MLP(nn.Module):
@@ -306,13 +334,18 @@ class Block(nn.Module):
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(D, 9 * D))
 
     def forward(
-        self, x: Tensor, c: Tensor, pos: Tensor, n_clean: int, past: tuple[Tensor, Tensor, Tensor] | None
+        self, x: Tensor, c: Tensor, pos: Tensor, n_clean: int, past: tuple[Tensor, Tensor, Tensor] | None,
+        kv_only: bool = False, table: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        # x: (B, F, N, D), c: (B, F, D): one modulation per frame, shared by its N tokens
+        """x: (B, F, N, D), c: (B, F, D): one modulation per frame, shared by its N tokens.
+        ``kv_only``: stop at the temporal keys/values (returned x is the input of the temporal sub-layer's
+        residual, not the block's output). ``table``: ``rope_table(pos)``, shared by the layers."""
         mods = self.ada(c).unsqueeze(2).chunk(9, dim=-1)  # 9 x (B, F, 1, D)
         sh1, sc1, g1, sh2, sc2, g2, sh3, sc3, g3 = mods
         x = x + g1 * self.resid_dropout(self.spatial(modulate(self.norm1(x), sh1, sc1)))
-        y, kv = self.temporal(modulate(self.norm2(x), sh2, sc2), pos, n_clean, past)
+        if kv_only:
+            return x, self.temporal.kv(modulate(self.norm2(x), sh2, sc2), pos, table)
+        y, kv = self.temporal(modulate(self.norm2(x), sh2, sc2), pos, n_clean, past, table)
         x = x + g2 * self.resid_dropout(y)
         x = x + g3 * self.mlp(modulate(self.norm3(x), sh3, sc3))
         return x, kv
@@ -631,14 +664,18 @@ class HMA(nn.Module):
         return x + self.pos_emb.to(x.dtype), cond
 
     def _trunk(
-        self, x: Tensor, c: Tensor, pos: Tensor, n_clean: int, cache: HMACache | None = None
+        self, x: Tensor, c: Tensor, pos: Tensor, n_clean: int, cache: HMACache | None = None,
+        kv_only: bool = False,
     ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
-        """x (B, F, N, D), c (B, F, D), pos (B, F) -> hidden (B, F, N, D) and each layer's temporal (k, v)."""
+        """x (B, F, N, D), c (B, F, D), pos (B, F) -> hidden (B, F, N, D) and each layer's temporal (k, v).
+        ``kv_only``: the last layer stops at its keys/values, and the hidden returned is not the output."""
         valid = cache.valid() if cache is not None else None
         kvs = []
+        last = len(self.blocks) - 1
+        table = rope_table(pos, self.config.d_model // self.config.n_head)
         for layer, block in enumerate(self.blocks):
             past = (cache.k[layer], cache.v[layer], valid) if cache is not None else None
-            x, kv = block(x, c, pos, n_clean, past)
+            x, kv = block(x, c, pos, n_clean, past, kv_only=kv_only and layer == last, table=table)
             kvs.append(kv)
         return x, kvs
 
@@ -868,11 +905,13 @@ class HMA(nn.Module):
         action: Tensor | None,
         embodiment_ids: Tensor,
         action_valid: Tensor | None,
+        kv_only: bool = False,
     ) -> tuple[Tensor, list[tuple[Tensor, Tensor]], list[tuple[str, Tensor]]]:
         """One frame per row against the cache (read only).
 
         tokens (B, G), image_mask (B, G), state (B, S) or None (masked), action a_{t-1} (B, A) or None.
-        Returns hidden (B, N, D), each layer's (k, v) of this frame and the embodiment groups.
+        Returns hidden (B, N, D) (not the output if ``kv_only``), each layer's (k, v) of this frame and
+        the embodiment groups.
         """
         B = tokens.shape[0]
         if B != cache.batch_size:
@@ -893,7 +932,7 @@ class HMA(nn.Module):
         state_emb = self._embed_states(groups, state[:, None])  # (B, 1, D)
         mode = torch.where(action_valid.to(torch.bool), ACTION_VISIBLE, ACTION_NONE)[:, None]  # (B, 1)
         x, c = self._frame_inputs(tokens[:, None], image_mask[:, None], act_tok, act_cond, mode, state_emb, state_mask)
-        h, kvs = self._trunk(x, c, cache.pos[:, None], n_clean=0, cache=cache)
+        h, kvs = self._trunk(x, c, cache.pos[:, None], n_clean=0, cache=cache, kv_only=kv_only)
         return h[:, 0], kvs, groups
 
     @torch.no_grad()
@@ -906,18 +945,21 @@ class HMA(nn.Module):
         embodiment_ids: Tensor,
         action_valid: Tensor | None = None,
         rows: Tensor | None = None,
-    ) -> Tensor:
+        return_hidden: bool = True,
+    ) -> Tensor | None:
         """Run the clean stream on one known frame per row and store its keys/values (dropping the oldest).
 
         tokens (B, g, g) long; state (B, S) normalised, S >= each row's state_dim; action (B, A) = a_{t-1},
         the action that led into this frame, or None at the start of an episode; action_valid (B,) bool
         marks rows whose action is real (e.g. False for rows that just reset); rows (B,) bool: append only
-        to these rows (e.g. the envs of a vector env that just reset). Returns hidden (B, N, D).
+        to these rows (e.g. the envs of a vector env that just reset). Returns hidden (B, N, D), or None
+        with ``return_hidden=False``, which skips the work after the last layer's keys/values.
         """
         image_mask = torch.zeros_like(tokens.flatten(1), dtype=torch.bool)
-        h, kvs, _ = self._cached_pass(cache, tokens.flatten(1), image_mask, state, action, embodiment_ids, action_valid)
+        h, kvs, _ = self._cached_pass(cache, tokens.flatten(1), image_mask, state, action, embodiment_ids, action_valid,
+                                      kv_only=not return_hidden)
         cache.push(kvs, rows)
-        return h
+        return h if return_hidden else None
 
     @torch.no_grad()
     def predict_frame(
@@ -940,6 +982,29 @@ class HMA(nn.Module):
         logits = self._image_logits(h[:, : self.n_slots])  # (B, G, V)
         state = self._predict_states(groups, h[:, None, -1], self.max_state_dim)[:, 0]  # (B, S)
         return logits, state
+
+    def _token_logits(self, h: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+        """Logits of chosen image tokens only: h (B, N, D) hidden of a pass; rows, cols (K,) batch row and
+        row-major token index of each. -> (K, V). The same values as ``_image_logits(h)[rows, cols]``,
+        without the head's matmul for the tokens not asked for (a frame's sampler needs a fraction)."""
+        if not hasattr(self, "_slot_of"):
+            where = self._to_slots(torch.arange(self.n_image))  # (S, p*p): token index at (slot, sub-position)
+            slot_of, sub_of = torch.empty(self.n_image, dtype=torch.long), torch.empty(self.n_image, dtype=torch.long)
+            slot_of[where.flatten()] = torch.arange(self.n_slots).repeat_interleave(self.group)
+            sub_of[where.flatten()] = torch.arange(self.group).repeat(self.n_slots)
+            self._slot_of, self._sub_of = slot_of, sub_of
+        V = self.config.vocab_size
+        slot, sub = self._slot_of.to(cols.device)[cols], self._sub_of.to(cols.device)[cols]
+        x = self.image_norm(h[rows, slot])  # (K, D)
+        weight = self.image_head.weight.view(self.group, V, -1)
+        bias = self.image_head.bias.view(self.group, V)
+        if self.group == 1:
+            return F.linear(x, weight[0], bias[0])
+        # one matmul per sub-position on a contiguous block of the tokens sorted by it, then back in order
+        order = torch.argsort(sub, stable=True)
+        counts = torch.bincount(sub, minlength=self.group).tolist()
+        parts = [F.linear(xj, weight[j], bias[j]) for j, xj in enumerate(x[order].split(counts))]
+        return x.new_empty(len(cols), V).index_copy_(0, order, torch.cat(parts))
 
     @torch.no_grad()
     def generate_frame(
@@ -974,25 +1039,32 @@ class HMA(nn.Module):
             order = torch.rand(B, G, device=device, generator=generator).argsort(-1).argsort(-1)  # (B, G)
         n_masked = G
         for i in range(steps):
-            logits, state = self.predict_frame(
-                cache, tokens.view(B, g, g), ~known.view(B, g, g), action, embodiment_ids, action_valid
-            )
-            logits = logits.float()  # (B, G, V)
+            h, _, groups = self._cached_pass(
+                cache, tokens, ~known, None, action, embodiment_ids, action_valid
+            )  # the masked-stream pass of predict_frame, without the logits of every token
             # cosine schedule: tokens still masked after this iteration; at least one revealed per iteration
             still = math.floor(G * math.cos(0.5 * math.pi * (i + 1) / steps))
             n_masked_before = n_masked
             n_masked = 0 if i == steps - 1 else max(0, min(still, n_masked - 1))
-            if greedy:
-                confidence, sampled = logits.log_softmax(-1).max(-1)  # (B, G)
-                n_reveal = (G - n_masked) - (G - n_masked_before)  # every row has the same number known
-                top = confidence.masked_fill(known, float("-inf")).topk(n_reveal, dim=-1).indices
+            n_reveal = n_masked_before - n_masked  # every row has the same number known
+            if greedy:  # confidence ranks every masked token: all of them need logits
+                rows, cols = (~known).nonzero(as_tuple=True)
+                logp = self._token_logits(h, rows, cols).float().log_softmax(-1)
+                confidence = torch.full((B, G), float("-inf"), device=device)
+                sampled = torch.zeros(B, G, dtype=torch.long, device=device)
+                confidence[rows, cols], sampled[rows, cols] = logp.max(-1)
+                top = confidence.topk(n_reveal, dim=-1).indices
                 reveal = torch.zeros_like(known).scatter_(1, top, True)
-            else:
-                probs = torch.softmax(logits / temperature, dim=-1).flatten(0, 1)  # (B*G, V)
-                sampled = torch.multinomial(probs, 1, generator=generator).view(B, G)
+            else:  # only the tokens this iteration reveals are sampled
                 reveal = (order < G - n_masked) & ~known
+                rows, cols = reveal.nonzero(as_tuple=True)
+                logits = self._token_logits(h, rows, cols).float()  # (B * n_reveal, V)
+                probs = torch.softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
+                sampled = torch.zeros(B, G, dtype=torch.long, device=device)
+                sampled[rows, cols] = sample_categorical(probs, generator)
             tokens = torch.where(reveal, sampled, tokens)
             known = known | reveal
+        state = self._predict_states(groups, h[:, None, -1], self.max_state_dim)[:, 0]  # (B, S)
         return tokens.view(B, g, g), state
 
 
