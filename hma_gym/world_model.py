@@ -108,14 +108,24 @@ class WorldModel(nn.Module):
         return model.to(device).eval()
 
     # ------------------------------------------------------------------ images
+    @property
+    def soft(self) -> bool:
+        """A continuous (mar) world model: its tokens are the tokenizer's latents, not codes."""
+        return self.dynamics.config.soft
+
     @torch.no_grad()
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, H, W, 3) frames -> tokens (B, g, g)."""
+        """uint8 (B, H, W, 3) frames -> tokens (B, g, g); mar: latents (B, g, g, C) float32."""
+        if self.soft:
+            return self.tokenizer.encode_latent(frames.to(self.device)).permute(0, 2, 3, 1).contiguous()
         return self.tokenizer.encode(frames.to(self.device))
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B, g, g) -> uint8 (B, H, W, 3) frames."""
+        """tokens (B, g, g) or latents (B, g, g, C) -> uint8 (B, H, W, 3) frames."""
+        if tokens.is_floating_point():
+            x = self.tokenizer.decode_latent(tokens.to(self.device).permute(0, 3, 1, 2)).clamp(0, 1)
+            return (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
         return self.tokenizer.decode_uint8(tokens.to(self.device))
 
     # ------------------------------------------------------------------ dynamics
@@ -156,11 +166,12 @@ class WorldModel(nn.Module):
         temperature: float = 1.0,
         generator: torch.Generator | None = None,
         greedy: bool = False,
+        diffusion_steps: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample the frame that raw `actions` (B, A) lead to: tokens (B, g, g) and raw states (B, S)."""
         tokens, s = self.dynamics.generate_frame(
             cache, self._norm_action(actions), self._ids(len(actions)), steps=steps, temperature=temperature,
-            generator=generator, greedy=greedy,
+            generator=generator, greedy=greedy, diffusion_steps=diffusion_steps,
         )
         return tokens, s[:, : self.state_dim].float() * self.state_std + self.state_mean
 

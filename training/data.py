@@ -57,7 +57,7 @@ class Episode:
     states: np.ndarray  # (L+1, S) float32
     actions: np.ndarray  # (L, A * stride) float32
     success: np.ndarray  # (L+1,) bool: the task is solved in frame t
-    tokens: np.ndarray | None = None  # (L+1, g, g) int16, filled by pre-tokenisation
+    tokens: np.ndarray | None = None  # (L+1, g, g) int16 codes or (L+1, g, g, C) float16 latents (mar)
 
     def __len__(self) -> int:
         return len(self.states)
@@ -167,6 +167,12 @@ def sample_windows(
     return [(usable[p], int(rng.integers(0, len(episodes[usable[p]]) - T + 1))) for p in picks]
 
 
+def token_tensor(tokens: np.ndarray) -> torch.Tensor:
+    """Stored tokens -> model input: integer codes as int64, soft-token latents (mar) as float32."""
+    t = torch.from_numpy(np.ascontiguousarray(tokens))
+    return t.float() if t.is_floating_point() else t.long()
+
+
 def window_batch(
     episodes: list[Episode],
     windows: list[tuple[int, int]],
@@ -180,12 +186,12 @@ def window_batch(
         e = episodes[i]
         if e.tokens is None:
             raise ValueError(f"episode {e.name} has no tokens; pre-tokenise first")
-        tokens.append(e.tokens[start : start + T].astype(np.int64))
+        tokens.append(e.tokens[start : start + T])
         a = norm.norm_action(e.actions[start : start + T])  # the last frame may have no action
         actions.append(np.pad(a, ((0, T - len(a)), (0, 0))))
         states.append(norm.norm_state(e.states[start : start + T]))
     return {
-        "tokens": torch.from_numpy(np.stack(tokens)),
+        "tokens": token_tensor(np.stack(tokens)),
         "actions": torch.from_numpy(np.stack(actions)).float(),
         "states": torch.from_numpy(np.stack(states)).float(),
         "embodiment_ids": torch.full((len(windows),), embodiment_id, dtype=torch.long),

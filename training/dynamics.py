@@ -20,7 +20,7 @@ from training.tokens import TokenCacheError, load_token_cache
 
 @dataclass
 class DynamicsTrainConfig(LoopConfig, DataConfig):
-    """Train the HMA world model (discrete MaskGIT variant) on a robomimic file."""
+    """Train the HMA world model (discrete MaskGIT or continuous MAR variant) on a robomimic file."""
 
     out: str = "runs/dynamics"
     """Run directory; dynamics.safetensors, dynamics.json and normalization.safetensors are written here."""
@@ -60,12 +60,26 @@ class DynamicsTrainConfig(LoopConfig, DataConfig):
     """Held-out windows for the periodic open-loop evaluation."""
     eval_every: int = 1000
     """Held-out evaluation every n steps."""
+    head: str = "maskgit"
+    """maskgit: discrete tokenizer codes, cross-entropy; mar: the tokenizer's continuous latents (soft
+    tokens), a per-token diffusion head (noise-prediction loss, DDIM sampling)."""
+    diff_width: int = 256
+    """mar: width of the diffusion MLP."""
+    diff_depth: int = 3
+    """mar: residual blocks of the diffusion MLP."""
+    diff_sample_steps: int = 20
+    """mar: DDIM steps per token at generation (the checkpoint's default)."""
+    diff_batch_mul: int = 4
+    """mar: noise draws per masked token per step."""
 
     def __post_init__(self):
         LoopConfig.__post_init__(self)
         DataConfig.__post_init__(self)
         if self.preset not in HMA_PRESETS:
             raise ValueError(f"preset must be one of {sorted(HMA_PRESETS)}. Got {self.preset=}")
+        if self.head == "mar" and self.tokens:
+            raise ValueError("a token cache holds discrete codes; a mar model trains on latents from --data "
+                             "(leave out --tokens)")
         if not self.prompt_frames or min(self.prompt_frames) < 1 or max(self.prompt_frames) >= self.max_frames:
             raise ValueError(f"prompt_frames must lie in [1, max_frames - 1]. Got {self.prompt_frames=}")
 
@@ -73,8 +87,12 @@ class DynamicsTrainConfig(LoopConfig, DataConfig):
         return DataConfig(**{k: getattr(self, k) for k in DataConfig.__dataclass_fields__})
 
 
-def build_model(cfg: DynamicsTrainConfig, vocab_size: int, grid: int, action_dim: int, state_dim: int):
+def build_model(cfg: DynamicsTrainConfig, vocab_size: int, grid: int, action_dim: int, state_dim: int,
+                latent_dim: int = 4):
     overrides = {k: getattr(cfg, k) for k in ("d_model", "n_layer", "n_head") if getattr(cfg, k)}
+    if cfg.head == "mar":
+        overrides.update(head="mar", latent_dim=latent_dim, diff_width=cfg.diff_width, diff_depth=cfg.diff_depth,
+                         diff_sample_steps=cfg.diff_sample_steps, diff_batch_mul=cfg.diff_batch_mul)
     return make_hma(
         cfg.preset, **overrides, vocab_size=vocab_size, grid=grid, patch_size=cfg.patch_size,
         n_action_tokens=cfg.n_action_tokens, max_frames=cfg.max_frames, objective_probs=cfg.objective_probs,
@@ -113,7 +131,7 @@ def train_dynamics(cfg: DynamicsTrainConfig) -> dict:
 
     torch.manual_seed(cfg.seed)
     A, S = train_eps[0].actions.shape[1], train_eps[0].states.shape[1]
-    model = build_model(cfg, tokenizer.codebook_size, tokenizer.cfg.grid, A, S)
+    model = build_model(cfg, tokenizer.codebook_size, tokenizer.cfg.grid, A, S, latent_dim=len(tokenizer.cfg.levels))
     norm_tensors = norm.tensors(prefix=f"{cfg.embodiment}/")
     wm = WorldModel(tokenizer, model, norm_tensors, cfg.embodiment)
     tokenize_episodes(wm, train_eps + valid_eps)

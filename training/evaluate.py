@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from hma_gym.metrics import binary_metrics, psnr, ssim
 from hma_gym.world_model import WorldModel
-from training.data import DataConfig, Episode, load_episodes
+from training.data import DataConfig, Episode, load_episodes, token_tensor
 
 
 def eval_windows(episodes: list[Episode], T: int, stride: int) -> list[tuple[int, int]]:
@@ -29,14 +29,16 @@ def eval_windows(episodes: list[Episode], T: int, stride: int) -> list[tuple[int
 
 
 def tokenize_episodes(encoder: WorldModel | torch.nn.Module, episodes: list[Episode], batch: int = 256) -> None:
-    """Fill `episode.tokens` with tokenizer codes (int16); `encoder` is a world model or a tokenizer."""
+    """Fill `episode.tokens` with tokenizer codes (int16), or latents (float16) for a soft-token (mar) world
+    model; `encoder` is a world model or a tokenizer."""
     device = next(encoder.parameters()).device
     for e in episodes:
         if e.tokens is not None:
             continue
         out = [encoder.encode(torch.from_numpy(e.frames[i : i + batch]).to(device)).cpu()
                for i in range(0, len(e), batch)]
-        e.tokens = torch.cat(out).numpy().astype(np.int16)
+        out = torch.cat(out)
+        e.tokens = out.numpy().astype(np.float16 if out.is_floating_point() else np.int16)
 
 
 @torch.no_grad()
@@ -66,7 +68,7 @@ def open_loop(
     for b0 in range(0, len(windows), batch_size):
         chunk = windows[b0 : b0 + batch_size]
         eps = [(episodes[i], s) for i, s in chunk]
-        tok = torch.from_numpy(np.stack([e.tokens[s : s + T] for e, s in eps]).astype(np.int64))
+        tok = token_tensor(np.stack([e.tokens[s : s + T] for e, s in eps]))
         st = torch.from_numpy(np.stack([e.states[s : s + T] for e, s in eps]))
         if actions is None:
             act = torch.from_numpy(np.stack([e.actions[s : s + T - 1] for e, s in eps]))
@@ -101,7 +103,7 @@ def first_step_perplexity(wm: WorldModel, episodes: list[Episode], windows: list
     model = wm.dynamics
     for b0 in range(0, len(windows), batch_size):
         eps = [(episodes[i], s) for i, s in windows[b0 : b0 + batch_size]]
-        tok = torch.from_numpy(np.stack([e.tokens[s : s + n_prompt + 1] for e, s in eps]).astype(np.int64))
+        tok = token_tensor(np.stack([e.tokens[s : s + n_prompt + 1] for e, s in eps]))
         st = torch.from_numpy(np.stack([e.states[s : s + n_prompt] for e, s in eps]))
         act = torch.from_numpy(np.stack([e.actions[s : s + n_prompt] for e, s in eps]))
         cache = wm.new_cache(len(eps))
@@ -128,8 +130,8 @@ def fidelity_report(wm: WorldModel, episodes: list[Episode], windows: list[tuple
     p = psnr(res["pred"], res["gt"]).reshape(n, n_gen)
     s = ssim(res["pred"], res["gt"]).reshape(n, n_gen)
     copy = psnr(np.repeat(res["prompt_last"][:, None], n_gen, 1), res["gt"]).reshape(n, n_gen)
-    recon = wm.decode(torch.from_numpy(np.stack(
-        [episodes[i].tokens[st + 4 : st + 12] for i, st in windows]).astype(np.int64)).flatten(0, 1)).cpu().numpy()
+    recon = wm.decode(token_tensor(np.stack(
+        [episodes[i].tokens[st + 4 : st + 12] for i, st in windows])).flatten(0, 1)).cpu().numpy()
     ceiling = psnr(recon, res["gt"].reshape(-1, *res["gt"].shape[2:])).reshape(n, n_gen)
     # controllability: last-frame PSNR with the true actions minus the mean over random action sequences
     rng = np.random.default_rng(seed)
@@ -151,7 +153,7 @@ def fidelity_report(wm: WorldModel, episodes: list[Episode], windows: list[tuple
         "delta_psnr": float(delta.mean()),
         "last_frame_psnr": float(p[:, -1].mean()),
         "last_frame_psnr_random_actions": float(np.mean(last_random)),
-        "perplexity": first_step_perplexity(wm, episodes, windows, batch_size=batch_size),
+        "perplexity": None if wm.soft else first_step_perplexity(wm, episodes, windows, batch_size=batch_size),
         "eef_pos_mae_m": float(state_err[..., :3].mean()),
         "state_mae": float(state_err.mean()),
         "generation_s_per_frame": seconds / (n * n_gen),
@@ -183,7 +185,7 @@ def free_run_report(wm: WorldModel, episodes: list[Episode], horizon: int = 100,
         actions[b, n:, -1] = e.actions[n - 1, -1]
     gen = torch.Generator(device=wm.device).manual_seed(seed)
     cache = wm.new_cache(B)
-    first = torch.from_numpy(np.stack([e.tokens[0] for e in eps]).astype(np.int64))
+    first = token_tensor(np.stack([e.tokens[0] for e in eps]))
     wm.observe(cache, first, torch.from_numpy(np.stack([e.states[0] for e in eps])))
     frames = [np.stack([e.frames[0] for e in eps])]
     for t in range(horizon):

@@ -53,6 +53,9 @@ __all__ = [
 OBJECTIVES = ("forward", "full", "passive", "policy")
 """Masking objectives, see ``HMA.forward``."""
 
+IMAGE_HEADS = ("maskgit", "mar")
+"""Image heads of ``HMAConfig.head``."""
+
 # how the action slot of a frame is filled
 ACTION_NONE, ACTION_VISIBLE, ACTION_MASKED = 0, 1, 2
 
@@ -113,6 +116,24 @@ class HMAConfig:
     """Weight of the action MSE ("full" and "policy" objectives)."""
     embodiments: dict[str, EmbodimentSpec] = field(default_factory=dict)
     """Robots by name; each gets its own action/state stems and heads."""
+    head: str = "maskgit"
+    """Image head: "maskgit" (discrete codes, cross-entropy, sampled from logits) or "mar" (continuous
+    latents, "soft tokens", a per-token diffusion MLP conditioned on the trunk output, as in MAR)."""
+    latent_dim: int = 4
+    """mar: channels of one latent cell (the tokenizer's pre-quantisation channels); a trunk token holds
+    patch_size**2 cells."""
+    latent_scale: float = 0.5
+    """mar: latents are multiplied by this before the diffusion head (about unit variance)."""
+    diff_width: int = 256
+    """mar: width of the diffusion MLP."""
+    diff_depth: int = 3
+    """mar: residual adaLN blocks of the diffusion MLP."""
+    diff_train_steps: int = 1000
+    """mar: diffusion steps of the noise schedule (training)."""
+    diff_sample_steps: int = 20
+    """mar: DDIM steps per token at generation (a keyword of ``generate_frame`` too)."""
+    diff_batch_mul: int = 4
+    """mar: noise draws per masked token and training step (MAR's diffusion batch multiplier)."""
 
     def __post_init__(self) -> None:
         # from_dict / JSON give plain dicts
@@ -154,6 +175,19 @@ class HMAConfig:
             raise ValueError(f"action_loss_weight must be >= 0. Got {self.action_loss_weight=}")
         for name in self.embodiments:
             _check_embodiment_name(name)
+        if self.head not in IMAGE_HEADS:
+            raise ValueError(f"head must be one of {IMAGE_HEADS}. Got {self.head=}")
+        if self.head == "mar" and min(self.latent_dim, self.diff_width, self.diff_depth, self.diff_train_steps,
+                                      self.diff_sample_steps, self.diff_batch_mul) < 1:
+            raise ValueError("latent_dim, diff_width, diff_depth, diff_train_steps, diff_sample_steps and "
+                             "diff_batch_mul must be >= 1")
+        if self.latent_scale <= 0:
+            raise ValueError(f"latent_scale must be positive. Got {self.latent_scale=}")
+
+    @property
+    def soft(self) -> bool:
+        """True for the continuous ("mar") variant: image tokens are float latents (..., latent_dim)."""
+        return self.head == "mar"
 
     @property
     def image_slots(self) -> int:
@@ -393,6 +427,48 @@ class EmbodimentModules(nn.Module):
         return self.state_head(self.state_norm(h))
 
 
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding of diffusion steps t (K,) -> (K, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs
+    return torch.cat([args.cos(), args.sin(), torch.zeros_like(args[:, : dim % 2])], dim=-1)
+
+
+class DiffusionMLP(nn.Module):
+    """MAR's per-token denoiser: noisy token x_t (K, dim), step t (K,), trunk output z (K, cond_dim) ->
+    predicted noise (K, dim). Residual MLP blocks, each modulated (adaLN-Zero) by embed(t) + proj(z)."""
+
+    def __init__(self, dim: int, cond_dim: int, width: int, depth: int):
+        super().__init__()
+        self.width = width
+        self.inp = nn.Linear(dim, width)
+        self.t_emb = MLP(width, width, width)
+        self.c_emb = nn.Linear(cond_dim, width)
+        self.norms = nn.ModuleList([nn.LayerNorm(width, elementwise_affine=False, eps=1e-6) for _ in range(depth)])
+        self.mlps = nn.ModuleList([MLP(width, width, width) for _ in range(depth)])
+        self.ada = nn.ModuleList([nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width)) for _ in range(depth)])
+        self.final_norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.out = nn.Linear(width, dim)
+
+    def zero_init(self) -> None:
+        for ada in [*self.ada, self.final_ada]:
+            nn.init.zeros_(ada[-1].weight)
+            nn.init.zeros_(ada[-1].bias)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: Tensor, t: Tensor, z: Tensor) -> Tensor:
+        c = self.t_emb(timestep_embedding(t, self.width).to(x.dtype)) + self.c_emb(z)
+        h = self.inp(x)
+        for norm, mlp, ada in zip(self.norms, self.mlps, self.ada, strict=True):
+            shift, scale, gate = ada(c).chunk(3, dim=-1)
+            h = h + gate * mlp(modulate(norm(h), shift, scale))
+        shift, scale = self.final_ada(c).chunk(2, dim=-1)
+        return self.out(modulate(self.final_norm(h), shift, scale))
+
+
 def _init_weights(module: nn.Module) -> None:
     if isinstance(module, nn.Linear):
         nn.init.normal_(module.weight, std=0.02)
@@ -502,8 +578,11 @@ class HMA(nn.Module):
         self.config = replace(config, embodiments=dict(config.embodiments))  # add_embodiment edits our copy
         D, G = config.d_model, config.grid * config.grid
         self.n_image, self.n_slots, self.group = G, config.image_slots, config.patch_size**2
-        # one table per position inside a patch group; code vocab_size of each table is [MASK]
-        self.tok_emb = nn.Embedding(self.group * (config.vocab_size + 1), D)
+        if config.soft:  # a trunk token embeds its patch's latents; [MASK] is a learned vector
+            self.latent_in = nn.Linear(self.group * config.latent_dim, D)
+            self.image_mask_emb = nn.Parameter(torch.zeros(D))
+        else:  # one table per position inside a patch group; code vocab_size of each table is [MASK]
+            self.tok_emb = nn.Embedding(self.group * (config.vocab_size + 1), D)
         self.pos_emb = nn.Parameter(torch.zeros(config.tokens_per_frame, D))  # learned, one per slot
         self.action_mask_emb = nn.Parameter(torch.zeros(D))
         self.state_mask_emb = nn.Parameter(torch.zeros(D))
@@ -511,10 +590,17 @@ class HMA(nn.Module):
         self.no_action_cond = nn.Parameter(torch.zeros(D))
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.image_norm = nn.LayerNorm(D)
-        self.image_head = nn.Linear(D, self.group * config.vocab_size)
+        if config.soft:
+            self.diff_head = DiffusionMLP(self.group * config.latent_dim, D, config.diff_width, config.diff_depth)
+        else:
+            self.image_head = nn.Linear(D, self.group * config.vocab_size)
         self.embodiments = nn.ModuleDict()
+        self._schedulers: dict[str, Any] = {}
 
         self.apply(_init_weights)
+        if config.soft:
+            nn.init.normal_(self.image_mask_emb, std=0.02)
+            self.diff_head.zero_init()
         for p in (self.pos_emb, self.action_mask_emb, self.state_mask_emb):
             nn.init.normal_(p, std=0.02)
         for p in (self.no_action_tokens, self.no_action_cond):
@@ -541,7 +627,7 @@ class HMA(nn.Module):
         _check_embodiment_name(name)
         if name in self.config.embodiments:
             raise ValueError(f"embodiment {name!r} already exists")
-        ref = self.image_head.weight
+        ref = self.pos_emb
         self.embodiments[name] = EmbodimentModules(spec, self.config).to(device=ref.device, dtype=ref.dtype)
         self.config.embodiments[name] = spec
 
@@ -644,14 +730,20 @@ class HMA(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """Assemble the token rows of F frames and their conditioning.
 
-        tokens (B, F, G) long, image_mask (B, F, G) bool, action_tokens (B, F, n, D), action_cond (B, F, D),
+        tokens (B, F, G) long (mar: latents (B, F, G, C)), image_mask (B, F, G) bool, action_tokens (B, F, n, D), action_cond (B, F, D),
         action_mode (B, F) in {ACTION_NONE, ACTION_VISIBLE, ACTION_MASKED}, state_emb (B, F, D),
         state_mask (B, F) bool. Returns x (B, F, N, D) and c (B, F, D).
         """
-        V = self.config.vocab_size
-        codes = self._to_slots(tokens.masked_fill(image_mask, V))  # (B, F, S, p*p), V = [MASK]
-        offset = torch.arange(self.group, device=tokens.device) * (V + 1)
-        img = self.tok_emb(codes + offset).sum(-2)  # (B, F, S, D)
+        if self.config.soft:  # tokens (B, F, G, C) latents; a slot is [MASK] if any of its cells is
+            slot_mask = self._to_slots(image_mask).any(-1)  # (B, F, S)
+            lat = self._latent_slots(tokens) * self.config.latent_scale  # (B, F, S, p*p*C)
+            img = self.latent_in(lat.to(self.latent_in.weight.dtype))
+            img = torch.where(slot_mask[..., None], self.image_mask_emb.to(img.dtype), img)  # (B, F, S, D)
+        else:
+            V = self.config.vocab_size
+            codes = self._to_slots(tokens.masked_fill(image_mask, V))  # (B, F, S, p*p), V = [MASK]
+            offset = torch.arange(self.group, device=tokens.device) * (V + 1)
+            img = self.tok_emb(codes + offset).sum(-2)  # (B, F, S, D)
         visible = (action_mode == ACTION_VISIBLE)[..., None]  # (B, F, 1)
         hidden = torch.where(
             (action_mode == ACTION_MASKED)[..., None, None], self.action_mask_emb, self.no_action_tokens
@@ -693,6 +785,27 @@ class HMA(nn.Module):
         x = x.reshape(*lead, g // p, g // p, p, p, V).transpose(-4, -3)  # (..., g/p, p, g/p, p, V)
         return x.reshape(*lead, g * g, V)
 
+    def _latent_slots(self, x: Tensor) -> Tensor:
+        """(..., g*g, C) row-major latent cells -> (..., S, p*p*C) one vector per trunk token."""
+        return self._to_slots(x.movedim(-1, -2)).movedim(-3, -1).flatten(-2)  # (..., S, p*p, C) -> flat
+
+    def _latent_cells(self, x: Tensor) -> Tensor:
+        """Inverse of ``_latent_slots``: (..., S, p*p*C) -> (..., g*g, C)."""
+        return self._from_slots(x.unflatten(-1, (self.group, -1)))
+
+    def _slot_to_token_mask(self, slot_mask: Tensor) -> Tensor:
+        """(..., S) bool per trunk token -> (..., g*g) bool per image cell."""
+        return self._from_slots(slot_mask[..., None, None].expand(*slot_mask.shape, self.group, 1))[..., 0]
+
+    def _flat_tokens(self, tokens: Tensor, lead: int) -> Tensor:
+        """(lead dims, g, g) codes -> (lead, G); mar: (lead, g, g, C) latents -> (lead, G, C)."""
+        g, G = self.config.grid, self.n_image
+        want = (g, g, self.config.latent_dim) if self.config.soft else (g, g)
+        if tuple(tokens.shape[lead:]) != want:
+            kind = "latents" if self.config.soft else "tokens"
+            raise ValueError(f"{kind} must be (..., {', '.join(map(str, want))}). Got {tuple(tokens.shape)}")
+        return tokens.reshape(*tokens.shape[:lead], G, *want[2:])
+
     def _image_logits(self, h: Tensor) -> Tensor:
         """h (..., S, D) image-slot outputs -> logits (..., g*g, V) for every image token."""
         logits = self.image_head(self.image_norm(h))  # (..., S, p*p*V)
@@ -711,14 +824,15 @@ class HMA(nn.Module):
         Same inputs as ``forward``; appending these frames one by one to a fresh cache gives the same outputs.
         """
         B, T = tokens.shape[:2]
+        tokens = self._flat_tokens(tokens, 2)
         groups = self._groups(embodiment_ids)
         prev_actions, action_valid = self._shift_actions(actions, action_valid)
         act_tok, act_cond = self._embed_actions(groups, prev_actions)
         state_emb = self._embed_states(groups, states)
         mode = torch.where(action_valid, ACTION_VISIBLE, ACTION_NONE)
-        no_mask = torch.zeros_like(tokens.flatten(2), dtype=torch.bool)
+        no_mask = torch.zeros(tokens.shape[:3], dtype=torch.bool, device=tokens.device)
         x, c = self._frame_inputs(
-            tokens.flatten(2),
+            tokens,
             no_mask,
             act_tok,
             act_cond,
@@ -796,19 +910,17 @@ class HMA(nn.Module):
         accuracy (of the argmax on masked image tokens).
         """
         cfg = self.config
-        tokens = batch["tokens"].flatten(2)  # (B, T, G)
+        tokens = self._flat_tokens(batch["tokens"], 2)  # (B, T, G) codes, mar: (B, T, G, C) latents
         actions, states, ids, n_prompt = (
             batch["actions"],
             batch["states"],
             batch["embodiment_ids"],
             batch["n_prompt"],
         )
-        B, T, G = tokens.shape
+        B, T, G = tokens.shape[:3]
         device = tokens.device
         if T > cfg.max_frames:
             raise ValueError(f"batch has {T} frames but max_frames is {cfg.max_frames}")
-        if G != self.n_image:
-            raise ValueError(f"tokens must be (B, T, {cfg.grid}, {cfg.grid}). Got {tuple(batch['tokens'].shape)}")
         n_min, n_max = int(n_prompt.min()), int(n_prompt.max())
         if n_min < 1 or n_max > T - 1:
             raise ValueError(f"n_prompt must be in [1, T-1] = [1, {T - 1}]. Got values in [{n_min}, {n_max}]")
@@ -827,7 +939,11 @@ class HMA(nn.Module):
         clean_mode = torch.where(has_action, ACTION_VISIBLE, ACTION_NONE)
         action_target = has_action & predicted & hide_actions[:, None]  # (B, T) frames whose a_{t-1} is predicted
         masked_mode = torch.where(action_target, ACTION_MASKED, clean_mode)
-        image_mask, _ = sample_image_mask((B, T), G, cfg.min_mask_ratio, device=device)
+        if cfg.soft:  # mar masks whole trunk tokens (a patch of latent cells)
+            slot_mask, _ = sample_image_mask((B, T), self.n_slots, cfg.min_mask_ratio, device=device)
+            image_mask = self._slot_to_token_mask(slot_mask)
+        else:
+            image_mask, _ = sample_image_mask((B, T), G, cfg.min_mask_ratio, device=device)
         image_mask = (image_mask | policy[:, None, None]) & predicted[..., None]  # (B, T, G)
         state_mask = predicted
 
@@ -840,13 +956,20 @@ class HMA(nn.Module):
         # 4. losses on the masked stream's predicted frames
         sl = slice(n_min, T)
         img_mask = image_mask[:, sl]  # (B, T', G)
-        if self.group == 1:  # only the masked tokens need logits
-            logits = self.image_head(self.image_norm(h[:, :, :G][img_mask])).float()  # (M, V)
+        if cfg.soft:
+            slot_mask = self._to_slots(img_mask).any(-1)  # (B, T', S)
+            z = self.image_norm(h[:, :, : self.n_slots][slot_mask])  # (M, D)
+            target = self._latent_slots(tokens[:, sl])[slot_mask] * cfg.latent_scale  # (M, p*p*C)
+            image_loss = self._diffusion_loss(z, target.to(z.dtype))
+            image_metrics = {"diff_mse": image_loss}
         else:
-            logits = self._image_logits(h[:, :, : self.n_slots])[img_mask].float()  # (M, V)
-        target = tokens[:, sl][img_mask]  # (M,)
-        ce = F.cross_entropy(logits, target)
-        accuracy = (logits.argmax(-1) == target).float().mean()
+            if self.group == 1:  # only the masked tokens need logits
+                logits = self.image_head(self.image_norm(h[:, :, :G][img_mask])).float()  # (M, V)
+            else:
+                logits = self._image_logits(h[:, :, : self.n_slots])[img_mask].float()  # (M, V)
+            target = tokens[:, sl][img_mask]  # (M,)
+            image_loss = F.cross_entropy(logits, target)
+            image_metrics = {"ce": image_loss, "accuracy": (logits.argmax(-1) == target).float().mean()}
 
         S = states.shape[-1]
         pred_states = self._predict_states(groups, h[:, :, -1], S)  # (B, T', S)
@@ -859,15 +982,54 @@ class HMA(nn.Module):
         w = action_target[:, sl, None] & self._dim_mask(ids, "action_dim", A)[:, None]
         action_mse = _masked_mse(pred_actions, prev_actions[:, sl], w)
 
-        loss = ce + cfg.state_loss_weight * state_mse + cfg.action_loss_weight * action_mse
-        metrics = {
-            "loss": loss,
-            "ce": ce,
-            "state_mse": state_mse,
-            "action_mse": action_mse,
-            "accuracy": accuracy,
-        }
+        loss = image_loss + cfg.state_loss_weight * state_mse + cfg.action_loss_weight * action_mse
+        metrics = {"loss": loss, **image_metrics, "state_mse": state_mse, "action_mse": action_mse}
         return loss, {k: v.detach() for k, v in metrics.items()}
+
+    # ------------------------------------------------------------------ mar: the diffusion head
+
+    def _scheduler(self, kind: str, sample_steps: int | None = None):
+        """diffusers' DDPM (training: noising) or DDIM (sampling) scheduler of this model's noise schedule."""
+        key = f"{kind}{sample_steps or ''}"
+        if key not in self._schedulers:
+            from diffusers import DDIMScheduler, DDPMScheduler
+
+            kw = dict(num_train_timesteps=self.config.diff_train_steps, beta_schedule="squaredcos_cap_v2",
+                      clip_sample=False, prediction_type="epsilon")
+            if kind == "ddpm":
+                self._schedulers[key] = DDPMScheduler(**kw)
+            else:
+                sched = DDIMScheduler(**kw)
+                sched.set_timesteps(sample_steps)
+                self._schedulers[key] = sched
+        return self._schedulers[key]
+
+    def _diffusion_loss(self, z: Tensor, x0: Tensor) -> Tensor:
+        """Noise-prediction MSE of the diffusion head on targets x0 (M, dim) given trunk outputs z (M, D),
+        with ``diff_batch_mul`` noise draws per target."""
+        mul = self.config.diff_batch_mul
+        z, x0 = z.repeat(mul, 1), x0.repeat(mul, 1)
+        t = torch.randint(0, self.config.diff_train_steps, (len(x0),), device=x0.device)
+        noise = torch.randn_like(x0)
+        sched = self._scheduler("ddpm")
+        alphas = sched.alphas_cumprod.to(device=x0.device, dtype=torch.float32)[t][:, None]
+        xt = (alphas.sqrt() * x0.float() + (1 - alphas).sqrt() * noise.float()).to(x0.dtype)
+        return F.mse_loss(self.diff_head(xt, t, z).float(), noise.float())
+
+    @torch.no_grad()
+    def _diffusion_sample(self, z: Tensor, steps: int, temperature: float, generator: torch.Generator | None,
+                          greedy: bool) -> Tensor:
+        """DDIM (eta 0) from noise of std ``temperature`` (zero noise if greedy) -> tokens (K, dim)."""
+        sched = self._scheduler("ddim", steps)
+        dim = self.diff_head.out.out_features
+        if greedy:
+            x = z.new_zeros(len(z), dim, dtype=torch.float32)
+        else:
+            x = torch.randn(len(z), dim, device=z.device, generator=generator) * temperature
+        for t in sched.timesteps:
+            eps = self.diff_head(x.to(z.dtype), t.to(z.device).expand(len(z)), z).float()
+            x = sched.step(eps, t, x).prev_sample
+        return x
 
     # ------------------------------------------------------------------ inference
 
@@ -879,7 +1041,7 @@ class HMA(nn.Module):
         device / dtype default to the model's parameters.
         """
         cfg = self.config
-        ref = self.image_head.weight
+        ref = self.pos_emb
         device = ref.device if device is None else device
         dtype = ref.dtype if dtype is None else dtype
         # zeros, not empty: masked-out slots are multiplied by probability 0 and must not hold NaNs
@@ -909,15 +1071,13 @@ class HMA(nn.Module):
     ) -> tuple[Tensor, list[tuple[Tensor, Tensor]], list[tuple[str, Tensor]]]:
         """One frame per row against the cache (read only).
 
-        tokens (B, G), image_mask (B, G), state (B, S) or None (masked), action a_{t-1} (B, A) or None.
-        Returns hidden (B, N, D) (not the output if ``kv_only``), each layer's (k, v) of this frame and
-        the embodiment groups.
+        tokens (B, G) (mar: latents (B, G, C)), image_mask (B, G), state (B, S) or None (masked), action
+        a_{t-1} (B, A) or None. Returns hidden (B, N, D) (not the output if ``kv_only``), each layer's (k, v)
+        of this frame and the embodiment groups.
         """
         B = tokens.shape[0]
         if B != cache.batch_size:
             raise ValueError(f"batch size {B} does not match the cache's {cache.batch_size}")
-        if tokens.shape[-1] != self.n_image:
-            raise ValueError(f"tokens must be (B, {self.config.grid}, {self.config.grid}). Got {tuple(tokens.shape)}")
         groups = self._groups(embodiment_ids)
         device = tokens.device
         if action is None:
@@ -949,14 +1109,15 @@ class HMA(nn.Module):
     ) -> Tensor | None:
         """Run the clean stream on one known frame per row and store its keys/values (dropping the oldest).
 
-        tokens (B, g, g) long; state (B, S) normalised, S >= each row's state_dim; action (B, A) = a_{t-1},
+        tokens (B, g, g) long (mar: latents (B, g, g, C)); state (B, S) normalised, S >= each row's state_dim; action (B, A) = a_{t-1},
         the action that led into this frame, or None at the start of an episode; action_valid (B,) bool
         marks rows whose action is real (e.g. False for rows that just reset); rows (B,) bool: append only
         to these rows (e.g. the envs of a vector env that just reset). Returns hidden (B, N, D), or None
         with ``return_hidden=False``, which skips the work after the last layer's keys/values.
         """
-        image_mask = torch.zeros_like(tokens.flatten(1), dtype=torch.bool)
-        h, kvs, _ = self._cached_pass(cache, tokens.flatten(1), image_mask, state, action, embodiment_ids, action_valid,
+        tokens = self._flat_tokens(tokens, 1)
+        image_mask = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        h, kvs, _ = self._cached_pass(cache, tokens, image_mask, state, action, embodiment_ids, action_valid,
                                       kv_only=not return_hidden)
         cache.push(kvs, rows)
         return h if return_hidden else None
@@ -976,8 +1137,10 @@ class HMA(nn.Module):
         tokens (B, g, g) long (ignored where masked), image_mask (B, g, g) bool (True = [MASK]), state masked.
         Returns image logits (B, g*g, vocab_size) and state (B, max_state_dim) (zero beyond each state_dim).
         """
+        if self.config.soft:
+            raise ValueError("predict_frame gives logits of discrete tokens; a mar model has none (generate_frame)")
         h, _, groups = self._cached_pass(
-            cache, tokens.flatten(1), image_mask.flatten(1), None, action, embodiment_ids, action_valid
+            cache, self._flat_tokens(tokens, 1), image_mask.flatten(1), None, action, embodiment_ids, action_valid
         )
         logits = self._image_logits(h[:, : self.n_slots])  # (B, G, V)
         state = self._predict_states(groups, h[:, None, -1], self.max_state_dim)[:, 0]  # (B, S)
@@ -1017,8 +1180,12 @@ class HMA(nn.Module):
         generator: torch.Generator | None = None,
         greedy: bool = False,
         action_valid: Tensor | None = None,
+        diffusion_steps: int | None = None,
     ) -> tuple[Tensor, Tensor]:
         """MaskGIT-sample the next frame of every row given its cached history and action a_{t-1} (B, A).
+
+        (A "mar" model samples latents instead: see ``_generate_soft``; ``diffusion_steps`` is its DDIM
+        step count, default ``config.diff_sample_steps``.)
 
         Starts from all-[MASK]; each of ``steps`` iterations predicts every masked token and reveals as
         many as the cosine schedule says (the last iteration reveals the rest). Sampling: tokens are
@@ -1032,6 +1199,9 @@ class HMA(nn.Module):
             raise ValueError(f"steps must be >= 1. Got {steps=}")
         if not greedy and temperature <= 0:
             raise ValueError(f"temperature must be > 0 (or use greedy=True). Got {temperature=}")
+        if self.config.soft:
+            return self._generate_soft(cache, action, embodiment_ids, steps, temperature, generator, greedy,
+                                       action_valid, diffusion_steps)
         B, G, g, device = cache.batch_size, self.n_image, self.config.grid, cache.pos.device
         tokens = torch.zeros(B, G, dtype=torch.long, device=device)
         known = torch.zeros(B, G, dtype=torch.bool, device=device)
@@ -1066,6 +1236,39 @@ class HMA(nn.Module):
             known = known | reveal
         state = self._predict_states(groups, h[:, None, -1], self.max_state_dim)[:, 0]  # (B, S)
         return tokens.view(B, g, g), state
+
+    def _generate_soft(
+        self, cache: HMACache, action: Tensor | None, embodiment_ids: Tensor, steps: int, temperature: float,
+        generator: torch.Generator | None, greedy: bool, action_valid: Tensor | None, diffusion_steps: int | None,
+    ) -> tuple[Tensor, Tensor]:
+        """MAR sampling of the next frame's latents (B, g, g, C): ``steps`` iterations over a random order
+        of the trunk tokens (the cosine schedule); each iteration runs the trunk on what is known and the
+        diffusion head (DDIM) on the tokens it reveals. Greedy: zero initial noise and a fixed order."""
+        cfg = self.config
+        B, S, device = cache.batch_size, self.n_slots, cache.pos.device
+        n_diff = diffusion_steps or cfg.diff_sample_steps
+        dim = self.group * cfg.latent_dim
+        slots = torch.zeros(B, S, dim, device=device)  # scaled latents per trunk token
+        known = torch.zeros(B, S, dtype=torch.bool, device=device)
+        if greedy:
+            order = torch.arange(S, device=device).expand(B, S)
+        else:
+            order = torch.rand(B, S, device=device, generator=generator).argsort(-1).argsort(-1)
+        n_masked = S
+        for i in range(steps):
+            latents = self._latent_cells(slots) / cfg.latent_scale  # (B, G, C)
+            h, _, groups = self._cached_pass(cache, latents, self._slot_to_token_mask(~known), None, action,
+                                             embodiment_ids, action_valid)
+            still = math.floor(S * math.cos(0.5 * math.pi * (i + 1) / steps))
+            n_masked = 0 if i == steps - 1 else max(0, min(still, n_masked - 1))
+            reveal = (order < S - n_masked) & ~known
+            rows, cols = reveal.nonzero(as_tuple=True)
+            z = self.image_norm(h[rows, cols])  # (K, D)
+            slots[rows, cols] = self._diffusion_sample(z, n_diff, temperature, generator, greedy).to(slots.dtype)
+            known = known | reveal
+        state = self._predict_states(groups, h[:, None, -1], self.max_state_dim)[:, 0]  # (B, S)
+        g = cfg.grid
+        return (self._latent_cells(slots) / cfg.latent_scale).view(B, g, g, cfg.latent_dim), state
 
 
 # ----------------------------------------------------------------------------- presets

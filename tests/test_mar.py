@@ -1,0 +1,169 @@
+"""The continuous ("mar") HMA variant: soft tokens (latents) with a per-token diffusion head."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hma_gym.models.hma import HMA, HMAConfig, make_hma
+from tests.test_hma_model import EMBODIMENTS, GRID, MAX_FRAMES, make_batch, seeded_loss
+
+C = 3  # latent channels
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_mar(seed: int = 0, **overrides) -> HMA:
+    torch.manual_seed(seed)
+    kwargs = dict(grid=GRID, vocab_size=16, n_action_tokens=2, max_frames=MAX_FRAMES, embodiments=EMBODIMENTS,
+                  head="mar", latent_dim=C, patch_size=2, diff_width=32, diff_depth=2, diff_sample_steps=5,
+                  diff_train_steps=100)
+    return make_hma("tiny", **{**kwargs, **overrides})
+
+
+def soft_batch(ids: list[int], seed: int = 0) -> dict[str, torch.Tensor]:
+    batch = make_batch(ids, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    # smooth latents: a per-sample pattern that drifts over time, as frames of a video do
+    base = torch.randn(len(ids), 1, GRID, GRID, C, generator=gen)
+    drift = torch.linspace(0, 1, MAX_FRAMES)[None, :, None, None, None]
+    batch["tokens"] = 2 * torch.tanh(base + 0.3 * drift)
+    return batch
+
+
+def test_config_and_shapes() -> None:
+    with pytest.raises(ValueError, match="head"):
+        HMAConfig(head="gan")
+    with pytest.raises(ValueError, match="diff_width"):
+        HMAConfig(head="mar", diff_width=0)
+    cfg = tiny_mar().config
+    assert cfg.soft and HMAConfig.from_dict(cfg.to_dict()) == cfg
+    model = tiny_mar()
+    assert not hasattr(model, "image_head") and hasattr(model, "diff_head")
+    with pytest.raises(ValueError, match="latents must be"):
+        model(make_batch([0, 1]))  # integer codes instead of latents (B, T, g, g, C)
+
+
+def test_latent_slot_round_trip() -> None:
+    model = tiny_mar()
+    x = torch.randn(2, GRID * GRID, C)
+    slots = model._latent_slots(x)
+    assert slots.shape == (2, model.n_slots, 4 * C)
+    assert torch.equal(model._latent_cells(slots), x)
+    # a slot holds the 2x2 cells of one patch: cell (0, 1) and (1, 0) of the grid are in slot 0
+    grid = x.view(2, GRID, GRID, C)
+    assert torch.equal(slots[:, 0].view(2, 4, C)[:, 1], grid[:, 0, 1])
+    assert torch.equal(slots[:, 0].view(2, 4, C)[:, 2], grid[:, 1, 0])
+    mask = model._slot_to_token_mask(torch.tensor([[True, False, False, False]]))
+    assert mask.view(GRID, GRID)[:2, :2].all() and mask.sum() == 4
+
+
+def test_training_lowers_the_diffusion_loss() -> None:
+    model = tiny_mar()
+    batch = soft_batch([0, 1, 0, 1])
+    start = seeded_loss(model, batch)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        loss, metrics = model(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert {"diff_mse", "state_mse", "action_mse"} <= set(metrics) and "ce" not in metrics
+    assert seeded_loss(model, batch) < 0.7 * start
+
+
+def test_sampling_is_finite_and_deterministic_under_a_seed() -> None:
+    model = tiny_mar().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = soft_batch([0, 1])
+
+    def run(seed: int, **kw):
+        cache = model.new_cache(2)
+        model.append_frame(cache, batch["tokens"][:, 0], batch["states"][:, 0], None, batch["embodiment_ids"])
+        gen = torch.Generator().manual_seed(seed)
+        return model.generate_frame(cache, batch["actions"][:, 0], batch["embodiment_ids"], generator=gen, **kw)
+
+    lat, state = run(0)
+    assert lat.shape == (2, GRID, GRID, C) and lat.dtype == torch.float32 and state.shape == (2, 7 - 2)
+    assert torch.isfinite(lat).all() and torch.isfinite(state).all()
+    lat2, state2 = run(0)
+    assert torch.equal(lat, lat2) and torch.equal(state, state2)
+    assert not torch.equal(run(1)[0], lat)
+    greedy_a, greedy_b = run(0, greedy=True)[0], run(5, greedy=True)[0]
+    assert torch.equal(greedy_a, greedy_b)  # no randomness at all
+    assert run(0, steps=3, diffusion_steps=2)[0].shape == lat.shape
+    with pytest.raises(ValueError, match="no"):
+        cache = model.new_cache(2)
+        model.predict_frame(cache, batch["tokens"][:, 0], torch.ones(2, GRID, GRID, dtype=torch.bool),
+                            batch["actions"][:, 0], batch["embodiment_ids"])
+
+
+def test_cache_matches_uncached_clean_stream() -> None:
+    model = tiny_mar().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = soft_batch([0, 1])
+    full = model.forward_clean(batch["tokens"], batch["actions"], batch["states"], batch["embodiment_ids"])
+    cache = model.new_cache(2)
+    hidden = []
+    for t in range(MAX_FRAMES):
+        action = batch["actions"][:, t - 1] if t > 0 else None
+        hidden.append(model.append_frame(cache, batch["tokens"][:, t], batch["states"][:, t], action,
+                                         batch["embodiment_ids"]))
+    torch.testing.assert_close(torch.stack(hidden, 1), full, atol=1e-5, rtol=1e-4)
+
+
+def test_checkpoint_round_trip(tmp_path) -> None:
+    from hma_gym.checkpoint import load_module_weights, save_module
+
+    model = tiny_mar()
+    save_module(tmp_path, "dynamics", model, {"hma": model.config.to_dict()})
+    clone = HMA(HMAConfig.from_dict(model.config.to_dict()))
+    load_module_weights(clone, tmp_path / "dynamics.safetensors")
+    for (ka, a), (kb, b) in zip(model.state_dict().items(), clone.state_dict().items(), strict=True):
+        assert ka == kb and torch.equal(a, b)
+
+
+def test_mar_pipeline_train_pack_env_and_eval(tiny_data, tokenizer_run, detector_run, tmp_path) -> None:
+    """hma-gym train --head mar on real (tiny) Lift data, pack, then the learned env and eval-model run on it."""
+    import json
+
+    import gymnasium as gym
+    import numpy as np
+
+    from hma_gym.cli import main
+    from tests.conftest import DYN_ARGS, read_log
+
+    run = tmp_path / "mar"
+    main(["train", "--data", str(tiny_data), "--tokenizer", str(tokenizer_run), "--out", str(run), "--steps", "30",
+          "--eval-every", "30", "--save-every", "30", "--head", "mar", "--diff-width", "32", "--diff-depth", "1",
+          "--diff-sample-steps", "3", *DYN_ARGS])
+    train = [r for r in read_log(run) if r["event"] == "train"]
+    assert np.mean([r["diff_mse"] for r in train[-3:]]) < np.mean([r["diff_mse"] for r in train[:3]])
+    assert json.loads((run / "dynamics.json").read_text())["config"]["hma"]["head"] == "mar"
+
+    ckpt = tmp_path / "ckpt"
+    main(["pack", "--out", str(ckpt), "--tokenizer", str(tokenizer_run), "--dynamics", str(run),
+          "--detector", str(detector_run), "--data", str(tiny_data), "--bank-size", "3"])
+    env = gym.make("HMA-RobomimicLift-v0", checkpoint=ckpt)
+    obs, _ = env.reset(seed=0)
+    for _ in range(3):
+        obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
+    assert obs["agentview_image"].shape == (16, 16, 3) and obs["agentview_image"].dtype == np.uint8
+    assert all(np.isfinite(v).all() for v in obs.values()) and 0 <= info["success_prob"] <= 1
+    env.close()
+
+    out = tmp_path / "eval.json"
+    main(["eval-model", "--checkpoint", str(ckpt), "--data", str(tiny_data), "--out", str(out),
+          "--random-actions", "1", "--no-progress"])
+    report = json.loads(out.read_text())
+    assert np.isfinite(report["psnr"]) and np.isfinite(report["delta_psnr"]) and report["perplexity"] is None
