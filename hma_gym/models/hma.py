@@ -730,7 +730,8 @@ class HMA(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """Assemble the token rows of F frames and their conditioning.
 
-        tokens (B, F, G) long (mar: latents (B, F, G, C)), image_mask (B, F, G) bool, action_tokens (B, F, n, D), action_cond (B, F, D),
+        tokens (B, F, G) long (mar: latents (B, F, G, C)), image_mask (B, F, G) bool,
+        action_tokens (B, F, n, D), action_cond (B, F, D),
         action_mode (B, F) in {ACTION_NONE, ACTION_VISIBLE, ACTION_MASKED}, state_emb (B, F, D),
         state_mask (B, F) bool. Returns x (B, F, N, D) and c (B, F, D).
         """
@@ -1109,7 +1110,8 @@ class HMA(nn.Module):
     ) -> Tensor | None:
         """Run the clean stream on one known frame per row and store its keys/values (dropping the oldest).
 
-        tokens (B, g, g) long (mar: latents (B, g, g, C)); state (B, S) normalised, S >= each row's state_dim; action (B, A) = a_{t-1},
+        tokens (B, g, g) long (mar: latents (B, g, g, C)); state (B, S) normalised, S >= each row's
+        state_dim; action (B, A) = a_{t-1},
         the action that led into this frame, or None at the start of an episode; action_valid (B,) bool
         marks rows whose action is real (e.g. False for rows that just reset); rows (B,) bool: append only
         to these rows (e.g. the envs of a vector env that just reset). Returns hidden (B, N, D), or None
