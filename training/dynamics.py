@@ -67,7 +67,7 @@ class DynamicsTrainConfig(LoopConfig, DataConfig):
     """mar: width of the diffusion MLP."""
     diff_depth: int = 3
     """mar: residual blocks of the diffusion MLP."""
-    diff_sample_steps: int = 20
+    diff_sample_steps: int = 10
     """mar: DDIM steps per token at generation (the checkpoint's default)."""
     diff_batch_mul: int = 4
     """mar: noise draws per masked token per step."""

@@ -130,7 +130,7 @@ class HMAConfig:
     """mar: residual adaLN blocks of the diffusion MLP."""
     diff_train_steps: int = 1000
     """mar: diffusion steps of the noise schedule (training)."""
-    diff_sample_steps: int = 20
+    diff_sample_steps: int = 10
     """mar: DDIM steps per token at generation (a keyword of ``generate_frame`` too)."""
     diff_batch_mul: int = 4
     """mar: noise draws per masked token and training step (MAR's diffusion batch multiplier)."""
@@ -459,8 +459,10 @@ class DiffusionMLP(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, x: Tensor, t: Tensor, z: Tensor) -> Tensor:
-        c = self.t_emb(timestep_embedding(t, self.width).to(x.dtype)) + self.c_emb(z)
+    def forward(self, x: Tensor, t: Tensor, z: Tensor | None = None, z_emb: Tensor | None = None) -> Tensor:
+        """``z_emb = c_emb(z)`` may be given instead of z (a sampler computes it once for all its steps); t may
+        be (1,) for a step shared by every row."""
+        c = self.t_emb(timestep_embedding(t, self.width).to(x.dtype)) + (self.c_emb(z) if z_emb is None else z_emb)
         h = self.inp(x)
         for norm, mlp, ada in zip(self.norms, self.mlps, self.ada, strict=True):
             shift, scale, gate = ada(c).chunk(3, dim=-1)
@@ -1027,8 +1029,9 @@ class HMA(nn.Module):
             x = z.new_zeros(len(z), dim, dtype=torch.float32)
         else:
             x = torch.randn(len(z), dim, device=z.device, generator=generator) * temperature
+        z_emb = self.diff_head.c_emb(z)  # the condition is the same at every step
         for t in sched.timesteps:
-            eps = self.diff_head(x.to(z.dtype), t.to(z.device).expand(len(z)), z).float()
+            eps = self.diff_head(x.to(z.dtype), t.to(z.device).reshape(1), z_emb=z_emb).float()
             x = sched.step(eps, t, x).prev_sample
         return x
 
