@@ -167,3 +167,18 @@ def test_mar_pipeline_train_pack_env_and_eval(tiny_data, tokenizer_run, detector
           "--random-actions", "1", "--no-progress"])
     report = json.loads(out.read_text())
     assert np.isfinite(report["psnr"]) and np.isfinite(report["delta_psnr"]) and report["perplexity"] is None
+
+
+def test_variant_mar_loads_the_shipped_checkpoint_or_says_none_ships() -> None:
+    import gymnasium as gym
+
+    from hma_gym.checkpoint import CheckpointError
+    from hma_gym.envs.learned_env import ASSETS, VARIANTS
+
+    if (ASSETS / VARIANTS["mar"]).is_dir():
+        env = gym.make("HMA-RobomimicLift-v0", variant="mar")
+        assert env.unwrapped.sim.wm.soft
+        env.close()
+    else:
+        with pytest.raises(CheckpointError, match="no mar checkpoint ships"):
+            gym.make("HMA-RobomimicLift-v0", variant="mar")

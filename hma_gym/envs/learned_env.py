@@ -24,7 +24,11 @@ def default_checkpoint(variant: str = "maskgit") -> Path:
     """The Lift checkpoint shipped inside the package."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {sorted(VARIANTS)}. Got {variant=}")
-    return ASSETS / VARIANTS[variant]
+    path = ASSETS / VARIANTS[variant]
+    if not path.is_dir():
+        raise CheckpointError(f"no {variant} checkpoint ships with this version of hma-gym ({path} is missing): "
+                              f"train one (hma-gym train --head {variant} ..., then pack) and pass checkpoint=PATH")
+    return path
 
 
 def env_spaces(env_config: dict) -> tuple[spaces.Dict, spaces.Box]:
