@@ -59,6 +59,37 @@ def mask_size(path: str | Path, key: str) -> int:
         return len(f[f"mask/{key}"]) if f"mask/{key}" in f else 0
 
 
+def synthetic_fidelity(synth: Path, source: str) -> dict:
+    """How close the synthetic episodes are to what MuJoCo did with the same actions from the same start
+    (the source episodes): frame PSNR by step range, and the learned env's success label against the GT one."""
+    import numpy as np
+
+    from hma_gym.metrics import psnr
+
+    ranges = {"1-10": slice(1, 11), "11-30": slice(11, 31), "31-60": slice(31, 61), "61+": slice(61, None)}
+    by_range: dict[str, list[float]] = {k: [] for k in ranges}
+    labels = []
+    with h5py.File(synth, "r") as fs, h5py.File(source, "r") as fg:
+        for demo in fs["data"].values():
+            src = fg["data"][str(demo.attrs["source_demo"])]
+            a, b = demo["obs/agentview_image"][()], src["obs/agentview_image"][()]
+            n = min(len(a), len(b))
+            p = np.asarray(psnr(a[:n], b[:n])).reshape(-1)
+            for k, sl in ranges.items():
+                if len(p[sl]):
+                    by_range[k].append(float(p[sl].mean()))
+            labels.append((bool(src.attrs.get("success", False)), bool(demo.attrs.get("success", False))))
+    gt, learned = np.array(labels).T
+    return {
+        "episodes": len(labels),
+        "frame_psnr_vs_gt_by_step": {k: float(np.mean(v)) for k, v in by_range.items() if v},
+        "label_agreement": float(np.mean(gt == learned)),
+        "gt_success": int(gt.sum()), "learned_success": int(learned.sum()),
+        "learned_success_but_gt_failure": int((~gt & learned).sum()),
+        "gt_success_but_learned_failure": int((gt & ~learned).sum()),
+    }
+
+
 def rows_of(n: int, multiples: list[int], real_multiple: int) -> list[dict]:
     rows = [{"name": f"real{n}_synth{m * n}", "real": n, "synthetic": m * n} for m in multiples]
     rows.append({"name": f"real{real_multiple * n}", "real": real_multiple * n, "synthetic": 0})
@@ -105,8 +136,11 @@ def main(argv: list[str] | None = None) -> dict:
     synth = work / "synthetic.hdf5"
     timing = {}
 
+    timing_file = work / "synthesize_time.json"  # the time of the run that made the file, kept for re-runs
+
     def make_synthetic() -> None:
         t = time.perf_counter()
+        before = mask_size(synth, "train") if synth.is_file() else 0
         cmd = hma("synthesize", "--actions", args.source, "--split", "all", "--out", str(synth),
                   "--valid-every", "0", "--no-progress")
         if args.checkpoint:
@@ -116,7 +150,11 @@ def main(argv: list[str] | None = None) -> dict:
         if have < need_synth:
             raise RuntimeError(f"{synth}: {have} synthetic episodes under mask/{args.synthetic_key or 'train'}, "
                                f"the study needs {need_synth}: collect more source episodes into {args.source}")
-        timing["synthesize_s"] = time.perf_counter() - t
+        spent = time.perf_counter() - t
+        if mask_size(synth, "train") > before or not timing_file.is_file():  # episodes were generated now
+            previous = json.loads(timing_file.read_text())["synthesize_s"] if timing_file.is_file() and before else 0.0
+            timing_file.write_text(json.dumps({"synthesize_s": previous + spent}))
+        timing["synthesize_s"] = json.loads(timing_file.read_text())["synthesize_s"]
 
     # 2. one DP per row, then its GT evaluation
     def do_row(row: dict) -> dict:
@@ -140,7 +178,9 @@ def main(argv: list[str] | None = None) -> dict:
         gt = json.loads(report.read_text())
         return {**row, "train_demos": info["train_demos"], "synthetic_demos": sum(info.get("extra_demos", [0])),
                 "train_windows": info["train_windows"], "gt_success": gt["success_rate"],
-                "gt_ci95": gt["success_ci95"], "gt_mean_length": gt["mean_length"], "policy": str(out)}
+                "gt_ci95": gt["success_ci95"], "gt_mean_length": gt["mean_length"], "policy": str(out),
+                "train_wall_s": json.loads((out / "metrics.json").read_text())["wall_s"],
+                "gt_eval_wall_s": gt["wall_time_s"]}
 
     with ThreadPoolExecutor(args.jobs) as pool:
         synth_done = pool.submit(make_synthetic) if need_synth else None
@@ -168,11 +208,14 @@ def main(argv: list[str] | None = None) -> dict:
         "synthetic_file": str(synth) if need_synth else None,
         "checkpoint": env_args.get("checkpoint"),
         "checkpoint_hash": env_args.get("checkpoint_hash"),
+        "synthetic_vs_source": synthetic_fidelity(synth, args.source) if need_synth else None,
         "targets": {
             "mix_within_10_points_of_all_real": None if best_mix is None else best_mix >= by[(full, 0)] - 0.10,
             "mix_beats_small_real": None if best_mix is None or (n, 0) not in by else best_mix > by[(n, 0)],
         },
-        "wall_time": {**timing, "total_s": time.perf_counter() - t0},
+        "wall_time": {**timing, "this_run_s": time.perf_counter() - t0,
+                      "train_s": sum(r["train_wall_s"] for r in results),
+                      "gt_eval_s": sum(r["gt_eval_wall_s"] for r in results)},
     }
     write_result(args.result, payload, module="synthetic_data")
     plot(results, RESULTS / f"{args.result}.png", args)
