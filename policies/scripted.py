@@ -54,6 +54,9 @@ def sub_envs(env) -> list:
 class LiftExpert:
     """Hover above the cube, descend, close, lift: a batched policy driven by privileged state.
 
+    It moves the end effector only, so it drives any robosuite arm (Panda, Sawyer, IIWA, UR5e,
+    Kinova3 measured) under OSC_POSE (7-D actions) or OSC_POSITION (4-D: no rotation deltas).
+
     The expert is bound to the env(s) it acts in (a `RobosuiteEnv`, or a `SyncVectorEnv` of them)
     and reads the cube position through `privileged_state()`; the observation gives the gripper
     position. Each episode draws one behaviour from `config.failure_probs` (or the clean expert),
@@ -92,10 +95,14 @@ class LiftExpert:
         n = batch_size_of(obs)
         if n != len(self.envs):
             raise ValueError(f"LiftExpert is bound to {len(self.envs)} envs, got a batch of {n}")
-        actions = np.zeros((n, 7), dtype=np.float32)
+        dim = self.envs[0].action_space.shape[0]
+        if dim not in (4, 7):
+            raise ValueError(f"LiftExpert drives OSC_POSE (7-D) or OSC_POSITION (4-D) arms; the action is {dim}-D")
+        actions = np.zeros((n, dim), dtype=np.float32)
         for i in range(n):
             cube = self.envs[i].privileged_state()["cube_pos"]
-            actions[i] = self._act_one(i, np.asarray(obs["robot0_eef_pos"][i], dtype=np.float64), cube)
+            a = self._act_one(i, np.asarray(obs["robot0_eef_pos"][i], dtype=np.float64), cube)
+            actions[i] = a if dim == 7 else a[[0, 1, 2, 6]]  # OSC_POSITION: no rotation deltas
         return actions
 
     def _act_one(self, i: int, eef: np.ndarray, cube: np.ndarray) -> np.ndarray:

@@ -29,6 +29,14 @@ class CollectConfig:
     """Output HDF5 file; an existing file is appended to."""
     task: str = "lift"
     """Task name (lift)."""
+    robot: str = "Panda"
+    """robosuite robot (the scripted expert drives Panda, Sawyer, IIWA, UR5e, Kinova3)."""
+    controller: str = "OSC_POSE"
+    """robosuite arm controller: OSC_POSE (7-D actions) or OSC_POSITION (4-D)."""
+    control_freq: int = 20
+    """Control frequency in Hz (train with --action-stride to bring other rates to the model's)."""
+    max_steps: int = 0
+    """Episode step limit (0 = the registered one: 100 for Lift at 20 Hz)."""
     policy: str = "expert"
     """expert (scripted, with noise and failure modes), random, dp-lift, a DP checkpoint dir or sb3:ALGO:PATH."""
     episodes: int = 200
@@ -55,13 +63,24 @@ class CollectConfig:
             raise ValueError(f"task must be one of {sorted(TASK_IDS)}. Got {self.task=}")
         if self.episodes <= 0:
             raise ValueError(f"episodes must be positive. Got {self.episodes=}")
+        if self.max_steps < 0:
+            raise ValueError(f"max_steps must be >= 0. Got {self.max_steps=}")
         LiftExpertConfig(action_noise=self.action_noise, failure_probs=self.failure_probs)
+
+
+def embodiment_name(robot: str, controller: str, control_freq: int = 20) -> str:
+    """The name a (robot, controller, rate) trains under, e.g. panda_osc_pose or kinova3_osc_pose_40hz."""
+    name = f"{robot}_{controller}".lower()
+    return name if control_freq == 20 else f"{name}_{control_freq}hz"
 
 
 def collect(cfg: CollectConfig) -> dict:
     env_id = TASK_IDS[cfg.task]
-    env = gym.make(env_id, image_size=cfg.image_size, terminate_on_success=False)
+    limit = {"max_episode_steps": cfg.max_steps} if cfg.max_steps else {}
+    env = gym.make(env_id, image_size=cfg.image_size, terminate_on_success=False, robot=cfg.robot,
+                   controller=cfg.controller, control_freq=cfg.control_freq, **limit)
     env_args = env.unwrapped.env_args()
+    env_args["embodiment"] = embodiment_name(cfg.robot, cfg.controller, cfg.control_freq)
     scripted = cfg.policy in SCRIPTED
     env_args.update(env_id=env_id, synthetic=False, collector="lift-expert" if scripted else cfg.policy)
     if scripted:

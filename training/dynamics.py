@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hma_gym.checkpoint import save_module, save_tensors, weights_hash
+from hma_gym.checkpoint import CheckpointError, load_tensors, save_module, save_tensors, weights_hash
 from hma_gym.models.hma import HMA_PRESETS, EmbodimentSpec, make_hma
-from hma_gym.world_model import WorldModel, load_tokenizer
+from hma_gym.world_model import WorldModel, load_dynamics, load_tokenizer
 from training.data import DataConfig, Normalizer, load_episodes, sample_windows, window_batch
 from training.evaluate import eval_windows, fidelity_report, tokenize_episodes
 from training.loop import LoopConfig, train_loop
+from training.mixture import Source, fit_normalizers, load_sources, mixed_batch, read_mixture, sampling_weights
 from training.tokens import TokenCacheError, load_token_cache
 
 
@@ -50,6 +51,16 @@ class DynamicsTrainConfig(LoopConfig, DataConfig):
     """Masking objective mixture (JSON)."""
     embodiment: str = "panda_osc_pose"
     """Name of the data's embodiment (its stem, head and statistics)."""
+    mixture: str = ""
+    """A mixture JSON file (training/mixture.py): train on several datasets and embodiments at once
+    instead of --data; the first dataset's held-out split is the one evaluated."""
+    mixture_power: float = 0.5
+    """Dataset sampling probability ~ n_windows ** power (1 = by size, 0 = uniform, < 1 favours small)."""
+    init: str = ""
+    """A `train` run directory to start from (fine-tuning): its architecture, weights and embodiments'
+    statistics; embodiments of the data it lacks get a new stem and head. Size flags are ignored."""
+    train_only_new: bool = False
+    """With --init: train only the stems and heads of embodiments the init model lacks (trunk frozen)."""
     steps: int = 6000
     """Optimizer steps."""
     batch_size: int = 8
@@ -80,6 +91,10 @@ class DynamicsTrainConfig(LoopConfig, DataConfig):
         if self.head == "mar" and self.tokens:
             raise ValueError("a token cache holds discrete codes; a mar model trains on latents from --data "
                              "(leave out --tokens)")
+        if self.train_only_new and not self.init:
+            raise ValueError("--train-only-new needs --init (the model whose trunk stays frozen)")
+        if self.mixture and (self.tokens or self.extra_data):
+            raise ValueError("--mixture lists every dataset itself; leave out --tokens and --extra-data")
         if not self.prompt_frames or min(self.prompt_frames) < 1 or max(self.prompt_frames) >= self.max_frames:
             raise ValueError(f"prompt_frames must lie in [1, max_frames - 1]. Got {self.prompt_frames=}")
 
@@ -88,7 +103,7 @@ class DynamicsTrainConfig(LoopConfig, DataConfig):
 
 
 def build_model(cfg: DynamicsTrainConfig, vocab_size: int, grid: int, action_dim: int, state_dim: int,
-                latent_dim: int = 4):
+                latent_dim: int = 4, embodiments: dict[str, EmbodimentSpec] | None = None):
     overrides = {k: getattr(cfg, k) for k in ("d_model", "n_layer", "n_head") if getattr(cfg, k)}
     if cfg.head == "mar":
         overrides.update(head="mar", latent_dim=latent_dim, diff_width=cfg.diff_width, diff_depth=cfg.diff_depth,
@@ -96,7 +111,7 @@ def build_model(cfg: DynamicsTrainConfig, vocab_size: int, grid: int, action_dim
     return make_hma(
         cfg.preset, **overrides, vocab_size=vocab_size, grid=grid, patch_size=cfg.patch_size,
         n_action_tokens=cfg.n_action_tokens, max_frames=cfg.max_frames, objective_probs=cfg.objective_probs,
-        embodiments={cfg.embodiment: EmbodimentSpec(action_dim=action_dim, state_dim=state_dim)},
+        embodiments=embodiments or {cfg.embodiment: EmbodimentSpec(action_dim=action_dim, state_dim=state_dim)},
     )
 
 
@@ -112,10 +127,8 @@ def select_files(episodes: list, cfg: DynamicsTrainConfig, cache_meta: dict) -> 
     return [e for e in episodes if ":" not in e.name or e.name.rsplit(":", 1)[0] in keep]
 
 
-def train_dynamics(cfg: DynamicsTrainConfig) -> dict:
-    tokenizer = load_tokenizer(cfg.tokenizer)
-    data = cfg.data_config()
-    data.image_size = tokenizer.cfg.image_size
+def _single_source(cfg: DynamicsTrainConfig, data: DataConfig) -> tuple[Source, dict]:
+    """--data (+ --extra-data, or a token cache of them) as the one dataset of the run."""
     sources = {"data": cfg.data, "extra_data": list(cfg.extra_data)}
     if cfg.tokens:
         splits, cache_meta = load_token_cache(cfg.tokens)
@@ -127,22 +140,91 @@ def train_dynamics(cfg: DynamicsTrainConfig) -> dict:
     else:
         train_eps = load_episodes(data, "train", progress=cfg.progress)
         valid_eps = load_episodes(data, "valid", progress=cfg.progress)
-    norm = Normalizer.fit(train_eps)
+    return Source(cfg.data, cfg.embodiment, cfg.action_stride, train_eps, valid_eps), sources
+
+
+def _init_model(cfg: DynamicsTrainConfig, sources: list[Source], norms: dict[str, Normalizer]):
+    """The --init model with a new stem/head for each new embodiment: (model, new names, init meta, statistics)."""
+    model, meta = load_dynamics(cfg.init)
+    model.train()
+    if model.config.head != cfg.head:
+        raise CheckpointError(f"{cfg.init} is a {model.config.head} model, not --head {cfg.head}")
+    norm_tensors = load_tensors(Path(cfg.init) / "normalization.safetensors")
+    new = []
+    for s in sources:
+        A, S = s.train[0].actions.shape[1], s.train[0].states.shape[1]
+        spec = model.config.embodiments.get(s.embodiment)
+        if spec is None:
+            if s.embodiment not in new:
+                model.add_embodiment(s.embodiment, EmbodimentSpec(action_dim=A, state_dim=S))
+                norm_tensors.update(norms[s.embodiment].tensors(prefix=f"{s.embodiment}/"))
+                new.append(s.embodiment)
+        elif (spec.action_dim, spec.state_dim) != (A, S):
+            raise CheckpointError(f"{cfg.init}: embodiment {s.embodiment!r} has (action, state) dims "
+                                  f"{(spec.action_dim, spec.state_dim)}, the data {s.data} has {(A, S)}")
+        elif f"{s.embodiment}/state_mean" not in norm_tensors:
+            norm_tensors.update(norms[s.embodiment].tensors(prefix=f"{s.embodiment}/"))
+    return model, new, meta, norm_tensors
+
+
+def train_dynamics(cfg: DynamicsTrainConfig) -> dict:
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    data = cfg.data_config()
+    data.image_size = tokenizer.cfg.image_size
+    if cfg.mixture:
+        sources = load_sources(read_mixture(cfg.mixture), data, progress=cfg.progress)
+        source_meta = {"mixture": cfg.mixture, "datasets": [
+            {"data": s.data, "embodiment": s.embodiment, "action_stride": s.action_stride,
+             "train_episodes": len(s.train), "valid_episodes": len(s.valid)} for s in sources]}
+    else:
+        single, source_meta = _single_source(cfg, data)
+        sources = [single]
+    norms = fit_normalizers(sources)
 
     torch.manual_seed(cfg.seed)
-    A, S = train_eps[0].actions.shape[1], train_eps[0].states.shape[1]
-    model = build_model(cfg, tokenizer.codebook_size, tokenizer.cfg.grid, A, S, latent_dim=len(tokenizer.cfg.levels))
-    norm_tensors = norm.tensors(prefix=f"{cfg.embodiment}/")
-    wm = WorldModel(tokenizer, model, norm_tensors, cfg.embodiment)
-    tokenize_episodes(wm, train_eps + valid_eps)
-    windows = eval_windows(valid_eps, 12, 8)
+    trainable, new = None, []
+    if cfg.init:
+        # statistics of embodiments the init model already knows stay those its stems were trained with
+        model, new, init_meta, norm_tensors = _init_model(cfg, sources, norms)
+        source_meta["init"] = {"dir": cfg.init, "trained_steps": init_meta.get("trained_steps"),
+                               "new_embodiments": new}
+        if cfg.train_only_new:
+            if not new:
+                raise ValueError(f"--train-only-new: every embodiment of the data is already in {cfg.init}")
+            trainable = [p for name in new for p in model.embodiments[name].parameters()]
+            keep = {id(p) for p in trainable}
+            for p in model.parameters():
+                p.requires_grad_(id(p) in keep)
+    else:
+        names = sorted({s.embodiment for s in sources})
+        first = {s.embodiment: s for s in reversed(sources)}
+        specs = {n: EmbodimentSpec(action_dim=first[n].train[0].actions.shape[1],
+                                   state_dim=first[n].train[0].states.shape[1]) for n in names}
+        model = build_model(cfg, tokenizer.codebook_size, tokenizer.cfg.grid, 0, 0,
+                            latent_dim=len(tokenizer.cfg.levels), embodiments=specs)
+        norm_tensors = {}
+        for name, n in norms.items():
+            norm_tensors.update(n.tensors(prefix=f"{name}/"))
+    eval_src = sources[0]
+    wm = WorldModel(tokenizer, model, norm_tensors, eval_src.embodiment)
+    for s in sources:
+        tokenize_episodes(wm, s.train + s.valid)
+    windows = eval_windows(eval_src.valid, 12, 8)
     windows = [windows[i] for i in np.random.default_rng(0).permutation(len(windows))[: cfg.eval_windows]]
-    eid = model.embodiment_id(cfg.embodiment)
+    ids = {name: model.embodiment_id(name) for name in model.embodiment_names}
+    norm_of = {name: Normalizer.from_tensors(norm_tensors, prefix=f"{name}/") for name in norms}
     prompts = np.asarray(cfg.prompt_frames)
+    probs = sampling_weights([s.n_windows for s in sources], cfg.mixture_power)
+    widths = (max(e.action_dim for e in model.config.embodiments.values()),
+              max(e.state_dim for e in model.config.embodiments.values()))
 
     def batch_fn(step: int, rng: np.random.Generator) -> dict:
-        chosen = sample_windows(train_eps, rng, cfg.batch_size, cfg.max_frames)
-        batch = window_batch(train_eps, chosen, cfg.max_frames, norm, eid)
+        if len(sources) == 1:
+            src = sources[0]
+            chosen = sample_windows(src.train, rng, cfg.batch_size, cfg.max_frames)
+            batch = window_batch(src.train, chosen, cfg.max_frames, norm_of[src.embodiment], ids[src.embodiment])
+        else:
+            batch = mixed_batch(sources, probs, rng, cfg.batch_size, cfg.max_frames, norm_of, ids, widths)
         batch["n_prompt"] = torch.from_numpy(rng.choice(prompts, cfg.batch_size)).long()
         return batch
 
@@ -151,19 +233,23 @@ def train_dynamics(cfg: DynamicsTrainConfig) -> dict:
 
     def eval_fn(model) -> dict:
         wm.to(next(model.parameters()).device)
-        report = fidelity_report(wm, valid_eps, windows, n_random=1)
+        report = fidelity_report(wm, eval_src.valid, windows, n_random=1)
         return {k: v for k, v in report.items() if isinstance(v, float)}
 
     def export_fn(model, step: int) -> None:
-        meta = {"hma": model.config.to_dict(), "embodiment": cfg.embodiment, "trained_steps": step,
-                **sources, "image_key": cfg.image_key, "proprio_keys": list(cfg.proprio_keys),
-                "action_stride": cfg.action_stride, "tokenizer": cfg.tokenizer}
+        meta = {"hma": model.config.to_dict(), "embodiment": eval_src.embodiment, "trained_steps": step,
+                **source_meta, "image_key": cfg.image_key, "proprio_keys": list(cfg.proprio_keys),
+                "action_stride": eval_src.action_stride, "tokenizer": cfg.tokenizer}
         save_module(cfg.out, "dynamics", model, meta)
         save_tensors(Path(cfg.out) / "normalization.safetensors", norm_tensors)
 
     run_config = {"command": "train", **asdict(cfg), "params": model.num_params(),
-                  "train_episodes": len(train_eps), "valid_episodes": len(valid_eps)}
-    metrics = train_loop(cfg, model, batch_fn, loss_fn, eval_fn, export_fn, run_config, desc="dynamics")
+                  "train_episodes": sum(len(s.train) for s in sources),
+                  "valid_episodes": sum(len(s.valid) for s in sources),
+                  "sampling_probs": {s.data: float(p) for s, p in zip(sources, probs, strict=True)},
+                  "new_embodiments": new}
+    metrics = train_loop(cfg, model, batch_fn, loss_fn, eval_fn, export_fn, run_config, trainable=trainable,
+                         desc="dynamics")
     report = {"out": cfg.out, "params": model.num_params(), **metrics}
     Path(cfg.out, "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
