@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = "0" ] || echo sudo)
 APT_PACKAGES := libegl1 libegl-mesa0 libgl1-mesa-dri libgl1 libglx-mesa0 chromium chromium-driver
 export MUJOCO_GL ?= egl
 
-.PHONY: setup demo test lint bench lift-data lift-checkpoint dp-lift lift-mar clean-venv
+.PHONY: setup demo test lint bench lift-data lift-checkpoint dp-lift lift-mar mixture-data pretraining-study clean-venv
 
 setup: $(STAMP)
 
@@ -87,6 +87,19 @@ lift-mar: setup
 	  --steps 1600 --batch-size 8 --lr 0.0015 --min-lr-ratio 0.1 --warmup 100 --weight-decay 0.05 --eval-every 400 \
 	  --save-every 100 --preset small --d-model 160 --n-layer 4 --n-head 4 --patch-size 2 --prompt-frames 1 \
 	  --eval-windows 24 --threads 1
+
+# Heterogeneous pre-training study (issue 8): 4 other embodiments (2 action spaces, 2 control rates), then
+# scratch vs pre-trained + fine-tuned on 50 Lift-Panda demos (needs data/lift.hdf5 and runs/tokenizer)
+mixture-data: setup
+	$(HMA) collect --no-progress --robot Sawyer --controller OSC_POSE --episodes 80 --seed 60000 --out data/mixture/sawyer_osc_pose.hdf5
+	$(HMA) collect --no-progress --robot IIWA --controller OSC_POSITION --episodes 40 --seed 61000 --out data/mixture/iiwa_osc_position.hdf5
+	$(HMA) collect --no-progress --robot UR5e --controller OSC_POSE --episodes 60 --seed 62000 --out data/mixture/ur5e_osc_pose.hdf5
+	$(HMA) collect --no-progress --robot Kinova3 --controller OSC_POSE --control-freq 40 --max-steps 200 \
+	  --steps-after-success 20 --episodes 30 --seed 63000 --out data/mixture/kinova3_osc_pose_40hz.hdf5
+
+pretraining-study: setup
+	$(PY) -m benchmarks.pretraining --mixture benchmarks/pretraining_mixture.json --lift data/lift.hdf5 \
+	  --tokenizer runs/tokenizer --pretrain-steps 1000 --finetune-steps 400 --new-stem-steps 50 --jobs 2
 
 clean-venv:
 	rm -rf $(VENV)

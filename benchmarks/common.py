@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
+import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,3 +42,18 @@ def write_result(name: str, payload: dict, module: str | None = None) -> Path:
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {path}")
     return path
+
+
+def hma(*args: str) -> list[str]:
+    return [sys.executable, "-m", "hma_gym.cli", *args]
+
+
+def run(cmd: list[str], log: Path) -> None:
+    print("$ " + shlex.join(cmd[2:] if cmd[1] == "-m" else cmd), flush=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0:
+        tail = log.read_text()[-2000:]
+        raise RuntimeError(f"command failed ({proc.returncode}): {shlex.join(cmd)}\n(log {log})\n{tail}")

@@ -23,35 +23,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shlex
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import h5py
 
-from benchmarks.common import RESULTS, write_result
+from benchmarks.common import RESULTS, hma, run, write_result
 from hma_gym.data.hdf5 import read_env_args
 
 GT_ID = "RobomimicLift-v0"
-
-
-def hma(*args: str) -> list[str]:
-    return [sys.executable, "-m", "hma_gym.cli", *args]
-
-
-def run(cmd: list[str], log: Path) -> None:
-    print("$ " + shlex.join(cmd[2:] if cmd[1] == "-m" else cmd), flush=True)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-    if proc.returncode != 0:
-        tail = log.read_text()[-2000:]
-        raise RuntimeError(f"command failed ({proc.returncode}): {shlex.join(cmd)}\n(log {log})\n{tail}")
 
 
 def mask_size(path: str | Path, key: str) -> int:
