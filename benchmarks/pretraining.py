@@ -50,8 +50,8 @@ def train_step(args, out: Path, steps: int, extra: list[str], model_args: list[s
     if trained_steps(out) >= steps:
         return 0.0
     t0 = time.perf_counter()
-    run(hma("train", "--tokenizer", args.tokenizer, "--out", str(out), "--steps", str(steps), *extra,
-            *model_args), out.with_suffix(".log"))
+    run(hma("train", "--tokenizer", args.tokenizer, "--out", str(out), "--steps", str(steps), *model_args,
+            *extra), out.with_suffix(".log"))  # a step's own flags come last and win
     return (time.perf_counter() - t0) / 60
 
 
@@ -60,9 +60,11 @@ def perturbed_gt_frames(lift: str, seed_base: int, episodes, windows, actions: n
     """GT frames of each window's 8 generated steps under `actions` (N, 11, A).
 
     MuJoCo's state alone does not restore robosuite's controller, so each window is replayed from its
-    episode's start: `reset(seed=seed_base + N)` for demo_N (how `hma-gym collect` seeds episodes), the
-    recorded actions up to the window's last prompt frame, then the window's (perturbed) actions."""
+    episode's start: `reset(seed=...)` with the demo's `seed` attribute (files written before it was
+    recorded: `seed_base + N` for demo_N, how `hma-gym collect` seeds episodes), the recorded actions up
+    to the window's last prompt frame, then the window's (perturbed) actions."""
     import gymnasium as gym
+    import h5py
 
     import hma_gym  # noqa: F401  (registers the ids)
     from hma_gym.data.hdf5 import read_demo
@@ -73,11 +75,13 @@ def perturbed_gt_frames(lift: str, seed_base: int, episodes, windows, actions: n
     for (i, s), act in zip(windows, actions, strict=True):
         name = episodes[i].name
         demo = read_demo(lift, name)
-        obs, _ = env.reset(seed=seed_base + int(name.split("_")[-1]))
+        with h5py.File(lift, "r") as f:
+            seed = int(f[f"data/{name}"].attrs.get("seed", seed_base + int(name.split("_")[-1])))
+        obs, _ = env.reset(seed=seed)
         first = float(np.mean(psnr(obs["agentview_image"], episodes[i].frames[0])))
         if first < 25:
-            raise RuntimeError(f"{lift}/{name}: reset(seed={seed_base} + N) does not give the recorded first "
-                               f"frame ({first:.1f} dB); pass the file's collection seed as --lift-seed")
+            raise RuntimeError(f"{lift}/{name}: reset(seed={seed}) does not give the recorded first frame "
+                               f"({first:.1f} dB); pass the file's collection seed as --lift-seed")
         for a in demo["actions"][: s + 3]:
             env.step(a)
         frames = []
@@ -202,6 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.new_stem_steps:
         minutes["new_stem"] = train_step(args, stem, args.new_stem_steps,
                                          [*lift, "--init", str(work / "pretrained"), "--train-only-new",
+                                          "--warmup", str(max(1, args.new_stem_steps // 5)),
                                           "--eval-every", str(args.new_stem_steps)], model_args)
     minutes["finetune"] = train_step(args, work / "finetuned", args.finetune_steps - args.new_stem_steps,
                                      [*lift, "--init", str(stem if args.new_stem_steps else work / "pretrained"),

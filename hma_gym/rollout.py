@@ -220,7 +220,8 @@ def rollout(
                         EpisodeResult(e, seed_list[e], bool(success[j]), float(ret[j]), int(length[j]))
                     )
                     if writer is not None:
-                        writer.write_episode(buffers[j], success=bool(success[j]))
+                        seed_attr = {} if seed_list[e] is None else {"seed": int(seed_list[e])}
+                        writer.write_episode(buffers[j], success=bool(success[j]), **seed_attr)
                         buffers[j] = None
                     bar.update(1)
                     bar.set_postfix(success=f"{np.mean([x.success for x in result.episodes]):.2f}")

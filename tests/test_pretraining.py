@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -43,6 +44,8 @@ def test_collect_other_robot_records_its_own_action_space(iiwa_data):
     demo = read_demo(iiwa_data, "demo_0")
     assert demo["actions"].shape[1] == 4
     assert demo["obs"]["robot0_gripper_qpos"].shape[1] == 6
+    with h5py.File(iiwa_data, "r") as f:  # each demo records the seed its episode started from
+        assert [int(f[f"data/demo_{k}"].attrs["seed"]) for k in range(4)] == [7, 8, 9, 10]
 
 
 def test_two_embodiments_train_together_in_one_batch(mixture_run, tiny_data, iiwa_data):
