@@ -99,7 +99,7 @@ mixture-data: setup
 
 pretraining-study: setup
 	$(PY) -m benchmarks.pretraining --mixture benchmarks/pretraining_mixture.json --lift data/lift.hdf5 \
-	  --tokenizer runs/tokenizer --pretrain-steps 1000 --finetune-steps 400 --new-stem-steps 50 --jobs 2
+	  --tokenizer runs/tokenizer --pretrain-steps 1000 --finetune-steps 400 --new-stem-steps 50 --train-seeds 0 1 --jobs 2
 
 clean-venv:
 	rm -rf $(VENV)

@@ -18,7 +18,7 @@ Steps run as the project's CLI commands (printed as they start), `--jobs` at a t
 a re-run resumes unfinished training runs and reuses finished ones.
 
     python -m benchmarks.pretraining --mixture benchmarks/pretraining_mixture.json --lift data/lift.hdf5 \\
-        --tokenizer runs/tokenizer --pretrain-steps 1000 --finetune-steps 400 --jobs 2
+        --tokenizer runs/tokenizer --pretrain-steps 1000 --finetune-steps 400 --train-seeds 0 1 --jobs 2
 
 Writes `benchmarks/results/pretraining.json` (`embodiments`, `rows: [{init, psnr, delta_psnr,
 perplexity, psnr_perturbed}]`) and a bar plot `pretraining.png`.
@@ -38,6 +38,8 @@ import torch
 from benchmarks.common import RESULTS, hma, run, write_result
 
 LIFT_EMBODIMENT = "panda_osc_pose"
+METRICS = ("psnr", "delta_psnr", "perplexity", "psnr_perturbed", "ssim", "copy_last_prompt_psnr",
+           "copy_last_prompt_psnr_perturbed", "tokenizer_ceiling_psnr", "eef_pos_mae_m")
 
 
 def trained_steps(run_dir: Path) -> int:
@@ -148,11 +150,15 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, (k, label) in zip(axes, keys, strict=True):
         vals = [r[k] for r in rows]
         ax.bar([r["init"] for r in rows], vals, color=["#999999", "#4c72b0"][: len(rows)])
-        for x, v in enumerate(vals):
-            ax.text(x, v, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
+        for x, r in enumerate(rows):
+            ax.text(x, vals[x], f"{vals[x]:.2f}", ha="center", va="bottom", fontsize=8)
+            ax.plot([x] * len(r["per_seed"]), [q[k] for q in r["per_seed"]], "k.", ms=4)  # each seed
         ax.set_title(label, fontsize=9)
         if k in ("psnr", "psnr_perturbed"):
-            ax.set_ylim(min(vals) - 2, max(vals) + 1)
+            copy = rows[0]["copy_last_prompt_psnr" + ("_perturbed" if k == "psnr_perturbed" else "")]
+            ax.axhline(copy, color="r", lw=0.8, ls="--", label="copy last prompt frame")
+            ax.set_ylim(min(vals + [copy]) - 2, max(vals + [copy]) + 1)
+            ax.legend(fontsize=6, loc="lower right")
     fig.suptitle("Lift-Panda, same fine-tuning compute: scratch vs heterogeneous pre-training", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -178,7 +184,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--n-random", type=int, default=5, help="random action sequences for dPSNR")
     p.add_argument("--perturb-std", type=float, default=0.1, help="std of the action perturbation for PSNR*")
     p.add_argument("--lift-seed", type=int, default=0, help="the --seed --lift was collected with")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-seeds", type=int, nargs="+", default=[0],
+                   help="each arm is trained once per seed; rows give the mean and every seed")
+    p.add_argument("--seed", type=int, default=0, help="evaluation seed (windows, sampling, perturbations)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--work", default="runs/pretraining")
     args = p.parse_args(argv)
@@ -190,41 +198,58 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     minutes: dict[str, float] = {}
 
+    def tag(seed: int) -> str:  # seed 0 runs keep the plain names
+        return "" if seed == 0 else f"_s{seed}"
+
     def pretrain():
         minutes["pretrain"] = train_step(args, work / "pretrained", args.pretrain_steps,
                                          ["--mixture", args.mixture, "--mixture-power", str(args.mixture_power),
                                           "--eval-every", str(args.pretrain_steps // 2)], model_args)
 
-    def scratch():
-        minutes["scratch"] = train_step(args, work / "scratch", args.finetune_steps,
-                                        [*lift, "--eval-every", str(args.finetune_steps)], model_args)
+    def scratch(seed: int):
+        minutes[f"scratch{tag(seed)}"] = train_step(
+            args, work / f"scratch{tag(seed)}", args.finetune_steps,
+            [*lift, "--eval-every", str(args.finetune_steps), "--seed", str(seed)], model_args)
 
-    with ThreadPoolExecutor(args.jobs) as pool:
-        for f in [pool.submit(pretrain), pool.submit(scratch)]:
+    def finetune(seed: int):
+        stem = work / f"pretrained_new_stem{tag(seed)}"
+        if args.new_stem_steps:
+            minutes[f"new_stem{tag(seed)}"] = train_step(
+                args, stem, args.new_stem_steps,
+                [*lift, "--init", str(work / "pretrained"), "--train-only-new", "--seed", str(seed),
+                 "--warmup", str(max(1, args.new_stem_steps // 5)), "--eval-every", str(args.new_stem_steps)],
+                model_args)
+        minutes[f"finetune{tag(seed)}"] = train_step(
+            args, work / f"finetuned{tag(seed)}", args.finetune_steps - args.new_stem_steps,
+            [*lift, "--init", str(stem if args.new_stem_steps else work / "pretrained"), "--seed", str(seed),
+             "--eval-every", str(args.finetune_steps)], model_args)
+
+    with ThreadPoolExecutor(args.jobs) as pool:  # pre-training and the scratch arm need nothing else
+        pre = pool.submit(pretrain)
+        done = [pool.submit(scratch, seed) for seed in args.train_seeds]
+        pre.result()
+        done += [pool.submit(finetune, seed) for seed in args.train_seeds]
+        for f in done:
             f.result()
-    stem = work / "pretrained_new_stem"
-    if args.new_stem_steps:
-        minutes["new_stem"] = train_step(args, stem, args.new_stem_steps,
-                                         [*lift, "--init", str(work / "pretrained"), "--train-only-new",
-                                          "--warmup", str(max(1, args.new_stem_steps // 5)),
-                                          "--eval-every", str(args.new_stem_steps)], model_args)
-    minutes["finetune"] = train_step(args, work / "finetuned", args.finetune_steps - args.new_stem_steps,
-                                     [*lift, "--init", str(stem if args.new_stem_steps else work / "pretrained"),
-                                      "--eval-every", str(args.finetune_steps)], model_args)
 
-    runs = {"scratch": work / "scratch", "pretrained": work / "finetuned"}
+    runs = {(init, seed): work / f"{name}{tag(seed)}" for seed in args.train_seeds
+            for init, name in (("scratch", "scratch"), ("pretrained", "finetuned"))}
     with ThreadPoolExecutor(args.jobs) as pool:
         evals = dict(zip(runs, pool.map(lambda d: evaluate(args, d), runs.values()), strict=True))
-    rows = [{"init": k, **v} for k, v in evals.items()]
+    rows = []
+    for init in ("scratch", "pretrained"):
+        per_seed = [{"seed": seed, **evals[(init, seed)]} for seed in args.train_seeds]
+        mean = {k: float(np.mean([r[k] for r in per_seed])) for k in METRICS}
+        rows.append({"init": init, **mean, "per_seed": per_seed})
     pre_meta = json.loads((work / "pretrained" / "dynamics.json").read_text())["config"]
-    embodiments = sorted(pre_meta["hma"]["embodiments"]) + [LIFT_EMBODIMENT]
+    embodiments = sorted({*pre_meta["hma"]["embodiments"], LIFT_EMBODIMENT})
     pre_log = [json.loads(line) for line in (work / "pretrained" / "log.jsonl").read_text().splitlines()]
     pre_eval = [r for r in pre_log if r["event"] == "eval"]
     payload = {
         "embodiments": len(embodiments),
         "embodiment_names": embodiments,
         "rows": rows,
-        "pretraining": {"mixture": args.mixture, "datasets": pre_meta["datasets"], "steps": args.pretrain_steps,
+        "pretraining": {"mixture": args.mixture, "datasets": pre_meta.get("datasets"), "steps": args.pretrain_steps,
                         "samples": args.pretrain_steps * pre_log[0]["config"]["batch_size"],
                         "params": pre_log[0].get("params"),
                         "eval_first_dataset": pre_eval[-1] if pre_eval else None},
@@ -232,8 +257,11 @@ def main(argv: list[str] | None = None) -> dict:
                        "new_stem_steps": args.new_stem_steps, "model": args.model, "train": args.train},
         "eval": {"windows": args.eval_windows, "n_random": args.n_random, "perturb_std": args.perturb_std,
                  "protocol": "4 GT prompt frames, 8 generated from the model's own outputs; PSNR* against the "
-                             "GT env stepped with the same perturbed actions from the same MuJoCo state"},
-        "checkpoints": {k: str(v) for k, v in runs.items()} | {"pretrained_base": str(work / "pretrained")},
+                             "GT env replayed from the episode's seeded start with the recorded actions, then the "
+                             "same perturbed actions as the model"},
+        "train_seeds": args.train_seeds,
+        "checkpoints": {f"{k[0]}_seed{k[1]}": str(v) for k, v in runs.items()}
+        | {"pretrained_base": str(work / "pretrained")},
         "wall_minutes_this_run": minutes,
         "total_wall_minutes_this_run": (time.perf_counter() - t0) / 60,
     }
