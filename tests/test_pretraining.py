@@ -48,6 +48,20 @@ def test_collect_other_robot_records_its_own_action_space(iiwa_data):
         assert [int(f[f"data/demo_{k}"].attrs["seed"]) for k in range(4)] == [7, 8, 9, 10]
 
 
+def test_stack_expert_collects_a_second_task(tmp_path):
+    """Stack (a second task) with the Panda: the scripted expert picks cube A and sets it on cube B."""
+    path = tmp_path / "stack16.hdf5"
+    main(["collect", "--task", "stack", "--out", str(path), "--episodes", "2", "--image-size", "16",
+          "--no-progress", "--steps-after-success", "2", "--seed", "0"])
+    args = read_env_args(path)
+    assert args["env_name"] == "Stack" and args["collector"] == "stack-expert"
+    assert args["embodiment"] == "panda_osc_pose"
+    with h5py.File(path, "r") as f:
+        # the expert solved 3 of 4 Panda starts (seeds 0-3) when measured, seed 0 among them
+        assert any(bool(f[f"data/demo_{k}"].attrs["success"]) for k in range(2))
+        assert f["data/demo_0/obs/agentview_image"].shape[1:] == (16, 16, 3)
+
+
 def test_two_embodiments_train_together_in_one_batch(mixture_run, tiny_data, iiwa_data):
     meta = json.loads((mixture_run / "dynamics.json").read_text())["config"]
     embodiments = meta["hma"]["embodiments"]

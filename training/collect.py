@@ -17,8 +17,9 @@ import hma_gym
 from hma_gym.data.hdf5 import RobomimicWriter, list_demos, validate_file
 from policies.registry import SCRIPTED, load_policy
 from policies.scripted import LiftExpert, LiftExpertConfig
+from policies.stack import StackExpert, StackExpertConfig
 
-TASK_IDS = {"lift": "RobomimicLift-v0"}
+TASK_IDS = {"lift": "RobomimicLift-v0", "stack": "RobomimicStack-v0"}
 
 
 @dataclass
@@ -28,7 +29,7 @@ class CollectConfig:
     out: str = "data/lift.hdf5"
     """Output HDF5 file; an existing file is appended to."""
     task: str = "lift"
-    """Task name (lift)."""
+    """Task name: lift or stack (the scripted experts of both drive any of the robots below)."""
     robot: str = "Panda"
     """robosuite robot (the scripted expert drives Panda, Sawyer, IIWA, UR5e, Kinova3)."""
     controller: str = "OSC_POSE"
@@ -38,7 +39,8 @@ class CollectConfig:
     max_steps: int = 0
     """Episode step limit (0 = the registered one: 100 for Lift at 20 Hz)."""
     policy: str = "expert"
-    """expert (scripted, with noise and failure modes), random, dp-lift, a DP checkpoint dir or sb3:ALGO:PATH."""
+    """expert (the task's scripted expert: Lift's with noise and failure modes, Stack's with noise), random,
+    dp-lift, a DP checkpoint dir or sb3:ALGO:PATH."""
     episodes: int = 200
     """Number of episodes to add."""
     seed: int = 0
@@ -63,6 +65,8 @@ class CollectConfig:
             raise ValueError(f"task must be one of {sorted(TASK_IDS)}. Got {self.task=}")
         if self.episodes <= 0:
             raise ValueError(f"episodes must be positive. Got {self.episodes=}")
+        if self.policy == "lift-expert" and self.task != "lift":
+            raise ValueError(f"lift-expert drives the lift task only; use --policy expert for {self.task}")
         if self.max_steps < 0:
             raise ValueError(f"max_steps must be >= 0. Got {self.max_steps=}")
         LiftExpertConfig(action_noise=self.action_noise, failure_probs=self.failure_probs)
@@ -82,12 +86,17 @@ def collect(cfg: CollectConfig) -> dict:
     env_args = env.unwrapped.env_args()
     env_args["embodiment"] = embodiment_name(cfg.robot, cfg.controller, cfg.control_freq)
     scripted = cfg.policy in SCRIPTED
-    env_args.update(env_id=env_id, synthetic=False, collector="lift-expert" if scripted else cfg.policy)
+    expert = f"{cfg.task}-expert"
+    env_args.update(env_id=env_id, synthetic=False, collector=expert if scripted else cfg.policy)
     if scripted:
-        env_args["expert"] = {"action_noise": cfg.action_noise, "failure_probs": cfg.failure_probs}
+        env_args["expert"] = {"action_noise": cfg.action_noise}
+        if cfg.task == "lift":
+            env_args["expert"]["failure_probs"] = cfg.failure_probs
     writer = RobomimicWriter(cfg.out, env_args, valid_every=cfg.valid_every)
     already = len(list_demos(cfg.out))
-    if scripted:
+    if scripted and cfg.task == "stack":
+        policy = StackExpert(env, StackExpertConfig(action_noise=cfg.action_noise), seed=cfg.seed + already)
+    elif scripted:
         policy = LiftExpert(env, LiftExpertConfig(action_noise=cfg.action_noise, failure_probs=cfg.failure_probs),
                             seed=cfg.seed + already)
     else:

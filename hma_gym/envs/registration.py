@@ -9,6 +9,7 @@ import gymnasium as gym
 # id -> (robosuite task, max_episode_steps)
 GT_TASKS: dict[str, tuple[str, int]] = {
     "RobomimicLift-v0": ("Lift", 100),
+    "RobomimicStack-v0": ("Stack", 200),
 }
 
 # learned id -> (ground-truth id it mirrors, shipped checkpoint variant)
