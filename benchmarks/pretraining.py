@@ -95,7 +95,25 @@ def perturbed_gt_frames(lift: str, seed_base: int, episodes, windows, actions: n
     return np.stack(out)
 
 
+EVAL_KEYS = ("lift", "tokenizer", "eval_windows", "n_random", "perturb_std", "lift_seed", "seed")
+
+
 def evaluate(args, run_dir: Path) -> dict:
+    """`_evaluate`, reused from run_dir/pretraining_eval.json when the weights and settings are the same."""
+    from hma_gym.checkpoint import weights_hash
+
+    cache = run_dir / "pretraining_eval.json"
+    key = {"weights": weights_hash(run_dir), **{k: getattr(args, k) for k in EVAL_KEYS}}
+    if cache.exists():
+        stored = json.loads(cache.read_text())
+        if stored.get("key") == key:
+            return stored["result"]
+    result = _evaluate(args, run_dir)
+    cache.write_text(json.dumps({"key": key, "result": result}, indent=2) + "\n")
+    return result
+
+
+def _evaluate(args, run_dir: Path) -> dict:
     """Fidelity of one fine-tuned model on the held-out Lift windows (fixed by --seed)."""
     from hma_gym.checkpoint import load_tensors
     from hma_gym.metrics import psnr
