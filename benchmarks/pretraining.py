@@ -57,6 +57,15 @@ def train_step(args, out: Path, steps: int, extra: list[str], model_args: list[s
     return (time.perf_counter() - t0) / 60
 
 
+def train_minutes(run_dir: Path) -> float:
+    """Optimizer time of a run from its log (each logged interval: log_every x batch samples at the
+    logged samples/s), so it is known also when the run was made by an earlier invocation."""
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    cfg = next(r["config"] for r in log if r["event"] == "start")
+    train = [r for r in log if r["event"] == "train"]
+    return sum(cfg["log_every"] * cfg["batch_size"] / r["samples_per_s"] for r in train) / 60
+
+
 def perturbed_gt_frames(lift: str, seed_base: int, episodes, windows, actions: np.ndarray,
                         image_size: int) -> np.ndarray:
     """GT frames of each window's 8 generated steps under `actions` (N, 11, A).
@@ -280,6 +289,9 @@ def main(argv: list[str] | None = None) -> dict:
         "train_seeds": args.train_seeds,
         "checkpoints": {f"{k[0]}_seed{k[1]}": str(v) for k, v in runs.items()}
         | {"pretrained_base": str(work / "pretrained")},
+        "train_minutes_1_cpu_thread": {name: train_minutes(work / name) for name in sorted(
+            [*(f"{n}{tag(k)}" for k in args.train_seeds for n in ("scratch", "finetuned")), "pretrained",
+             *(f"pretrained_new_stem{tag(k)}" for k in args.train_seeds if args.new_stem_steps)])},
         "wall_minutes_this_run": minutes,
         "total_wall_minutes_this_run": (time.perf_counter() - t0) / 60,
     }
