@@ -134,3 +134,16 @@ def test_two_envs_in_one_process_render_their_own_scene():
     assert np.abs(oa["agentview_image"].astype(int) - ob["agentview_image"].astype(int)).max() > 0
     a.close()
     b.close()
+
+
+def test_stack_id_and_other_arms_pass_the_checker():
+    """The second task, and another arm/controller through the Lift id's kwargs, keep the env contract."""
+    stack = gym.make("RobomimicStack-v0", image_size=16)
+    check_env(stack.unwrapped, skip_render_check=True)
+    assert stack.spec.max_episode_steps == 200
+    stack.close()
+    iiwa = gym.make("RobomimicLift-v0", image_size=16, robot="IIWA", controller="OSC_POSITION")
+    check_env(iiwa.unwrapped, skip_render_check=True)
+    assert iiwa.action_space.shape == (4,)
+    assert iiwa.observation_space["robot0_gripper_qpos"].shape == (6,)
+    iiwa.close()
