@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = "0" ] || echo sudo)
 APT_PACKAGES := libegl1 libegl-mesa0 libgl1-mesa-dri libgl1 libglx-mesa0 chromium chromium-driver
 export MUJOCO_GL ?= egl
 
-.PHONY: setup demo test lint bench lift-data lift-checkpoint dp-lift lift-mar mixture-data pretraining-study clean-venv
+.PHONY: setup demo test lint bench lift-data lift-checkpoint dp-lift lift-mar mixture-data mixture-tasks pretraining-study clean-venv
 
 setup: $(STAMP)
 
@@ -96,6 +96,16 @@ mixture-data: setup
 	$(HMA) collect --no-progress --robot UR5e --controller OSC_POSE --episodes 60 --seed 62000 --out data/mixture/ur5e_osc_pose.hdf5
 	$(HMA) collect --no-progress --robot Kinova3 --controller OSC_POSE --control-freq 40 --max-steps 200 \
 	  --steps-after-success 20 --episodes 30 --seed 63000 --out data/mixture/kinova3_osc_pose_40hz.hdf5
+
+# a second task on two of those arms (benchmarks/pretraining_mixture_tasks.json; not yet in a reported study)
+# and a tokenizer trained on every arm (the Lift tokenizer saw only the Panda)
+mixture-tasks: mixture-data
+	$(HMA) collect --no-progress --task stack --robot Sawyer --episodes 40 --seed 64000 --out data/mixture/sawyer_osc_pose_stack.hdf5
+	$(HMA) collect --no-progress --task stack --robot UR5e --episodes 40 --seed 65000 --out data/mixture/ur5e_osc_pose_stack.hdf5
+	$(HMA) train-tokenizer --data data/lift.hdf5 --extra-data data/mixture/sawyer_osc_pose.hdf5 \
+	  data/mixture/iiwa_osc_position.hdf5 data/mixture/ur5e_osc_pose.hdf5 data/mixture/kinova3_osc_pose_40hz.hdf5 \
+	  --out runs/tokenizer_mixture --steps 3000 --batch-size 16 --temporal-weight 0.05 --weight-decay 0 \
+	  --min-lr-ratio 0.05 --warmup 50 --threads 1
 
 pretraining-study: setup
 	$(PY) -m benchmarks.pretraining --mixture benchmarks/pretraining_mixture.json --lift data/lift.hdf5 \
