@@ -78,22 +78,21 @@ def perturbed_gt_frames(lift: str, seed_base: int, episodes, windows, actions: n
     import h5py
 
     import hma_gym  # noqa: F401  (registers the ids)
-    from hma_gym.data.hdf5 import read_demo
     from hma_gym.metrics import psnr
 
+    with h5py.File(lift, "r") as f:
+        seeds = {e.name: int(f[f"data/{e.name}"].attrs.get("seed", seed_base + int(e.name.split("_")[-1])))
+                 for e in episodes}
     env = gym.make("RobomimicLift-v0", image_size=image_size, terminate_on_success=False).unwrapped
     out = []
     for (i, s), act in zip(windows, actions, strict=True):
-        name = episodes[i].name
-        demo = read_demo(lift, name)
-        with h5py.File(lift, "r") as f:
-            seed = int(f[f"data/{name}"].attrs.get("seed", seed_base + int(name.split("_")[-1])))
+        name, seed = episodes[i].name, seeds[episodes[i].name]
         obs, _ = env.reset(seed=seed)
         first = float(np.mean(psnr(obs["agentview_image"], episodes[i].frames[0])))
         if first < 25:
             raise RuntimeError(f"{lift}/{name}: reset(seed={seed}) does not give the recorded first frame "
                                f"({first:.1f} dB); pass the file's collection seed as --lift-seed")
-        for a in demo["actions"][: s + 3]:
+        for a in episodes[i].actions[: s + 3]:  # stride 1: the recorded control actions
             env.step(a)
         frames = []
         for a in act[3:]:

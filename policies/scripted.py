@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -51,6 +51,36 @@ def sub_envs(env) -> list:
     return [env.unwrapped]
 
 
+def eef_actions(name: str, envs: list, obs: dict[str, np.ndarray],
+                act_one: Callable[[int, np.ndarray], np.ndarray]) -> np.ndarray:
+    """A batch of actions of an end-effector expert bound to `envs`, in their action space.
+
+    `act_one(i, eef_pos)` gives env i's 7-D OSC_POSE action; OSC_POSITION arms (4-D) get it without
+    the rotation deltas.
+    """
+    n = batch_size_of(obs)
+    if n != len(envs):
+        raise ValueError(f"{name} is bound to {len(envs)} envs, got a batch of {n}")
+    dim = envs[0].action_space.shape[0]
+    if dim not in (4, 7):
+        raise ValueError(f"{name} drives OSC_POSE (7-D) or OSC_POSITION (4-D) arms; the action is {dim}-D")
+    actions = np.zeros((n, dim), dtype=np.float32)
+    for i in range(n):
+        a = act_one(i, np.asarray(obs["robot0_eef_pos"][i], dtype=np.float64))
+        actions[i] = a if dim == 7 else a[[0, 1, 2, 6]]
+    return actions
+
+
+def osc_action(move: np.ndarray, gripper: float, noise: float, rng: np.random.Generator) -> np.ndarray:
+    """7-D OSC_POSE action from a position move and a gripper command, noise on the 6 motion dims, clipped."""
+    action = np.zeros(7)
+    action[:3] = move
+    action[6] = gripper
+    if noise > 0:
+        action[:6] += rng.normal(0.0, noise, 6)
+    return np.clip(action, -1.0, 1.0)
+
+
 class LiftExpert:
     """Hover above the cube, descend, close, lift: a batched policy driven by privileged state.
 
@@ -92,18 +122,8 @@ class LiftExpert:
             self.release_step[i] = self.rng.integers(2, max(3, self.config.grasp_steps - 1))
 
     def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
-        n = batch_size_of(obs)
-        if n != len(self.envs):
-            raise ValueError(f"LiftExpert is bound to {len(self.envs)} envs, got a batch of {n}")
-        dim = self.envs[0].action_space.shape[0]
-        if dim not in (4, 7):
-            raise ValueError(f"LiftExpert drives OSC_POSE (7-D) or OSC_POSITION (4-D) arms; the action is {dim}-D")
-        actions = np.zeros((n, dim), dtype=np.float32)
-        for i in range(n):
-            cube = self.envs[i].privileged_state()["cube_pos"]
-            a = self._act_one(i, np.asarray(obs["robot0_eef_pos"][i], dtype=np.float64), cube)
-            actions[i] = a if dim == 7 else a[[0, 1, 2, 6]]  # OSC_POSITION: no rotation deltas
-        return actions
+        return eef_actions("LiftExpert", self.envs, obs,
+                           lambda i, eef: self._act_one(i, eef, self.envs[i].privileged_state()["cube_pos"]))
 
     def _act_one(self, i: int, eef: np.ndarray, cube: np.ndarray) -> np.ndarray:
         cfg = self.config
@@ -145,12 +165,7 @@ class LiftExpert:
                 self.pause_left[i] = self.rng.integers(3, 10)
                 self.wander[i] = self.rng.uniform(-1, 1, 3)
 
-        action = np.zeros(7)
-        action[:3] = move
-        action[6] = gripper
-        if cfg.action_noise > 0:
-            action[:6] += self.rng.normal(0.0, cfg.action_noise, 6)
-        return np.clip(action, -1.0, 1.0)
+        return osc_action(move, gripper, cfg.action_noise, self.rng)
 
     def describe(self) -> dict:
         return {"policy": "lift-expert", **asdict(self.config)}

@@ -7,8 +7,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from policies.base import batch_size_of
-from policies.scripted import sub_envs
+from policies.scripted import eef_actions, osc_action, sub_envs
 
 # phases of one episode
 APPROACH, DESCEND, GRASP, RAISE, CARRY, LOWER, RELEASE, RETREAT = range(8)
@@ -54,17 +53,7 @@ class StackExpert:
             self.hold[i] = 0.0
 
     def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
-        n = batch_size_of(obs)
-        if n != len(self.envs):
-            raise ValueError(f"StackExpert is bound to {len(self.envs)} envs, got a batch of {n}")
-        dim = self.envs[0].action_space.shape[0]
-        if dim not in (4, 7):
-            raise ValueError(f"StackExpert drives OSC_POSE (7-D) or OSC_POSITION (4-D) arms; the action is {dim}-D")
-        actions = np.zeros((n, dim), dtype=np.float32)
-        for i in range(n):
-            a = self._act_one(i, np.asarray(obs["robot0_eef_pos"][i], dtype=np.float64))
-            actions[i] = a if dim == 7 else a[[0, 1, 2, 6]]
-        return actions
+        return eef_actions("StackExpert", self.envs, obs, self._act_one)
 
     def _act_one(self, i: int, eef: np.ndarray) -> np.ndarray:
         cfg = self.config
@@ -112,12 +101,7 @@ class StackExpert:
                 self.phase[i] = RETREAT
         if self.phase[i] == RETREAT:
             target = np.array([eef[0], eef[1], b_pos[2] + 0.2])
-        action = np.zeros(7)
-        action[:3] = np.clip(cfg.gain * (target - eef), -1.0, 1.0)
-        action[6] = gripper
-        if cfg.action_noise > 0:
-            action[:6] += self.rng.normal(0.0, cfg.action_noise, 6)
-        return np.clip(action, -1.0, 1.0)
+        return osc_action(np.clip(cfg.gain * (target - eef), -1.0, 1.0), gripper, cfg.action_noise, self.rng)
 
     def describe(self) -> dict:
         return {"policy": "stack-expert", **asdict(self.config)}

@@ -18,6 +18,7 @@ from hma_gym.data.hdf5 import RobomimicWriter, list_demos, validate_file
 from policies.registry import SCRIPTED, load_policy
 from policies.scripted import LiftExpert, LiftExpertConfig
 from policies.stack import StackExpert, StackExpertConfig
+from training.mixture import embodiment_name
 
 TASK_IDS = {"lift": "RobomimicLift-v0", "stack": "RobomimicStack-v0"}
 
@@ -70,12 +71,6 @@ class CollectConfig:
         if self.max_steps < 0:
             raise ValueError(f"max_steps must be >= 0. Got {self.max_steps=}")
         LiftExpertConfig(action_noise=self.action_noise, failure_probs=self.failure_probs)
-
-
-def embodiment_name(robot: str, controller: str, control_freq: int = 20) -> str:
-    """The name a (robot, controller, rate) trains under, e.g. panda_osc_pose or kinova3_osc_pose_40hz."""
-    name = f"{robot}_{controller}".lower()
-    return name if control_freq == 20 else f"{name}_{control_freq}hz"
 
 
 def collect(cfg: CollectConfig) -> dict:

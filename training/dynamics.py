@@ -12,7 +12,7 @@ import torch
 from hma_gym.checkpoint import CheckpointError, load_tensors, save_module, save_tensors, weights_hash
 from hma_gym.models.hma import HMA_PRESETS, EmbodimentSpec, make_hma
 from hma_gym.world_model import WorldModel, load_dynamics, load_tokenizer
-from training.data import DataConfig, Normalizer, load_episodes, sample_windows, window_batch
+from training.data import DataConfig, Normalizer, load_episodes
 from training.evaluate import eval_windows, fidelity_report, tokenize_episodes
 from training.loop import LoopConfig, train_loop
 from training.mixture import Source, fit_normalizers, load_sources, mixed_batch, read_mixture, sampling_weights
@@ -102,8 +102,8 @@ class DynamicsTrainConfig(LoopConfig, DataConfig):
         return DataConfig(**{k: getattr(self, k) for k in DataConfig.__dataclass_fields__})
 
 
-def build_model(cfg: DynamicsTrainConfig, vocab_size: int, grid: int, action_dim: int, state_dim: int,
-                latent_dim: int = 4, embodiments: dict[str, EmbodimentSpec] | None = None):
+def build_model(cfg: DynamicsTrainConfig, vocab_size: int, grid: int, embodiments: dict[str, EmbodimentSpec],
+                latent_dim: int = 4):
     overrides = {k: getattr(cfg, k) for k in ("d_model", "n_layer", "n_head") if getattr(cfg, k)}
     if cfg.head == "mar":
         overrides.update(head="mar", latent_dim=latent_dim, diff_width=cfg.diff_width, diff_depth=cfg.diff_depth,
@@ -111,7 +111,7 @@ def build_model(cfg: DynamicsTrainConfig, vocab_size: int, grid: int, action_dim
     return make_hma(
         cfg.preset, **overrides, vocab_size=vocab_size, grid=grid, patch_size=cfg.patch_size,
         n_action_tokens=cfg.n_action_tokens, max_frames=cfg.max_frames, objective_probs=cfg.objective_probs,
-        embodiments=embodiments or {cfg.embodiment: EmbodimentSpec(action_dim=action_dim, state_dim=state_dim)},
+        embodiments=embodiments,
     )
 
 
@@ -196,12 +196,10 @@ def train_dynamics(cfg: DynamicsTrainConfig) -> dict:
             for p in model.parameters():
                 p.requires_grad_(id(p) in keep)
     else:
-        names = sorted({s.embodiment for s in sources})
-        first = {s.embodiment: s for s in reversed(sources)}
-        specs = {n: EmbodimentSpec(action_dim=first[n].train[0].actions.shape[1],
-                                   state_dim=first[n].train[0].states.shape[1]) for n in names}
-        model = build_model(cfg, tokenizer.codebook_size, tokenizer.cfg.grid, 0, 0,
-                            latent_dim=len(tokenizer.cfg.levels), embodiments=specs)
+        specs = {s.embodiment: EmbodimentSpec(action_dim=s.train[0].actions.shape[1],
+                                              state_dim=s.train[0].states.shape[1]) for s in sources}
+        model = build_model(cfg, tokenizer.codebook_size, tokenizer.cfg.grid, dict(sorted(specs.items())),
+                            latent_dim=len(tokenizer.cfg.levels))
         norm_tensors = {}
         for name, n in norms.items():
             norm_tensors.update(n.tensors(prefix=f"{name}/"))
@@ -219,12 +217,7 @@ def train_dynamics(cfg: DynamicsTrainConfig) -> dict:
               max(e.state_dim for e in model.config.embodiments.values()))
 
     def batch_fn(step: int, rng: np.random.Generator) -> dict:
-        if len(sources) == 1:
-            src = sources[0]
-            chosen = sample_windows(src.train, rng, cfg.batch_size, cfg.max_frames)
-            batch = window_batch(src.train, chosen, cfg.max_frames, norm_of[src.embodiment], ids[src.embodiment])
-        else:
-            batch = mixed_batch(sources, probs, rng, cfg.batch_size, cfg.max_frames, norm_of, ids, widths)
+        batch = mixed_batch(sources, probs, rng, cfg.batch_size, cfg.max_frames, norm_of, ids, widths)
         batch["n_prompt"] = torch.from_numpy(rng.choice(prompts, cfg.batch_size)).long()
         return batch
 

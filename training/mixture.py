@@ -9,13 +9,13 @@ A mixture file (JSON) lists the datasets::
     ]}
 
 Each dataset names its embodiment (else the `embodiment` that `hma-gym collect` writes into the file's
-`env_args`, else `<robot>_<controller>`), and an embodiment is one action stem, head and set of
-normalisation statistics: datasets of one embodiment share them. `action_stride` brings another control
-rate to the model's frame rate (a 40 Hz file with stride 2 gives 20 Hz frames whose action is the two
-control actions concatenated). Every sample of a batch first draws its dataset, with probability
-proportional to `n_windows ** power`: `power=1` samples by size, `power=0` uniformly across datasets,
-and anything below 1 gives each window of a small dataset more weight than one of a large dataset
-(inverse-size weighting), so small embodiments are not drowned out.
+`env_args`, else `embodiment_name` of its robot, controller and rate), and an embodiment is one action
+stem, head and set of normalisation statistics: datasets of one embodiment share them. `action_stride`
+brings another control rate to the model's frame rate (a 40 Hz file with stride 2 gives 20 Hz frames
+whose action is the two control actions concatenated). Every sample of a batch first draws its dataset,
+with probability proportional to `n_windows ** power`: `power=1` samples by size, `power=0` uniformly
+across datasets, and anything below 1 gives each window of a small dataset more weight than one of a
+large dataset (inverse-size weighting), so small embodiments are not drowned out.
 """
 
 from __future__ import annotations
@@ -71,7 +71,13 @@ def embodiment_of(path: str) -> str:
     if not robot or not controller:
         raise DatasetError(f"{path}: env_args name no embodiment, robot or controller; give \"embodiment\" in "
                            f"the mixture file")
-    return f"{robot}_{controller}".lower()
+    return embodiment_name(robot, controller, int(kwargs.get("control_freq", 20)))
+
+
+def embodiment_name(robot: str, controller: str, control_freq: int = 20) -> str:
+    """The name a (robot, controller, rate) trains under, e.g. panda_osc_pose or kinova3_osc_pose_40hz."""
+    name = f"{robot}_{controller}".lower()
+    return name if control_freq == 20 else f"{name}_{control_freq}hz"
 
 
 def read_mixture(path: str) -> list[MixtureDataset]:
@@ -145,8 +151,10 @@ def mixed_batch(
     embodiment_ids: dict[str, int],
     widths: tuple[int, int],
 ) -> dict[str, torch.Tensor]:
-    """A batch whose rows come from several datasets; actions/states zero-padded to `widths`."""
-    picks = rng.choice(len(sources), size=batch_size, p=probs)
+    """A batch whose rows come from several datasets; actions/states zero-padded to `widths`.
+
+    One dataset draws no dataset choices, so a single-file run samples exactly as before mixtures existed."""
+    picks = rng.choice(len(sources), size=batch_size, p=probs) if len(sources) > 1 else np.zeros(batch_size, int)
     parts = []
     for k, src in enumerate(sources):
         n = int((picks == k).sum())
