@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = "0" ] || echo sudo)
 APT_PACKAGES := libegl1 libegl-mesa0 libgl1-mesa-dri libgl1 libglx-mesa0 chromium chromium-driver
 export MUJOCO_GL ?= egl
 
-.PHONY: setup demo test lint bench lift-data lift-checkpoint dp-lift lift-mar mixture-data mixture-tasks pretraining-study clean-venv
+.PHONY: setup demo test lint bench lift-data lift-checkpoint dp-lift lift-mar mixture-data mixture-tasks pretraining-study pretraining-study-tasks clean-venv
 
 setup: $(STAMP)
 
@@ -110,6 +110,12 @@ mixture-tasks: mixture-data
 pretraining-study: setup
 	$(PY) -m benchmarks.pretraining --mixture benchmarks/pretraining_mixture.json --lift data/lift.hdf5 \
 	  --tokenizer runs/tokenizer --pretrain-steps 1000 --finetune-steps 400 --new-stem-steps 50 --train-seeds 0 1 --jobs 2
+
+# the same study with two tasks (Lift + Stack) in the mixture and the tokenizer trained on every arm
+pretraining-study-tasks: setup
+	$(PY) -m benchmarks.pretraining --mixture benchmarks/pretraining_mixture_tasks.json --lift data/lift.hdf5 \
+	  --tokenizer runs/tokenizer_mixture --pretrain-steps 1000 --finetune-steps 400 --new-stem-steps 50 \
+	  --train-seeds 0 1 --jobs 2 --work runs/pretraining_tasks --name pretraining_tasks
 
 clean-venv:
 	rm -rf $(VENV)

@@ -20,7 +20,7 @@ a re-run resumes unfinished training runs and reuses finished ones.
     python -m benchmarks.pretraining --mixture benchmarks/pretraining_mixture.json --lift data/lift.hdf5 \\
         --tokenizer runs/tokenizer --pretrain-steps 1000 --finetune-steps 400 --train-seeds 0 1 --jobs 2
 
-Writes `benchmarks/results/pretraining.json` (`embodiments`, `rows: [{init, psnr, delta_psnr,
+Writes `benchmarks/results/pretraining.json` (`--name` changes the file name) (`embodiments`, `rows: [{init, psnr, delta_psnr,
 perplexity, psnr_perturbed}]`) and a bar plot `pretraining.png`.
 """
 
@@ -215,6 +215,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0, help="evaluation seed (windows, sampling, perturbations)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--work", default="runs/pretraining")
+    p.add_argument("--name", default="pretraining",
+                   help="result name: writes benchmarks/results/NAME.json and NAME.png")
     args = p.parse_args(argv)
     if not 0 <= args.new_stem_steps < args.finetune_steps:
         p.error("--new-stem-steps must lie in [0, --finetune-steps)")
@@ -294,8 +296,8 @@ def main(argv: list[str] | None = None) -> dict:
         "wall_minutes_this_run": minutes,
         "total_wall_minutes_this_run": (time.perf_counter() - t0) / 60,
     }
-    write_result("pretraining", payload)
-    plot(rows, RESULTS / "pretraining.png")
+    write_result(args.name, payload, module="pretraining")
+    plot(rows, RESULTS / f"{args.name}.png")
     return payload
 
 
