@@ -4,6 +4,7 @@ generated frame and the achieved FLOP/s against a matmul peak measured in the sa
 
     python -m benchmarks.env_speed [--steps 200] [--checkpoint DIR] [--skip-learned]
     python -m benchmarks.env_speed --device cuda --skip-gt     # learned rows on a GPU
+    python -m benchmarks.env_speed --model-sizes 128x3 96x3    # also other (untrained) model sizes
 
 Writes benchmarks/results/env_speed.json (env_speed_<device>.json for a --device other than cpu).
 Ratios between rows are the meaningful numbers on a shared, noisy machine; absolute numbers move with
@@ -14,7 +15,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -87,8 +91,9 @@ def gt_rows(steps: int) -> list[dict]:
 def trunk_time(wm, steps: int, cached: bool, repeats: int = 5) -> float:
     """Seconds of dynamics-model compute per generated frame, with or without the key/value cache.
 
-    Cached: `steps` masked passes over one frame against the cache, plus one pass that appends the new
-    frame. Uncached (the official HMA code's cost model): every unmasking pass re-runs the trunk over all
+    Cached (as the env runs it): `steps` masked passes over one frame against the cache, the first of
+    which also runs the previous frame (a deferred append, see `HMA.append_frame`). Uncached (the
+    official HMA code's cost model): every unmasking pass re-runs the trunk over all
     W = max_frames - 1 context frames plus the frame being generated.
     """
     model = wm.dynamics
@@ -107,8 +112,8 @@ def trunk_time(wm, steps: int, cached: bool, repeats: int = 5) -> float:
         sync(str(dev))
         t0 = time.perf_counter()
         if cached:
+            model.append_frame(full, tokens, states, action, ids, return_hidden=False, defer=True)
             model.generate_frame(full, action, ids, steps=steps)
-            model.append_frame(full, tokens, states, action, ids)
         else:
             for _ in range(steps):
                 cache = model.new_cache(1)
@@ -179,6 +184,50 @@ def learned_rows(steps: int, checkpoint: str | None, long_steps: int, device: st
     return rows, info
 
 
+def resized_checkpoint(src: Path, dst: Path, d_model: int, n_layer: int, n_head: int) -> Path:
+    """A copy of checkpoint `src` whose dynamics model has another width/depth, with random weights: the
+    same tokenizer, detector, spaces and generation settings, for timing a model size not trained."""
+    from hma_gym.checkpoint import load_json, save_json, save_tensors
+    from hma_gym.models.hma import HMA, HMAConfig
+
+    shutil.copytree(src, dst)
+    config = load_json(dst / "config.json")
+    config["dynamics"].update(d_model=d_model, n_layer=n_layer, n_head=n_head)
+    model = HMA(HMAConfig.from_dict(config["dynamics"]))
+    with torch.no_grad():  # adaLN-Zero starts every block as the identity: give it work to do
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    save_tensors(dst / "dynamics.safetensors", model.state_dict())
+    save_json(dst / "config.json", config)
+    return dst
+
+
+def size_rows(steps: int, checkpoint: str | None, sizes: list[str], device: str) -> list[dict]:
+    """learned-single and learned-vector-N16 steps/s for dynamics models of other sizes ("DxL" or "DxLxH")."""
+    from hma_gym.envs.learned_env import default_checkpoint
+
+    src = Path(checkpoint) if checkpoint else default_checkpoint()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for spec in sizes:
+            parts = [int(x) for x in spec.lower().split("x")]
+            d, n_layer, n_head = (*parts, 4) if len(parts) == 2 else parts
+            ckpt = resized_checkpoint(src, Path(tmp) / spec, d, n_layer, n_head)
+            kwargs = {"checkpoint": str(ckpt), "device": device}
+            single = gym.make("HMA-RobomimicLift-v0", **kwargs)
+            params = single.unwrapped.sim.wm.dynamics.num_params() / 1e6
+            rows.append({"env": f"learned-single-{spec}", "model": spec, "params_dynamics_m": params,
+                         "random_weights": True, "steps_per_s": time_steps(single, steps)})
+            single.close()
+            vec = gym.make_vec("HMA-RobomimicLift-v0", num_envs=16, vectorization_mode="vector_entry_point",
+                               **kwargs)
+            rows.append({"env": f"learned-vector-N16-{spec}", "model": spec, "num_envs": 16,
+                         "params_dynamics_m": params, "random_weights": True,
+                         "steps_per_s": time_steps(vec, max(20, steps // 16), vector=True)})
+            vec.close()
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200, help="timed steps per configuration")
@@ -189,9 +238,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--vector-sizes", type=int, nargs="+", default=[1, 4, 16], help="vector env sizes N")
     parser.add_argument("--long-steps", type=int, default=2000,
                         help="steps of the flatness run (time and memory per step over one long episode; 0 = skip)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads of the learned env (default: torch's, one per core)")
+    parser.add_argument("--model-sizes", nargs="*", default=[],
+                        help="also time dynamics models of these sizes, DxL or DxLxH (random weights; speed only)")
     args = parser.parse_args(argv)
     if args.skip_gt and args.skip_learned:
         parser.error("--skip-gt and --skip-learned leave nothing to measure")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     peak = matmul_peak(device=args.device)
     rows = [] if args.skip_gt else gt_rows(args.steps)
     payload: dict = {"steps": args.steps, "matmul_peak_gflops": peak, "device": args.device}
@@ -199,6 +254,8 @@ def main(argv: list[str] | None = None) -> dict:
         learned, info = learned_rows(args.steps, args.checkpoint, args.long_steps, args.device,
                                      tuple(args.vector_sizes))
         rows += learned
+        if args.model_sizes:
+            rows += size_rows(args.steps, args.checkpoint, args.model_sizes, args.device)
         info["fraction_of_matmul_peak"] = info["achieved_gflops_single"] / peak
         payload["learned"] = info
     gt64 = next((r["steps_per_s"] for r in rows if r["env"] == "gt-64px"), None)

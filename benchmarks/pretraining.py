@@ -20,8 +20,8 @@ a re-run resumes unfinished training runs and reuses finished ones.
     python -m benchmarks.pretraining --mixture benchmarks/pretraining_mixture.json --lift data/lift.hdf5 \\
         --tokenizer runs/tokenizer --pretrain-steps 1000 --finetune-steps 400 --train-seeds 0 1 --jobs 2
 
-Writes `benchmarks/results/pretraining.json` (`--name` changes the file name) (`embodiments`, `rows: [{init, psnr, delta_psnr,
-perplexity, psnr_perturbed}]`) and a bar plot `pretraining.png`.
+Writes `benchmarks/results/pretraining.json` (`embodiments`, `rows: [{init, psnr, delta_psnr, perplexity,
+psnr_perturbed}]`) and a bar plot `pretraining.png` (`--name NAME`: NAME.json and NAME.png).
 """
 
 from __future__ import annotations

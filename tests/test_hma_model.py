@@ -458,3 +458,78 @@ def test_token_logits_match_the_full_head(patch_size: int) -> None:
                                   batch["embodiment_ids"])
     rows, cols = mask.nonzero(as_tuple=True)
     torch.testing.assert_close(model._token_logits(h, rows, cols), full[rows, cols], atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- deferred appends
+
+
+def rollout(model: HMA, defer: bool, ids: list[int], frames: int, resets: dict[int, list[bool]] | None = None,
+            soft: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generate `frames` frames (greedy), appending each one eagerly or deferred; resets[t] resets rows
+    before frame t (they restart from the batch's first frame). Returns tokens and states, stacked."""
+    batch = make_batch(ids, seed=3)
+    if soft:
+        batch["tokens"] = torch.randn(len(ids), MAX_FRAMES, GRID, GRID, model.config.latent_dim,
+                                      generator=torch.Generator().manual_seed(4))
+    eids = batch["embodiment_ids"]
+    cache = model.new_cache(len(ids))
+    model.append_frame(cache, batch["tokens"][:, 0], batch["states"][:, 0], None, eids, return_hidden=False,
+                       defer=defer)
+    outs, states = [], []
+    for t in range(frames):
+        action = batch["actions"][:, t % MAX_FRAMES]
+        tokens, state = model.generate_frame(cache, action, eids, greedy=True)
+        outs.append(tokens)
+        states.append(state)
+        model.append_frame(cache, tokens, state, action, eids, return_hidden=False, defer=defer)
+        if resets and t in resets:
+            mask = torch.tensor(resets[t])
+            cache.reset(mask)
+            model.append_frame(cache, batch["tokens"][:, 0], batch["states"][:, 0], None, eids, rows=mask,
+                               return_hidden=False, defer=defer)
+    return torch.stack(outs, 1), torch.stack(states, 1)
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_deferred_append_matches_eager(soft: bool) -> None:
+    """A deferred append (its keys/values computed in the next generation's first trunk call) gives the
+    same frames as an eager one: past the cache's window, across partial resets, two embodiments."""
+    if soft:
+        model = tiny_model(perturb=True, head="mar", latent_dim=3, patch_size=2, diff_width=16, diff_depth=1,
+                           diff_sample_steps=3, diff_train_steps=50).eval()
+    else:
+        model = tiny_model(perturb=True).eval()
+    ids, frames = [0, 1, 1], 3 * MAX_FRAMES  # the window (MAX_FRAMES - 1) wraps several times
+    resets = {2: [False, True, False], 5: [True, False, True], 6: [False, True, False]}
+    eager = rollout(model, False, ids, frames, resets, soft)
+    deferred = rollout(model, True, ids, frames, resets, soft)
+    if soft:
+        torch.testing.assert_close(deferred[0], eager[0], atol=1e-4, rtol=1e-4)
+    else:
+        assert torch.equal(deferred[0], eager[0])
+    torch.testing.assert_close(deferred[1], eager[1], atol=1e-4, rtol=1e-4)
+    # a reset row's deferred frame from its old episode is dropped, not pushed into the new one
+    no_reset = rollout(model, True, ids, frames, None, soft)
+    assert not torch.allclose(no_reset[1][1, 3:], deferred[1][1, 3:])
+
+
+def test_flush_and_predict_frame_see_a_deferred_frame() -> None:
+    model = tiny_model(perturb=True).eval()
+    batch = make_batch([0, 1], seed=5)
+    ids = batch["embodiment_ids"]
+    eager, lazy = model.new_cache(2), model.new_cache(2)
+    for t in range(2):
+        a = None if t == 0 else batch["actions"][:, t - 1]
+        model.append_frame(eager, batch["tokens"][:, t], batch["states"][:, t], a, ids, return_hidden=False)
+        model.append_frame(lazy, batch["tokens"][:, t], batch["states"][:, t], a, ids, return_hidden=False,
+                           defer=True)
+    assert lazy.pending is not None and int(lazy.pos[0]) == 1  # the second frame waits
+    assert torch.equal(lazy.frames_seen(), eager.pos)
+    mask = torch.ones(2, GRID, GRID, dtype=torch.bool)
+    logits_e, state_e = model.predict_frame(eager, batch["tokens"][:, 2], mask, batch["actions"][:, 1], ids)
+    logits_l, state_l = model.predict_frame(lazy, batch["tokens"][:, 2], mask, batch["actions"][:, 1], ids)
+    assert lazy.pending is None and torch.equal(lazy.pos, eager.pos)
+    torch.testing.assert_close(logits_l, logits_e)
+    torch.testing.assert_close(state_l, state_e)
+    with pytest.raises(ValueError, match="return_hidden=False"):
+        model.append_frame(lazy, batch["tokens"][:, 0], batch["states"][:, 0], None, ids, defer=True)

@@ -164,7 +164,8 @@ class _LearnedSim:
         self.cache.reset(mask)
         frames = torch.from_numpy(self.obs[self.image_key])
         states = torch.from_numpy(self.state_vector(self.obs))
-        self.wm.observe(self.cache, self.wm.encode(frames), states, rows=None if bool(mask.all()) else mask)
+        self.wm.observe(self.cache, self.wm.encode(frames), states, rows=None if bool(mask.all()) else mask,
+                        defer=True)
         self.started[rows] = True
         self.streak[rows] = 0
 
@@ -180,7 +181,7 @@ class _LearnedSim:
         a = torch.from_numpy(np.ascontiguousarray(actions, dtype=np.float32))
         tokens, states = self.wm.generate(self.cache, a, steps=self.steps, temperature=self.temperature,
                                           generator=self.generator, greedy=self.greedy)
-        self.wm.observe(self.cache, tokens, states, a)
+        self.wm.observe(self.cache, tokens, states, a, defer=True)  # its trunk pass joins the next step's
         frames = self.wm.decode(tokens)
         prob = self.wm.success_prob(frames, states).cpu().numpy()
         states_np = states.cpu().numpy()
@@ -229,9 +230,10 @@ class HMAEnv(gym.Env):
     (the success rule above; default: the checkpoint's, calibrated by `hma-gym calibrate-success`).
 
     ## Cost
-    One frame = `steps` masked passes + one cached pass of the trunk over a single frame's tokens
-    (a key/value cache holds the previous frames, a sliding window of the training context), a
-    tokenizer decode and a detector call; constant per step however long the episode.
+    One frame = `steps` masked passes of the trunk over a single frame's tokens, the first of which
+    also runs the previous frame's tokens to store their keys/values (a key/value cache holds the
+    previous frames, a sliding window of the training context), a tokenizer decode and a detector
+    call; constant per step however long the episode.
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 20}

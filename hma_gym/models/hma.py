@@ -314,7 +314,15 @@ class TemporalAttention(nn.Module):
         qkv = self.qkv(x.transpose(1, 2))  # (B, N, F, 3D)
         q, k, v = qkv.unflatten(-1, (3, self.n_head, -1)).permute(3, 0, 1, 4, 2, 5)  # each (B, N, H, F, hd)
         q, k = rope(q, pos, table), rope(k, pos, table)
-        if past is not None:
+        if past is not None and len(past) == 4:  # F frames against the cache and each other
+            k_past, v_past, past_mask, within = past  # ..., (B, F, W) cache slots, (B, F, F) frames of x
+            keys = torch.cat([k_past.to(q.dtype), k], dim=-2)  # (B, N, H, W + F, hd)
+            values = torch.cat([v_past.to(q.dtype), v], dim=-2)
+            allowed = torch.cat([past_mask, within], dim=-1)[:, None, None]  # (B, 1, 1, F, W + F)
+            s = (q @ keys.transpose(-2, -1)).float() * q.shape[-1] ** -0.5
+            p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1).to(q.dtype)
+            y = (F.dropout(p, dropout) if dropout > 0 else p) @ values
+        elif past is not None:
             k_past, v_past, valid = past  # (B, N, H, W, hd), (B, N, H, W, hd), (B, W)
             y = attend_past_and_self(q, k, v, k_past, v_past, valid[:, None, None, None, :], dropout)
         else:
@@ -519,6 +527,11 @@ class HMACache:
 
     def __init__(self, k: list[Tensor], v: list[Tensor], pos: Tensor):
         self.k, self.v, self.pos = k, v, pos
+        # a known frame appended with ``defer=True`` whose keys/values are not computed yet: the next
+        # ``generate_frame`` computes them in the same trunk call as its first masked pass (or ``flush``
+        # does, alone). Per row: tokens, state, action, action_valid, embodiment ids, and ``rows`` (which
+        # rows hold one). See ``HMA.append_frame``.
+        self.pending: dict[str, Tensor] | None = None
 
     @property
     def batch_size(self) -> int:
@@ -533,6 +546,12 @@ class HMACache:
         """(B,) number of cached frames of each row (at most ``window``)."""
         return self.pos.clamp(max=self.window)
 
+    def frames_seen(self) -> Tensor:
+        """(B,) frames appended to each row since its reset, a deferred (pending) one included."""
+        if self.pending is None:
+            return self.pos.clone()
+        return self.pos + self.pending["rows"].long()
+
     def valid(self) -> Tensor:
         """(B, window) bool: which ring slots hold a frame of the row's current episode."""
         slots = torch.arange(self.window, device=self.pos.device)
@@ -542,8 +561,12 @@ class HMACache:
         """Forget the history of the rows where ``mask`` (B,) bool is True (all rows if None)."""
         if mask is None:
             self.pos.zero_()
+            self.pending = None
         else:
-            self.pos.masked_fill_(mask.to(self.pos.device, torch.bool), 0)
+            mask = mask.to(self.pos.device, torch.bool)
+            self.pos.masked_fill_(mask, 0)
+            if self.pending is not None:  # a reset row's deferred frame belonged to its old episode
+                self.pending["rows"] = self.pending["rows"] & ~mask
 
     def push(self, kv: list[tuple[Tensor, Tensor]], rows: Tensor | None = None) -> None:
         """Store one new frame per row: kv[l] = (k, v), each (B, N, H, 1, hd).
@@ -760,16 +783,34 @@ class HMA(nn.Module):
 
     def _trunk(
         self, x: Tensor, c: Tensor, pos: Tensor, n_clean: int, cache: HMACache | None = None,
-        kv_only: bool = False,
+        kv_only: bool = False, pending_rows: Tensor | None = None,
     ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
         """x (B, F, N, D), c (B, F, D), pos (B, F) -> hidden (B, F, N, D) and each layer's temporal (k, v).
-        ``kv_only``: the last layer stops at its keys/values, and the hidden returned is not the output."""
+        ``kv_only``: the last layer stops at its keys/values, and the hidden returned is not the output.
+        With a cache, F is 1, or 2 for a deferred known frame followed by the next frame (``pending_rows``
+        (B,) bool: the rows whose frame 0 is real; the others' frame 1 ignores it)."""
         valid = cache.valid() if cache is not None else None
+        if cache is not None and x.shape[1] == 2:  # a deferred known frame (0) and the next frame (1)
+            B, W = valid.shape
+            # frame 1 also sees frame 0 (rows that hold one), and no longer the slot frame 0 will overwrite
+            rows = pending_rows if pending_rows is not None else torch.ones(B, dtype=torch.bool, device=valid.device)
+            slots = torch.arange(W, device=valid.device)
+            evicted = (slots[None] == (cache.pos % W)[:, None]) & rows[:, None]
+            past_mask = torch.stack([valid, valid & ~evicted], dim=1)  # (B, 2, W)
+            within = torch.eye(2, dtype=torch.bool, device=valid.device).repeat(B, 1, 1)  # (B, 2, 2)
+            within[:, 1, 0] = rows
+        elif cache is not None and x.shape[1] != 1:
+            raise ValueError(f"a cached pass takes 1 frame, or a deferred frame and the next (2). Got {x.shape[1]}")
         kvs = []
         last = len(self.blocks) - 1
         table = rope_table(pos, self.config.d_model // self.config.n_head)
         for layer, block in enumerate(self.blocks):
-            past = (cache.k[layer], cache.v[layer], valid) if cache is not None else None
+            if cache is None:
+                past = None
+            elif x.shape[1] == 2:
+                past = (cache.k[layer], cache.v[layer], past_mask, within)
+            else:
+                past = (cache.k[layer], cache.v[layer], valid)
             x, kv = block(x, c, pos, n_clean, past, kv_only=kv_only and layer == last, table=table)
             kvs.append(kv)
         return x, kvs
@@ -1072,16 +1113,40 @@ class HMA(nn.Module):
         embodiment_ids: Tensor,
         action_valid: Tensor | None,
         kv_only: bool = False,
+        pending: dict[str, Tensor] | None = None,
     ) -> tuple[Tensor, list[tuple[Tensor, Tensor]], list[tuple[str, Tensor]]]:
-        """One frame per row against the cache (read only).
+        """One frame per row against the cache (read only, unless ``pending``).
 
         tokens (B, G) (mar: latents (B, G, C)), image_mask (B, G), state (B, S) or None (masked), action
         a_{t-1} (B, A) or None. Returns hidden (B, N, D) (not the output if ``kv_only``), each layer's (k, v)
-        of this frame and the embodiment groups.
+        of this frame and the embodiment groups. ``pending`` (a cache's deferred known frame, taken by
+        ``_take_pending``): that frame runs in the same trunk call, one step earlier, and is pushed to the
+        cache; the outputs are those of this frame, as if the known frame had been appended first.
         """
         B = tokens.shape[0]
         if B != cache.batch_size:
             raise ValueError(f"batch size {B} does not match the cache's {cache.batch_size}")
+        x, c, groups = self._cached_inputs(tokens, image_mask, state, action, embodiment_ids, action_valid)
+        if pending is None:
+            h, kvs = self._trunk(x, c, cache.pos[:, None], n_clean=0, cache=cache, kv_only=kv_only)
+            return h[:, 0], kvs, groups
+        # one trunk call for the deferred known frame and this one; the known frame's keys/values go to the cache
+        rows = pending["rows"]
+        known = torch.zeros(pending["tokens"].shape[:2], dtype=torch.bool, device=tokens.device)
+        x0, c0, _ = self._cached_inputs(pending["tokens"], known, pending["state"], pending["action"],
+                                        pending["ids"], pending["valid"])
+        pos = torch.stack([cache.pos, cache.pos + rows.long()], dim=1)  # (B, 2)
+        h, kvs = self._trunk(torch.cat([x0, x], 1), torch.cat([c0, c], 1), pos, n_clean=0, cache=cache,
+                             pending_rows=rows)
+        cache.push([(k[..., :1, :], v[..., :1, :]) for k, v in kvs], None if bool(rows.all()) else rows)
+        return h[:, 1], [(k[..., 1:, :], v[..., 1:, :]) for k, v in kvs], groups
+
+    def _cached_inputs(
+        self, tokens: Tensor, image_mask: Tensor, state: Tensor | None, action: Tensor | None,
+        embodiment_ids: Tensor, action_valid: Tensor | None,
+    ) -> tuple[Tensor, Tensor, list[tuple[str, Tensor]]]:
+        """The trunk inputs of one frame per row: x (B, 1, N, D), c (B, 1, D), and the embodiment groups."""
+        B = tokens.shape[0]
         groups = self._groups(embodiment_ids)
         device = tokens.device
         if action is None:
@@ -1096,8 +1161,7 @@ class HMA(nn.Module):
         state_emb = self._embed_states(groups, state[:, None])  # (B, 1, D)
         mode = torch.where(action_valid.to(torch.bool), ACTION_VISIBLE, ACTION_NONE)[:, None]  # (B, 1)
         x, c = self._frame_inputs(tokens[:, None], image_mask[:, None], act_tok, act_cond, mode, state_emb, state_mask)
-        h, kvs = self._trunk(x, c, cache.pos[:, None], n_clean=0, cache=cache, kv_only=kv_only)
-        return h[:, 0], kvs, groups
+        return x, c, groups
 
     @torch.no_grad()
     def append_frame(
@@ -1110,8 +1174,14 @@ class HMA(nn.Module):
         action_valid: Tensor | None = None,
         rows: Tensor | None = None,
         return_hidden: bool = True,
+        defer: bool = False,
     ) -> Tensor | None:
         """Run the clean stream on one known frame per row and store its keys/values (dropping the oldest).
+
+        ``defer=True`` (needs ``return_hidden=False``): only remember the frame; the next ``generate_frame``
+        computes its keys/values in the same trunk call as its own first pass (one call fewer per
+        generated frame, the same result up to float rounding), or ``flush`` does. Any other use of the
+        cache flushes first.
 
         tokens (B, g, g) long (mar: latents (B, g, g, C)); state (B, S) normalised, S >= each row's
         state_dim; action (B, A) = a_{t-1},
@@ -1121,11 +1191,62 @@ class HMA(nn.Module):
         with ``return_hidden=False``, which skips the work after the last layer's keys/values.
         """
         tokens = self._flat_tokens(tokens, 1)
+        if defer:
+            if return_hidden:
+                raise ValueError("a deferred append returns no hidden state: pass return_hidden=False")
+            self._defer(cache, tokens, state, action, embodiment_ids, action_valid, rows)
+            return None
+        self.flush(cache)
         image_mask = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         h, kvs, _ = self._cached_pass(cache, tokens, image_mask, state, action, embodiment_ids, action_valid,
                                       kv_only=not return_hidden)
         cache.push(kvs, rows)
         return h if return_hidden else None
+
+    def _defer(
+        self, cache: HMACache, tokens: Tensor, state: Tensor, action: Tensor | None, embodiment_ids: Tensor,
+        action_valid: Tensor | None, rows: Tensor | None,
+    ) -> None:
+        """Store a known frame as the cache's pending frame for ``rows`` (all if None); see ``append_frame``."""
+        B, device = tokens.shape[0], tokens.device
+        if B != cache.batch_size:
+            raise ValueError(f"batch size {B} does not match the cache's {cache.batch_size}")
+        sel = torch.ones(B, dtype=torch.bool, device=device) if rows is None else rows.to(device, torch.bool)
+        if action is None:
+            action = torch.zeros(B, self.max_action_dim, device=device)
+            action_valid = torch.zeros(B, dtype=torch.bool, device=device)
+        elif action_valid is None:
+            action_valid = torch.ones(B, dtype=torch.bool, device=device)
+        new = {"tokens": tokens, "state": F.pad(state, (0, self.max_state_dim - state.shape[-1])),
+               "action": F.pad(action, (0, self.max_action_dim - action.shape[-1])),
+               "valid": action_valid.to(torch.bool), "ids": embodiment_ids, "rows": sel}
+        old = cache.pending
+        if old is not None and bool((old["rows"] & sel).any()):  # a row can hold one deferred frame
+            self.flush(cache)
+            old = None
+        if old is None or not bool(old["rows"].any()):
+            cache.pending = {k: v.clone() for k, v in new.items()}
+            return
+        for key, value in new.items():  # merge: this call's rows, the earlier call's others
+            m = sel.view(B, *[1] * (value.dim() - 1))
+            old[key] = sel | old["rows"] if key == "rows" else torch.where(m, value.to(old[key].dtype), old[key])
+
+    def _take_pending(self, cache: HMACache) -> dict[str, Tensor] | None:
+        """Remove and return the cache's deferred frame (None when no row holds one)."""
+        pending, cache.pending = cache.pending, None
+        return pending if pending is not None and bool(pending["rows"].any()) else None
+
+    @torch.no_grad()
+    def flush(self, cache: HMACache) -> None:
+        """Compute and store the keys/values of a deferred frame now (a no-op when there is none)."""
+        pending = self._take_pending(cache)
+        if pending is None:
+            return
+        known = torch.zeros(pending["tokens"].shape[:2], dtype=torch.bool, device=pending["tokens"].device)
+        _, kvs, _ = self._cached_pass(cache, pending["tokens"], known, pending["state"], pending["action"],
+                                      pending["ids"], pending["valid"], kv_only=True)
+        rows = pending["rows"]
+        cache.push(kvs, None if bool(rows.all()) else rows)
 
     @torch.no_grad()
     def predict_frame(
@@ -1144,6 +1265,7 @@ class HMA(nn.Module):
         """
         if self.config.soft:
             raise ValueError("predict_frame gives logits of discrete tokens; a mar model has none (generate_frame)")
+        self.flush(cache)
         h, _, groups = self._cached_pass(
             cache, self._flat_tokens(tokens, 1), image_mask.flatten(1), None, action, embodiment_ids, action_valid
         )
@@ -1197,8 +1319,9 @@ class HMA(nn.Module):
         drawn from softmax(logits / temperature) and revealed in a random per-row order, both drawn from
         ``generator`` (on the cache's device), so equal inputs and generator state give equal outputs.
         ``greedy=True``: argmax tokens, revealed most-confident first; no randomness at all.
-        Does not modify the cache. Returns tokens (B, g, g) long and the state (B, max_state_dim)
-        predicted at the final iteration (zero beyond each row's state_dim).
+        Does not modify the cache, except to store a deferred frame (``append_frame(defer=True)``),
+        whose keys/values the first iteration computes alongside its own. Returns tokens (B, g, g) long
+        and the state (B, max_state_dim) predicted at the final iteration (zero beyond each row's state_dim).
         """
         if steps < 1:
             raise ValueError(f"steps must be >= 1. Got {steps=}")
@@ -1213,9 +1336,10 @@ class HMA(nn.Module):
         if not greedy:
             order = torch.rand(B, G, device=device, generator=generator).argsort(-1).argsort(-1)  # (B, G)
         n_masked = G
+        pending = self._take_pending(cache)
         for i in range(steps):
             h, _, groups = self._cached_pass(
-                cache, tokens, ~known, None, action, embodiment_ids, action_valid
+                cache, tokens, ~known, None, action, embodiment_ids, action_valid, pending=pending if i == 0 else None
             )  # the masked-stream pass of predict_frame, without the logits of every token
             # cosine schedule: tokens still masked after this iteration; at least one revealed per iteration
             still = math.floor(G * math.cos(0.5 * math.pi * (i + 1) / steps))
@@ -1260,10 +1384,11 @@ class HMA(nn.Module):
         else:
             order = torch.rand(B, S, device=device, generator=generator).argsort(-1).argsort(-1)
         n_masked = S
+        pending = self._take_pending(cache)
         for i in range(steps):
             latents = self._latent_cells(slots) / cfg.latent_scale  # (B, G, C)
             h, _, groups = self._cached_pass(cache, latents, self._slot_to_token_mask(~known), None, action,
-                                             embodiment_ids, action_valid)
+                                             embodiment_ids, action_valid, pending=pending if i == 0 else None)
             still = math.floor(S * math.cos(0.5 * math.pi * (i + 1) / steps))
             n_masked = 0 if i == steps - 1 else max(0, min(still, n_masked - 1))
             reveal = (order < S - n_masked) & ~known
