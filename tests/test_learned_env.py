@@ -246,3 +246,23 @@ def test_success_needs_frames_in_a_row(tiny_checkpoint):
     env.reset(seed=0)
     for _ in range(5):
         assert not env.step(np.zeros(7, np.float32))[4]["is_success"]
+
+
+def test_env_speed_times_other_model_sizes(tiny_checkpoint, tmp_path):
+    """The speed benchmark's size sweep: a copy of a checkpoint with a resized, random dynamics model."""
+    from benchmarks.env_speed import resized_checkpoint, size_rows
+
+    ckpt = resized_checkpoint(tiny_checkpoint, tmp_path / "wide", d_model=48, n_layer=3, n_head=2)
+    wide = HMAEnv(checkpoint=ckpt)
+    base = HMAEnv(checkpoint=tiny_checkpoint)
+    cfg = wide.sim.wm.dynamics.config
+    assert (cfg.d_model, cfg.n_layer, cfg.n_head) == (48, 3, 2)
+    assert wide.sim.wm.dynamics.num_params() > base.sim.wm.dynamics.num_params()
+    obs, _ = wide.reset(seed=0)
+    obs, *_ = wide.step(np.zeros(7, np.float32))
+    assert np.isfinite(obs["robot0_eef_pos"]).all()
+    rows = size_rows(3, str(tiny_checkpoint), ["16x1x2"], "cpu")
+    assert [r["env"] for r in rows] == ["learned-single-16x1x2", "learned-vector-N16-16x1x2"]
+    assert all(r["steps_per_s"] > 0 and r["random_weights"] for r in rows)
+    wide.close()
+    base.close()

@@ -233,7 +233,7 @@ def rope_table(pos: Tensor, hd: int) -> tuple[Tensor, Tensor]:
 
 
 def rope(x: Tensor, pos: Tensor, table: tuple[Tensor, Tensor] | None = None) -> Tensor:
-    """Rotary position embedding over frames. x: (B, N, H, F, hd), pos: (B, F) absolute frame indices
+    """Rotary position embedding over frames. x: (..., B, N, H, F, hd), pos: (B, F) absolute frame indices
     (or their precomputed ``rope_table``)."""
     cos, sin = table if table is not None else rope_table(pos, x.shape[-1])
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
@@ -312,8 +312,9 @@ class TemporalAttention(nn.Module):
         B, Fr, N, D = x.shape
         dropout = self.dropout if self.training else 0.0
         qkv = self.qkv(x.transpose(1, 2))  # (B, N, F, 3D)
-        q, k, v = qkv.unflatten(-1, (3, self.n_head, -1)).permute(3, 0, 1, 4, 2, 5)  # each (B, N, H, F, hd)
-        q, k = rope(q, pos, table), rope(k, pos, table)
+        qkv = qkv.unflatten(-1, (3, self.n_head, -1)).permute(3, 0, 1, 4, 2, 5)  # (3, B, N, H, F, hd)
+        q, k = rope(qkv[:2], pos, table).unbind(0)  # one rotation for queries and keys
+        v = qkv[2]
         if past is not None and len(past) == 4:  # F frames against the cache and each other
             k_past, v_past, past_mask, within = past  # ..., (B, F, W) cache slots, (B, F, F) frames of x
             keys = torch.cat([k_past.to(q.dtype), k], dim=-2)  # (B, N, H, W + F, hd)
@@ -679,6 +680,8 @@ class HMA(nn.Module):
         fn: Callable[[str, Tensor], tuple[Tensor, ...]],
     ) -> list[Tensor]:
         """Run fn(name, rows) for each embodiment's rows and scatter its outputs back into batch order."""
+        if len(groups) == 1 and len(groups[0][1]) == batch_size:  # one robot: rows are 0..B-1 in order
+            return list(fn(*groups[0]))
         outs: list[Tensor] = []
         for name, rows in groups:
             ys = fn(name, rows)
