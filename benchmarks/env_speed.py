@@ -6,7 +6,8 @@ generated frame and the achieved FLOP/s against a matmul peak measured in the sa
     python -m benchmarks.env_speed --device cuda --skip-gt     # learned rows on a GPU
     python -m benchmarks.env_speed --model-sizes 128x3 96x3    # also other (untrained) model sizes
 
-Writes benchmarks/results/env_speed.json (env_speed_<device>.json for a --device other than cpu).
+Writes benchmarks/results/env_speed.json (env_speed_<device>.json for a --device other than cpu;
+`_threads<n>` added with --threads n).
 Ratios between rows are the meaningful numbers on a shared, noisy machine; absolute numbers move with
 its load.
 """
@@ -275,8 +276,8 @@ def main(argv: list[str] | None = None) -> dict:
             "kv_cache_speedup_env_step": by["learned-single"] / by["learned-single-no-kv-cache"],
             "kv_cache_speedup_trunk": info["trunk_ms_per_frame_uncached"] / info["trunk_ms_per_frame_cached"],
         }
-    write_result("env_speed" if args.device == "cpu" else f"env_speed_{args.device.split(':')[0]}", payload,
-                 module="env_speed")
+    name = "env_speed" if args.device == "cpu" else f"env_speed_{args.device.split(':')[0]}"
+    write_result(name + (f"_threads{args.threads}" if args.threads else ""), payload, module="env_speed")
     return payload
 
 
