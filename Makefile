@@ -97,7 +97,7 @@ mixture-data: setup
 	$(HMA) collect --no-progress --robot Kinova3 --controller OSC_POSE --control-freq 40 --max-steps 200 \
 	  --steps-after-success 20 --episodes 30 --seed 63000 --out data/mixture/kinova3_osc_pose_40hz.hdf5
 
-# a second task on two of those arms (benchmarks/pretraining_mixture_tasks.json; not yet in a reported study)
+# a second task on two of those arms (benchmarks/pretraining_mixture_tasks.json, make pretraining-study-tasks)
 # and a tokenizer trained on every arm (the Lift tokenizer saw only the Panda)
 mixture-tasks: mixture-data
 	$(HMA) collect --no-progress --task stack --robot Sawyer --episodes 40 --seed 64000 --out data/mixture/sawyer_osc_pose_stack.hdf5
