@@ -316,13 +316,19 @@ class TemporalAttention(nn.Module):
         q, k = rope(qkv[:2], pos, table).unbind(0)  # one rotation for queries and keys
         v = qkv[2]
         if past is not None and len(past) == 4:  # F frames against the cache and each other
-            k_past, v_past, past_mask, within = past  # ..., (B, F, W) cache slots, (B, F, F) frames of x
-            keys = torch.cat([k_past.to(q.dtype), k], dim=-2)  # (B, N, H, W + F, hd)
-            values = torch.cat([v_past.to(q.dtype), v], dim=-2)
+            # ..., (B, Fq, W) cache slots, (B, Fq, F) frames of x: the last Fq frames query (the others
+            # only give keys and values)
+            k_past, v_past, past_mask, within = past
+            q = q[..., Fr - past_mask.shape[1] :, :]
+            k_past, v_past = k_past.to(q.dtype), v_past.to(q.dtype)
+            W = k_past.shape[-2]
+            # scores against the cache and against this call's frames, one softmax over both (no copy of
+            # the cache into a joint key tensor)
+            s = torch.cat([q @ k_past.transpose(-2, -1), q @ k.transpose(-2, -1)], dim=-1).float()
             allowed = torch.cat([past_mask, within], dim=-1)[:, None, None]  # (B, 1, 1, F, W + F)
-            s = (q @ keys.transpose(-2, -1)).float() * q.shape[-1] ** -0.5
-            p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1).to(q.dtype)
-            y = (F.dropout(p, dropout) if dropout > 0 else p) @ values
+            p = torch.softmax((s * q.shape[-1] ** -0.5).masked_fill(~allowed, float("-inf")), dim=-1).to(q.dtype)
+            p = F.dropout(p, dropout) if dropout > 0 else p
+            y = p[..., :W] @ v_past + p[..., W:] @ v
         elif past is not None:
             k_past, v_past, valid = past  # (B, N, H, W, hd), (B, N, H, W, hd), (B, W)
             y = attend_past_and_self(q, k, v, k_past, v_past, valid[:, None, None, None, :], dropout)
@@ -337,7 +343,7 @@ class TemporalAttention(nn.Module):
                     qm, km, vm, k[..., :n_clean, :], v[..., :n_clean, :], earlier[:, None, None], dropout
                 )
                 y = torch.cat([y, ym], dim=3)  # (B, N, H, F, hd)
-        y = y.permute(0, 3, 1, 2, 4).reshape(B, Fr, N, D)
+        y = y.permute(0, 3, 1, 2, 4).reshape(B, -1, N, D)
         return self.proj(y), (k, v)
 
     def kv(self, x: Tensor, pos: Tensor, table: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
@@ -389,6 +395,9 @@ class Block(nn.Module):
         if kv_only:
             return x, self.temporal.kv(modulate(self.norm2(x), sh2, sc2), pos, table)
         y, kv = self.temporal(modulate(self.norm2(x), sh2, sc2), pos, n_clean, past, table)
+        if y.shape[1] < x.shape[1]:  # only the last frames queried: the others stop at their keys/values
+            n = y.shape[1]
+            x, g2, sh3, sc3, g3 = (t[:, -n:] for t in (x, g2, sh3, sc3, g3))
         x = x + g2 * self.resid_dropout(y)
         x = x + g3 * self.mlp(modulate(self.norm3(x), sh3, sc3))
         return x, kv
@@ -810,6 +819,8 @@ class HMA(nn.Module):
         for layer, block in enumerate(self.blocks):
             if cache is None:
                 past = None
+            elif x.shape[1] == 2 and layer == last:  # frame 0 needs only its keys/values here
+                past = (cache.k[layer], cache.v[layer], past_mask[:, 1:], within[:, 1:])
             elif x.shape[1] == 2:
                 past = (cache.k[layer], cache.v[layer], past_mask, within)
             else:
@@ -1142,7 +1153,7 @@ class HMA(nn.Module):
         h, kvs = self._trunk(torch.cat([x0, x], 1), torch.cat([c0, c], 1), pos, n_clean=0, cache=cache,
                              pending_rows=rows)
         cache.push([(k[..., :1, :], v[..., :1, :]) for k, v in kvs], None if bool(rows.all()) else rows)
-        return h[:, 1], [(k[..., 1:, :], v[..., 1:, :]) for k, v in kvs], groups
+        return h[:, -1], [(k[..., 1:, :], v[..., 1:, :]) for k, v in kvs], groups
 
     def _cached_inputs(
         self, tokens: Tensor, image_mask: Tensor, state: Tensor | None, action: Tensor | None,
