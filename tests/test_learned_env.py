@@ -266,3 +266,12 @@ def test_env_speed_times_other_model_sizes(tiny_checkpoint, tmp_path):
     assert all(r["steps_per_s"] > 0 and r["random_weights"] for r in rows)
     wide.close()
     base.close()
+
+
+def test_defer_ab_benchmark_times_both_paths(tiny_checkpoint):
+    from benchmarks.defer_ab import ab
+    from hma_gym.world_model import WorldModel
+
+    row = ab(WorldModel.from_checkpoint(tiny_checkpoint), n=2, steps=2)
+    assert row["num_envs"] == 2 and row["eager_ms"] > 0 and row["deferred_ms"] > 0
+    assert row["speedup"] == row["eager_ms"] / row["deferred_ms"]

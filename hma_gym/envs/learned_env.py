@@ -116,7 +116,8 @@ class _LearnedSim:
         self.cache = self.wm.new_cache(n)
         # run each frame's history pass inside the next step's first unmasking pass (one trunk call
         # fewer): a win where calls are overhead-bound (a GPU; a small batch on CPU), a small loss where a
-        # big batch is compute-bound (this 2-core CPU, A/B per step: N=1 +11%, N=4 +4%, N=8 -2%, N=16 -3%)
+        # big batch is compute-bound (`python -m benchmarks.defer_ab` on this 2-core CPU: N=1 +12%,
+        # N=4 +4%, N=8 -2% to +6% between runs, N=16 -4%)
         self.defer = self.wm.device.type != "cpu" or n <= DEFER_MAX_BATCH_CPU
         self.generator = torch.Generator(device=self.wm.device)
         self.obs: dict[str, np.ndarray] | None = None
