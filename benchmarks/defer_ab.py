@@ -55,13 +55,14 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    wm = WorldModel.from_checkpoint(args.checkpoint or default_checkpoint(), device=args.device)
+    checkpoint = args.checkpoint or default_checkpoint()
+    wm = WorldModel.from_checkpoint(checkpoint, device=args.device)
     rows = []
     for n in args.sizes:
         rows.append(ab(wm, n, args.steps))
         r = rows[-1]
         print(f"N={n:3d} eager {r['eager_ms']:7.1f} ms  deferred {r['deferred_ms']:7.1f} ms  x{r['speedup']:.3f}")
-    write_result("defer_ab", {"checkpoint": str(args.checkpoint or default_checkpoint()), "steps": args.steps,
+    write_result("defer_ab", {"checkpoint": str(checkpoint), "steps": args.steps,
                               "device": args.device, "rows": rows})
     return {"rows": rows}
 

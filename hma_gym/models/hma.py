@@ -272,6 +272,25 @@ def attend_past_and_self(
     return p[..., :-1] @ v_past + p[..., -1:] * v  # (..., F, hd)
 
 
+def attend_past_and_frames(
+    q: Tensor, k: Tensor, v: Tensor, k_past: Tensor, v_past: Tensor, past_mask: Tensor, within: Tensor,
+    dropout: float = 0.0,
+) -> Tensor:
+    """The last Fq of F frames attend to the allowed past keys and the allowed frames of this call.
+
+    q: (B, N, H, Fq, hd); k, v: (B, N, H, F, hd); k_past, v_past: (B, N, H, P, hd); past_mask (B, Fq, P)
+    and within (B, Fq, F) bool. One softmax over both score blocks (the cache is not copied into a joint
+    key tensor).
+    """
+    k_past, v_past = k_past.to(q.dtype), v_past.to(q.dtype)
+    P = k_past.shape[-2]
+    s = torch.cat([q @ k_past.transpose(-2, -1), q @ k.transpose(-2, -1)], dim=-1).float()
+    allowed = torch.cat([past_mask, within], dim=-1)[:, None, None]  # (B, 1, 1, Fq, P + F)
+    p = torch.softmax((s * q.shape[-1] ** -0.5).masked_fill(~allowed, float("-inf")), dim=-1).to(q.dtype)
+    p = F.dropout(p, dropout) if dropout > 0 else p
+    return p[..., :P] @ v_past + p[..., P:] @ v
+
+
 class SpatialAttention(nn.Module):
     """Bidirectional attention over the N tokens of each frame."""
 
@@ -315,20 +334,10 @@ class TemporalAttention(nn.Module):
         qkv = qkv.unflatten(-1, (3, self.n_head, -1)).permute(3, 0, 1, 4, 2, 5)  # (3, B, N, H, F, hd)
         q, k = rope(qkv[:2], pos, table).unbind(0)  # one rotation for queries and keys
         v = qkv[2]
-        if past is not None and len(past) == 4:  # F frames against the cache and each other
-            # ..., (B, Fq, W) cache slots, (B, Fq, F) frames of x: the last Fq frames query (the others
-            # only give keys and values)
-            k_past, v_past, past_mask, within = past
+        if past is not None and len(past) == 4:  # frames against the cache and each other
+            k_past, v_past, past_mask, within = past  # masks (B, Fq, W), (B, Fq, F): the last Fq frames query
             q = q[..., Fr - past_mask.shape[1] :, :]
-            k_past, v_past = k_past.to(q.dtype), v_past.to(q.dtype)
-            W = k_past.shape[-2]
-            # scores against the cache and against this call's frames, one softmax over both (no copy of
-            # the cache into a joint key tensor)
-            s = torch.cat([q @ k_past.transpose(-2, -1), q @ k.transpose(-2, -1)], dim=-1).float()
-            allowed = torch.cat([past_mask, within], dim=-1)[:, None, None]  # (B, 1, 1, F, W + F)
-            p = torch.softmax((s * q.shape[-1] ** -0.5).masked_fill(~allowed, float("-inf")), dim=-1).to(q.dtype)
-            p = F.dropout(p, dropout) if dropout > 0 else p
-            y = p[..., :W] @ v_past + p[..., W:] @ v
+            y = attend_past_and_frames(q, k, v, k_past, v_past, past_mask, within, dropout)
         elif past is not None:
             k_past, v_past, valid = past  # (B, N, H, W, hd), (B, N, H, W, hd), (B, W)
             y = attend_past_and_self(q, k, v, k_past, v_past, valid[:, None, None, None, :], dropout)
@@ -801,30 +810,28 @@ class HMA(nn.Module):
         ``kv_only``: the last layer stops at its keys/values, and the hidden returned is not the output.
         With a cache, F is 1, or 2 for a deferred known frame followed by the next frame (``pending_rows``
         (B,) bool: the rows whose frame 0 is real; the others' frame 1 ignores it)."""
-        valid = cache.valid() if cache is not None else None
-        if cache is not None and x.shape[1] == 2:  # a deferred known frame (0) and the next frame (1)
+        masks = last_masks = ()  # the attention masks each layer gets with the cache
+        if cache is not None and x.shape[1] == 1:
+            masks = last_masks = (cache.valid(),)
+        elif cache is not None and x.shape[1] == 2 and pending_rows is not None:
+            # frame 0: a deferred known frame; frame 1 also sees it (rows that hold one) and no longer sees
+            # the slot it will overwrite. At the last layer frame 0 needs only its keys/values.
+            valid = cache.valid()
             B, W = valid.shape
-            # frame 1 also sees frame 0 (rows that hold one), and no longer the slot frame 0 will overwrite
-            rows = pending_rows if pending_rows is not None else torch.ones(B, dtype=torch.bool, device=valid.device)
-            slots = torch.arange(W, device=valid.device)
-            evicted = (slots[None] == (cache.pos % W)[:, None]) & rows[:, None]
+            evicted = (torch.arange(W, device=valid.device) == (cache.pos % W)[:, None]) & pending_rows[:, None]
             past_mask = torch.stack([valid, valid & ~evicted], dim=1)  # (B, 2, W)
             within = torch.eye(2, dtype=torch.bool, device=valid.device).repeat(B, 1, 1)  # (B, 2, 2)
-            within[:, 1, 0] = rows
-        elif cache is not None and x.shape[1] != 1:
-            raise ValueError(f"a cached pass takes 1 frame, or a deferred frame and the next (2). Got {x.shape[1]}")
+            within[:, 1, 0] = pending_rows
+            masks, last_masks = (past_mask, within), (past_mask[:, 1:], within[:, 1:])
+        elif cache is not None:
+            raise ValueError(f"a cached pass takes 1 frame, or a deferred frame and the next (2, with "
+                             f"pending_rows). Got {x.shape[1]}")
         kvs = []
         last = len(self.blocks) - 1
         table = rope_table(pos, self.config.d_model // self.config.n_head)
         for layer, block in enumerate(self.blocks):
-            if cache is None:
-                past = None
-            elif x.shape[1] == 2 and layer == last:  # frame 0 needs only its keys/values here
-                past = (cache.k[layer], cache.v[layer], past_mask[:, 1:], within[:, 1:])
-            elif x.shape[1] == 2:
-                past = (cache.k[layer], cache.v[layer], past_mask, within)
-            else:
-                past = (cache.k[layer], cache.v[layer], valid)
+            layer_masks = last_masks if layer == last else masks
+            past = None if cache is None else (cache.k[layer], cache.v[layer], *layer_masks)
             x, kv = block(x, c, pos, n_clean, past, kv_only=kv_only and layer == last, table=table)
             kvs.append(kv)
         return x, kvs
@@ -1121,7 +1128,7 @@ class HMA(nn.Module):
         self,
         cache: HMACache,
         tokens: Tensor,
-        image_mask: Tensor,
+        image_mask: Tensor | None,
         state: Tensor | None,
         action: Tensor | None,
         embodiment_ids: Tensor,
@@ -1131,7 +1138,8 @@ class HMA(nn.Module):
     ) -> tuple[Tensor, list[tuple[Tensor, Tensor]], list[tuple[str, Tensor]]]:
         """One frame per row against the cache (read only, unless ``pending``).
 
-        tokens (B, G) (mar: latents (B, G, C)), image_mask (B, G), state (B, S) or None (masked), action
+        tokens (B, G) (mar: latents (B, G, C)), image_mask (B, G) or None (all known), state (B, S) or None
+        (masked), action
         a_{t-1} (B, A) or None. Returns hidden (B, N, D) (not the output if ``kv_only``), each layer's (k, v)
         of this frame and the embodiment groups. ``pending`` (a cache's deferred known frame, taken by
         ``_take_pending``): that frame runs in the same trunk call, one step earlier, and is pushed to the
@@ -1146,8 +1154,7 @@ class HMA(nn.Module):
             return h[:, 0], kvs, groups
         # one trunk call for the deferred known frame and this one; the known frame's keys/values go to the cache
         rows = pending["rows"]
-        known = torch.zeros(pending["tokens"].shape[:2], dtype=torch.bool, device=tokens.device)
-        x0, c0, _ = self._cached_inputs(pending["tokens"], known, pending["state"], pending["action"],
+        x0, c0, _ = self._cached_inputs(pending["tokens"], None, pending["state"], pending["action"],
                                         pending["ids"], pending["valid"])
         pos = torch.stack([cache.pos, cache.pos + rows.long()], dim=1)  # (B, 2)
         h, kvs = self._trunk(torch.cat([x0, x], 1), torch.cat([c0, c], 1), pos, n_clean=0, cache=cache,
@@ -1155,25 +1162,34 @@ class HMA(nn.Module):
         cache.push([(k[..., :1, :], v[..., :1, :]) for k, v in kvs], None if bool(rows.all()) else rows)
         return h[:, -1], [(k[..., 1:, :], v[..., 1:, :]) for k, v in kvs], groups
 
+    def _action_or_none(
+        self, B: int, action: Tensor | None, action_valid: Tensor | None, device: torch.device
+    ) -> tuple[Tensor, Tensor]:
+        """An action (B, A) and its validity (B,) bool: no action = zeros marked invalid; default all valid."""
+        if action is None:
+            return torch.zeros(B, self.max_action_dim, device=device), torch.zeros(B, dtype=torch.bool, device=device)
+        if action_valid is None:
+            action_valid = torch.ones(B, dtype=torch.bool, device=device)
+        return action, action_valid.to(torch.bool)
+
     def _cached_inputs(
-        self, tokens: Tensor, image_mask: Tensor, state: Tensor | None, action: Tensor | None,
+        self, tokens: Tensor, image_mask: Tensor | None, state: Tensor | None, action: Tensor | None,
         embodiment_ids: Tensor, action_valid: Tensor | None,
     ) -> tuple[Tensor, Tensor, list[tuple[str, Tensor]]]:
-        """The trunk inputs of one frame per row: x (B, 1, N, D), c (B, 1, D), and the embodiment groups."""
+        """The trunk inputs of one frame per row: x (B, 1, N, D), c (B, 1, D), and the embodiment groups.
+        ``image_mask`` None: every token known."""
         B = tokens.shape[0]
         groups = self._groups(embodiment_ids)
         device = tokens.device
-        if action is None:
-            action = torch.zeros(B, self.max_action_dim, device=device)
-            action_valid = torch.zeros(B, dtype=torch.bool, device=device)
-        elif action_valid is None:
-            action_valid = torch.ones(B, dtype=torch.bool, device=device)
+        if image_mask is None:
+            image_mask = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=device)
+        action, action_valid = self._action_or_none(B, action, action_valid, device)
         state_mask = torch.full((B, 1), state is None, dtype=torch.bool, device=device)
         if state is None:
             state = torch.zeros(B, self.max_state_dim, device=device)
         act_tok, act_cond = self._embed_actions(groups, action[:, None])  # (B, 1, n, D), (B, 1, D)
         state_emb = self._embed_states(groups, state[:, None])  # (B, 1, D)
-        mode = torch.where(action_valid.to(torch.bool), ACTION_VISIBLE, ACTION_NONE)[:, None]  # (B, 1)
+        mode = torch.where(action_valid, ACTION_VISIBLE, ACTION_NONE)[:, None]  # (B, 1)
         x, c = self._frame_inputs(tokens[:, None], image_mask[:, None], act_tok, act_cond, mode, state_emb, state_mask)
         return x, c, groups
 
@@ -1211,8 +1227,14 @@ class HMA(nn.Module):
             self._defer(cache, tokens, state, action, embodiment_ids, action_valid, rows)
             return None
         self.flush(cache)
-        image_mask = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-        h, kvs, _ = self._cached_pass(cache, tokens, image_mask, state, action, embodiment_ids, action_valid,
+        return self._append_now(cache, tokens, state, action, embodiment_ids, action_valid, rows, return_hidden)
+
+    def _append_now(
+        self, cache: HMACache, tokens: Tensor, state: Tensor, action: Tensor | None, embodiment_ids: Tensor,
+        action_valid: Tensor | None, rows: Tensor | None, return_hidden: bool,
+    ) -> Tensor | None:
+        """The clean-stream pass of known frames (tokens (B, G)) and the push of their keys/values."""
+        h, kvs, _ = self._cached_pass(cache, tokens, None, state, action, embodiment_ids, action_valid,
                                       kv_only=not return_hidden)
         cache.push(kvs, rows)
         return h if return_hidden else None
@@ -1226,14 +1248,10 @@ class HMA(nn.Module):
         if B != cache.batch_size:
             raise ValueError(f"batch size {B} does not match the cache's {cache.batch_size}")
         sel = torch.ones(B, dtype=torch.bool, device=device) if rows is None else rows.to(device, torch.bool)
-        if action is None:
-            action = torch.zeros(B, self.max_action_dim, device=device)
-            action_valid = torch.zeros(B, dtype=torch.bool, device=device)
-        elif action_valid is None:
-            action_valid = torch.ones(B, dtype=torch.bool, device=device)
+        action, action_valid = self._action_or_none(B, action, action_valid, device)
         new = {"tokens": tokens, "state": F.pad(state, (0, self.max_state_dim - state.shape[-1])),
                "action": F.pad(action, (0, self.max_action_dim - action.shape[-1])),
-               "valid": action_valid.to(torch.bool), "ids": embodiment_ids, "rows": sel}
+               "valid": action_valid, "ids": embodiment_ids, "rows": sel}
         old = cache.pending
         if old is not None and bool((old["rows"] & sel).any()):  # a row can hold one deferred frame
             self.flush(cache)
@@ -1256,11 +1274,9 @@ class HMA(nn.Module):
         pending = self._take_pending(cache)
         if pending is None:
             return
-        known = torch.zeros(pending["tokens"].shape[:2], dtype=torch.bool, device=pending["tokens"].device)
-        _, kvs, _ = self._cached_pass(cache, pending["tokens"], known, pending["state"], pending["action"],
-                                      pending["ids"], pending["valid"], kv_only=True)
         rows = pending["rows"]
-        cache.push(kvs, None if bool(rows.all()) else rows)
+        self._append_now(cache, pending["tokens"], pending["state"], pending["action"], pending["ids"],
+                         pending["valid"], None if bool(rows.all()) else rows, return_hidden=False)
 
     @torch.no_grad()
     def predict_frame(
