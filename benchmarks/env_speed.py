@@ -5,6 +5,7 @@ generated frame and the achieved FLOP/s against a matmul peak measured in the sa
     python -m benchmarks.env_speed [--steps 200] [--checkpoint DIR] [--skip-learned]
     python -m benchmarks.env_speed --device cuda --skip-gt     # learned rows on a GPU
     python -m benchmarks.env_speed --model-sizes 128x3 96x3    # also other (untrained) model sizes
+    python -m benchmarks.env_speed --no-compile                 # without the compile=True rows
 
 Writes benchmarks/results/env_speed.json (env_speed_<device>.json for a --device other than cpu;
 `_threads<n>` added with --threads n).
@@ -185,6 +186,29 @@ def learned_rows(steps: int, checkpoint: str | None, long_steps: int, device: st
     return rows, info
 
 
+def compiled_rows(steps: int, checkpoint: str | None, device: str, sizes: tuple[int, ...] = (16,)) -> list[dict]:
+    """The single env and vector envs of `sizes` with ``compile=True`` (torch.compile'd trunk, decoder and
+    detector); `compile_s` is the time of the first step after reset, which compiles."""
+    kwargs = {"checkpoint": checkpoint} if checkpoint else {}
+    kwargs.update(device=device, compile=True)
+    rows = []
+    for n in (None, *sizes):
+        if n is None:
+            env = gym.make("HMA-RobomimicLift-v0", **kwargs)
+            name, action = "learned-single-compiled", np.zeros(7, np.float32)
+        else:
+            env = gym.make_vec("HMA-RobomimicLift-v0", num_envs=n, vectorization_mode="vector_entry_point", **kwargs)
+            name, action = f"learned-vector-N{n}-compiled", np.zeros((n, 7), np.float32)
+        env.reset(seed=0)
+        t0 = time.perf_counter()
+        env.step(action)
+        compile_s = time.perf_counter() - t0
+        sps = time_steps(env, steps if n is None else max(20, steps // n), vector=n is not None)
+        rows.append({"env": name, **({"num_envs": n} if n else {}), "compile_s": compile_s, "steps_per_s": sps})
+        env.close()
+    return rows
+
+
 def resized_checkpoint(src: Path, dst: Path, d_model: int, n_layer: int, n_head: int) -> Path:
     """A copy of checkpoint `src` whose dynamics model has another width/depth, with random weights: the
     same tokenizer, detector, spaces and generation settings, for timing a model size not trained."""
@@ -243,6 +267,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="torch CPU threads of the learned env (default: torch's, one per core)")
     parser.add_argument("--model-sizes", nargs="*", default=[],
                         help="also time dynamics models of these sizes, DxL or DxLxH (random weights; speed only)")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="skip the compile=True rows (torch.compile; about a minute of compiling each)")
     args = parser.parse_args(argv)
     if args.skip_gt and args.skip_learned:
         parser.error("--skip-gt and --skip-learned leave nothing to measure")
@@ -255,6 +281,9 @@ def main(argv: list[str] | None = None) -> dict:
         learned, info = learned_rows(args.steps, args.checkpoint, args.long_steps, args.device,
                                      tuple(args.vector_sizes))
         rows += learned
+        if not args.no_compile:
+            sizes = tuple(n for n in (16,) if n in args.vector_sizes)
+            rows += compiled_rows(args.steps, args.checkpoint, args.device, sizes)
         if args.model_sizes:
             rows += size_rows(args.steps, args.checkpoint, args.model_sizes, args.device)
         info["fraction_of_matmul_peak"] = info["achieved_gflops_single"] / peak
@@ -273,6 +302,9 @@ def main(argv: list[str] | None = None) -> dict:
         payload["targets"] = {
             "single_learned_vs_gt_64px": by["learned-single"] / gt64,
             "vector16_learned_vs_gt_64px": by["learned-vector-N16"] / gt64,
+            **({"single_learned_compiled_vs_gt_64px": by["learned-single-compiled"] / gt64,
+                "vector16_learned_compiled_vs_gt_64px": by["learned-vector-N16-compiled"] / gt64}
+               if "learned-single-compiled" in by else {}),
             "kv_cache_speedup_env_step": by["learned-single"] / by["learned-single-no-kv-cache"],
             "kv_cache_speedup_trunk": info["trunk_ms_per_frame_uncached"] / info["trunk_ms_per_frame_cached"],
         }

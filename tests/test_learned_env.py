@@ -275,3 +275,35 @@ def test_defer_ab_benchmark_times_both_paths(tiny_checkpoint):
     row = ab(WorldModel.from_checkpoint(tiny_checkpoint), n=2, steps=2)
     assert row["num_envs"] == 2 and row["eager_ms"] > 0 and row["deferred_ms"] > 0
     assert row["speedup"] == row["eager_ms"] / row["deferred_ms"]
+
+
+def test_compiled_env_matches_eager(tiny_checkpoint):
+    """compile=True: the torch.compile'd trunk, decoder and detector give the eager env's greedy rollout."""
+    from torch._dynamo.utils import counters
+
+    actions = np.random.default_rng(5).uniform(-1, 1, (4, 7)).astype(np.float32)
+    graphs = counters["stats"]["unique_graphs"]
+    runs = []
+    for compiled in (False, True):
+        env = HMAEnv(checkpoint=tiny_checkpoint, greedy=True, terminate_on_success=False, compile=compiled)
+        assert env.sim.wm.compiled == compiled
+        obs, _ = env.reset(seed=3)
+        out = [obs]
+        probs = []
+        for a in actions:
+            obs, _, _, _, info = env.step(a)
+            out.append(obs)
+            probs.append(info["success_prob"])
+        runs.append((out, probs))
+    assert counters["stats"]["unique_graphs"] > graphs, "compile=True compiled nothing"
+    (eager, p_eager), (comp, p_comp) = runs
+    for a, b in zip(eager, comp, strict=True):
+        diff = np.abs(a["agentview_image"].astype(int) - b["agentview_image"].astype(int))
+        assert diff.mean() < 0.5, f"mean abs pixel difference {diff.mean():.2f}"
+        np.testing.assert_allclose(a["robot0_eef_pos"], b["robot0_eef_pos"], atol=1e-4)
+    np.testing.assert_allclose(p_eager, p_comp, atol=1e-4)
+    from benchmarks.env_speed import compiled_rows
+
+    rows = compiled_rows(3, str(tiny_checkpoint), "cpu", sizes=())
+    assert [r["env"] for r in rows] == ["learned-single-compiled"]
+    assert rows[0]["steps_per_s"] > 0 and rows[0]["compile_s"] > 0

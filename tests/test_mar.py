@@ -182,3 +182,55 @@ def test_variant_mar_loads_the_shipped_checkpoint_or_says_none_ships() -> None:
     else:
         with pytest.raises(CheckpointError, match="no mar checkpoint ships"):
             gym.make("HMA-RobomimicLift-v0", variant="mar")
+
+
+def test_warm_start_from_a_maskgit_run(tiny_data, tokenizer_run, dynamics_run, tmp_path) -> None:
+    """--init-maskgit: the shared weights are the MaskGIT model's, [MASK] embeds alike, the fitted latent input
+    layer predicts the code embeddings, and --freeze-trunk trains the diffusion head alone."""
+    import numpy as np
+
+    from hma_gym.cli import main
+    from hma_gym.world_model import load_dynamics, load_tokenizer
+    from tests.conftest import DYN_ARGS, read_log
+    from training.data import DataConfig, load_episodes
+    from training.warmstart import IMAGE_IO, code_embedding_pairs, fit_latent_in, mar_from_maskgit
+
+    maskgit, _ = load_dynamics(dynamics_run)
+    tok = load_tokenizer(tokenizer_run)
+    mar = mar_from_maskgit(maskgit, len(tok.cfg.levels), latent_in_hidden=32, diff_width=32, diff_depth=1)
+    shared = {k: v for k, v in maskgit.state_dict().items() if not k.startswith(IMAGE_IO)}
+    assert shared and all(torch.equal(v, mar.state_dict()[k]) for k, v in shared.items())
+    # a fully masked frame enters both trunks as the same rows
+    B, G, D = 2, maskgit.n_image, maskgit.config.d_model
+    act, cond = torch.randn(B, 1, maskgit.config.n_action_tokens, D), torch.randn(B, 1, D)
+    mode, state = torch.ones(B, 1, dtype=torch.long), torch.randn(B, 1, D)
+    all_masked, no_state = torch.ones(B, 1, G, dtype=torch.bool), torch.ones(B, 1, dtype=torch.bool)
+    x_mg, _ = maskgit._frame_inputs(torch.zeros(B, 1, G, dtype=torch.long), all_masked, act, cond, mode, state,
+                                    no_state)
+    x_mar, _ = mar._frame_inputs(torch.randn(B, 1, G, len(tok.cfg.levels)), all_masked, act, cond, mode, state,
+                                 no_state)
+    torch.testing.assert_close(x_mar, x_mg)
+
+    frames = np.concatenate([e.frames for e in load_episodes(DataConfig(data=str(tiny_data), image_size=16),
+                                                              "train")])
+    x, y = code_embedding_pairs(maskgit, mar, tok, frames)
+    assert x.shape == (len(frames) * mar.n_slots, 4 * len(tok.cfg.levels)) and y.shape[-1] == D
+    fit = fit_latent_in(mar, x, y, steps=300)
+    assert fit["latent_in_r2"] > max(0.5, fit["latent_in_r2_before"])
+
+    run = tmp_path / "warm"
+    main(["train", "--data", str(tiny_data), "--tokenizer", str(tokenizer_run), "--out", str(run), "--steps", "12",
+          "--eval-every", "12", "--save-every", "12", "--head", "mar", "--diff-width", "32", "--diff-depth", "1",
+          "--diff-sample-steps", "3", "--latent-in-hidden", "32", "--init-maskgit", str(dynamics_run),
+          "--freeze-trunk", *DYN_ARGS])
+    trained, meta = load_dynamics(run)
+    assert meta["init_maskgit"]["latent_in_r2"] > 0.5 and trained.config.latent_in_hidden == 32
+    after = trained.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in shared.items()), "--freeze-trunk changed a shared weight"
+    assert not torch.equal(after["diff_head.out.weight"], torch.zeros_like(after["diff_head.out.weight"]))
+    train = [r for r in read_log(run) if r["event"] == "train"]
+    assert np.mean([r["diff_mse"] for r in train[-2:]]) < np.mean([r["diff_mse"] for r in train[:2]])
+    from training.dynamics import DynamicsTrainConfig
+
+    with pytest.raises(ValueError, match="--head mar"):
+        DynamicsTrainConfig(data=str(tiny_data), init_maskgit=str(dynamics_run))

@@ -17,6 +17,7 @@ from training.evaluate import eval_windows, fidelity_report, tokenize_episodes
 from training.loop import LoopConfig, train_loop
 from training.mixture import Source, fit_normalizers, load_sources, mixed_batch, read_mixture, sampling_weights
 from training.tokens import TokenCacheError, load_token_cache
+from training.warmstart import code_embedding_pairs, fit_latent_in, mar_from_maskgit
 
 
 @dataclass
@@ -82,6 +83,16 @@ class DynamicsTrainConfig(LoopConfig, DataConfig):
     """mar: DDIM steps per token at generation (the checkpoint's default)."""
     diff_batch_mul: int = 4
     """mar: noise draws per masked token per step."""
+    latent_in_hidden: int = 0
+    """mar: hidden width of the MLP that embeds a trunk token's latents (0: one linear layer)."""
+    init_maskgit: str = ""
+    """mar: start from a trained MaskGIT `train` run: its trunk, stems, heads and statistics; the latent
+    input layer is fitted to its code embeddings and the diffusion head starts fresh (training/warmstart.py).
+    Size flags are ignored."""
+    warm_start_frames: int = 3000
+    """With --init-maskgit: training frames whose latents fit the input layer."""
+    freeze_trunk: bool = False
+    """mar: train only the diffusion head; everything else keeps its initial (e.g. --init-maskgit) weights."""
 
     def __post_init__(self):
         LoopConfig.__post_init__(self)
@@ -91,6 +102,10 @@ class DynamicsTrainConfig(LoopConfig, DataConfig):
         if self.head == "mar" and self.tokens:
             raise ValueError("a token cache holds discrete codes; a mar model trains on latents from --data "
                              "(leave out --tokens)")
+        if (self.init_maskgit or self.freeze_trunk) and self.head != "mar":
+            raise ValueError("--init-maskgit and --freeze-trunk train a mar model: add --head mar")
+        if self.init_maskgit and self.init:
+            raise ValueError("give one of --init and --init-maskgit")
         if self.train_only_new and not self.init:
             raise ValueError("--train-only-new needs --init (the model whose trunk stays frozen)")
         if self.mixture and (self.tokens or self.extra_data):
@@ -102,12 +117,17 @@ class DynamicsTrainConfig(LoopConfig, DataConfig):
         return DataConfig(**{k: getattr(self, k) for k in DataConfig.__dataclass_fields__})
 
 
+def mar_fields(cfg: DynamicsTrainConfig) -> dict:
+    """The HMAConfig fields of a mar model that the training config sets."""
+    return dict(diff_width=cfg.diff_width, diff_depth=cfg.diff_depth, diff_sample_steps=cfg.diff_sample_steps,
+                diff_batch_mul=cfg.diff_batch_mul, latent_in_hidden=cfg.latent_in_hidden)
+
+
 def build_model(cfg: DynamicsTrainConfig, vocab_size: int, grid: int, embodiments: dict[str, EmbodimentSpec],
                 latent_dim: int = 4):
     overrides = {k: getattr(cfg, k) for k in ("d_model", "n_layer", "n_head") if getattr(cfg, k)}
     if cfg.head == "mar":
-        overrides.update(head="mar", latent_dim=latent_dim, diff_width=cfg.diff_width, diff_depth=cfg.diff_depth,
-                         diff_sample_steps=cfg.diff_sample_steps, diff_batch_mul=cfg.diff_batch_mul)
+        overrides.update(head="mar", latent_dim=latent_dim, **mar_fields(cfg))
     return make_hma(
         cfg.preset, **overrides, vocab_size=vocab_size, grid=grid, patch_size=cfg.patch_size,
         n_action_tokens=cfg.n_action_tokens, max_frames=cfg.max_frames, objective_probs=cfg.objective_probs,
@@ -167,6 +187,28 @@ def _init_model(cfg: DynamicsTrainConfig, sources: list[Source], norms: dict[str
     return model, new, meta, norm_tensors
 
 
+def _warm_start_mar(cfg: DynamicsTrainConfig, tokenizer, sources: list[Source]):
+    """A mar model from the --init-maskgit run (see training/warmstart.py): (model, statistics, metadata)."""
+    maskgit, meta = load_dynamics(cfg.init_maskgit)
+    if maskgit.config.soft:
+        raise CheckpointError(f"{cfg.init_maskgit} is a mar model; --init-maskgit takes a maskgit run")
+    if maskgit.config.vocab_size != tokenizer.codebook_size:
+        raise CheckpointError(f"{cfg.init_maskgit} has {maskgit.config.vocab_size} codes, the tokenizer "
+                              f"{cfg.tokenizer} {tokenizer.codebook_size}: it was trained with another tokenizer")
+    unknown = sorted({s.embodiment for s in sources} - set(maskgit.config.embodiments))
+    if unknown:
+        raise CheckpointError(f"{cfg.init_maskgit} has no stem for {unknown} (it has {maskgit.embodiment_names})")
+    model = mar_from_maskgit(maskgit, len(tokenizer.cfg.levels), **mar_fields(cfg))
+    frames = np.concatenate([e.frames for e in sources[0].train])
+    pick = np.random.default_rng(cfg.seed).permutation(len(frames))[: cfg.warm_start_frames]
+    x, y = code_embedding_pairs(maskgit, model, tokenizer, frames[np.sort(pick)])
+    fit = fit_latent_in(model, x, y, seed=cfg.seed)
+    print(f"warm start from {cfg.init_maskgit}: latent input layer R^2 {fit['latent_in_r2']:.3f} on held-out "
+          f"patches ({fit['pairs']} pairs)")
+    norm_tensors = load_tensors(Path(cfg.init_maskgit) / "normalization.safetensors")
+    return model.train(), norm_tensors, {"dir": cfg.init_maskgit, "trained_steps": meta.get("trained_steps"), **fit}
+
+
 def train_dynamics(cfg: DynamicsTrainConfig) -> dict:
     tokenizer = load_tokenizer(cfg.tokenizer)
     data = cfg.data_config()
@@ -195,6 +237,8 @@ def train_dynamics(cfg: DynamicsTrainConfig) -> dict:
             keep = {id(p) for p in trainable}
             for p in model.parameters():
                 p.requires_grad_(id(p) in keep)
+    elif cfg.init_maskgit:
+        model, norm_tensors, source_meta["init_maskgit"] = _warm_start_mar(cfg, tokenizer, sources)
     else:
         specs = {s.embodiment: EmbodimentSpec(action_dim=s.train[0].actions.shape[1],
                                               state_dim=s.train[0].states.shape[1]) for s in sources}
@@ -203,6 +247,11 @@ def train_dynamics(cfg: DynamicsTrainConfig) -> dict:
         norm_tensors = {}
         for name, n in norms.items():
             norm_tensors.update(n.tensors(prefix=f"{name}/"))
+    if cfg.freeze_trunk:
+        trainable = list(model.diff_head.parameters())
+        keep = {id(p) for p in trainable}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in keep)
     eval_src = sources[0]
     wm = WorldModel(tokenizer, model, norm_tensors, eval_src.embodiment)
     for s in sources:

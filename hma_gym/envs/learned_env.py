@@ -76,10 +76,12 @@ class _LearnedSim:
 
     def __init__(self, checkpoint: str | os.PathLike | None, n: int, steps: int | None, temperature: float | None,
                  greedy: bool | None, device: str, variant: str = "maskgit", success_frames: int | None = None,
-                 success_threshold: float | None = None):
+                 success_threshold: float | None = None, compile: bool = False):
         path = Path(checkpoint) if checkpoint is not None else default_checkpoint(variant)
         self.checkpoint = path
         self.wm = WorldModel.from_checkpoint(path, device=device)
+        if compile:
+            self.wm.compile_inference()
         self.config = load_json(path / "config.json")
         # generation defaults come from the checkpoint (what its eval-model figures used)
         generation = self.config.get("generation", {})
@@ -233,7 +235,9 @@ class HMAEnv(gym.Env):
     the checkpoint's `generation` settings, 2 steps), `greedy` (argmax decoding; default: the
     checkpoint's), `device`,
     `terminate_on_success`, `render_mode` ("rgb_array"), `success_frames` and `success_threshold`
-    (the success rule above; default: the checkpoint's, calibrated by `hma-gym calibrate-success`).
+    (the success rule above; default: the checkpoint's, calibrated by `hma-gym calibrate-success`),
+    `compile` (``torch.compile`` the model's hot paths: a minute of compiling during the first steps,
+    then faster steps; see `WorldModel.compile_inference`).
 
     ## Cost
     One frame = `steps` masked passes of the trunk over a single frame's tokens plus the pass that
@@ -248,11 +252,11 @@ class HMAEnv(gym.Env):
     def __init__(self, checkpoint: str | os.PathLike | None = None, variant: str = "maskgit",
                  steps: int | None = None, temperature: float | None = None, greedy: bool | None = None,
                  device: str = "cpu", terminate_on_success: bool = True, render_mode: str | None = None,
-                 success_frames: int | None = None, success_threshold: float | None = None):
+                 success_frames: int | None = None, success_threshold: float | None = None, compile: bool = False):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be None or 'rgb_array'. Got {render_mode=}")
         self.sim = _LearnedSim(checkpoint, 1, steps, temperature, greedy, device, variant, success_frames,
-                               success_threshold)
+                               success_threshold, compile)
         self.observation_space, self.action_space = self.sim.observation_space, self.sim.action_space
         self.metadata = {**self.metadata, "render_fps": int(self.sim.env_config.get("control_freq", 20))}
         self.render_mode = render_mode
@@ -312,12 +316,12 @@ class HMAVectorEnv(gym.vector.VectorEnv):
                  device: str = "cpu",
                  terminate_on_success: bool = True, max_episode_steps: int | None = None,
                  render_mode: str | None = None, success_frames: int | None = None,
-                 success_threshold: float | None = None):
+                 success_threshold: float | None = None, compile: bool = False):
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1. Got {num_envs=}")
         self.num_envs = num_envs
         self.sim = _LearnedSim(checkpoint, num_envs, steps, temperature, greedy, device, variant, success_frames,
-                               success_threshold)
+                               success_threshold, compile)
         self.single_observation_space = self.sim.observation_space
         self.single_action_space = self.sim.action_space
         self.observation_space = batch_space(self.single_observation_space, num_envs)

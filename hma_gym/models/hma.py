@@ -124,6 +124,8 @@ class HMAConfig:
     patch_size**2 cells."""
     latent_scale: float = 0.5
     """mar: latents are multiplied by this before the diffusion head (about unit variance)."""
+    latent_in_hidden: int = 0
+    """mar: hidden width of an MLP that embeds a trunk token's latents (0: one linear layer)."""
     diff_width: int = 256
     """mar: width of the diffusion MLP."""
     diff_depth: int = 3
@@ -183,6 +185,8 @@ class HMAConfig:
                              "diff_batch_mul must be >= 1")
         if self.latent_scale <= 0:
             raise ValueError(f"latent_scale must be positive. Got {self.latent_scale=}")
+        if self.latent_in_hidden < 0:
+            raise ValueError(f"latent_in_hidden must be >= 0. Got {self.latent_in_hidden=}")
 
     @property
     def soft(self) -> bool:
@@ -623,7 +627,9 @@ class HMA(nn.Module):
         D, G = config.d_model, config.grid * config.grid
         self.n_image, self.n_slots, self.group = G, config.image_slots, config.patch_size**2
         if config.soft:  # a trunk token embeds its patch's latents; [MASK] is a learned vector
-            self.latent_in = nn.Linear(self.group * config.latent_dim, D)
+            d_in, hidden = self.group * config.latent_dim, config.latent_in_hidden
+            self.latent_in = (nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, D)) if hidden
+                              else nn.Linear(d_in, D))
             self.image_mask_emb = nn.Parameter(torch.zeros(D))
         else:  # one table per position inside a patch group; code vocab_size of each table is [MASK]
             self.tok_emb = nn.Embedding(self.group * (config.vocab_size + 1), D)
@@ -784,7 +790,7 @@ class HMA(nn.Module):
         if self.config.soft:  # tokens (B, F, G, C) latents; a slot is [MASK] if any of its cells is
             slot_mask = self._to_slots(image_mask).any(-1)  # (B, F, S)
             lat = self._latent_slots(tokens) * self.config.latent_scale  # (B, F, S, p*p*C)
-            img = self.latent_in(lat.to(self.latent_in.weight.dtype))
+            img = self.latent_in(lat.to(self.image_mask_emb.dtype))
             img = torch.where(slot_mask[..., None], self.image_mask_emb.to(img.dtype), img)  # (B, F, S, D)
         else:
             V = self.config.vocab_size
