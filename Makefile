@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.setup-stamp
 SUDO := $(shell [ "$$(id -u)" = "0" ] || echo sudo)
 # Mesa EGL for offscreen MuJoCo rendering (no GPU, no display)
-APT_PACKAGES := libegl1 libegl-mesa0 libgl1-mesa-dri libgl1 libglx-mesa0 chromium chromium-driver
+APT_PACKAGES := libegl1 libegl-mesa0 libgl1-mesa-dri libgl1 libglx-mesa0 chromium chromium-driver g++
 export MUJOCO_GL ?= egl
 
 .PHONY: setup demo test lint bench lift-data lift-checkpoint dp-lift lift-mar mixture-data mixture-tasks pretraining-study pretraining-study-tasks clean-venv

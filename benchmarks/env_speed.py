@@ -186,26 +186,45 @@ def learned_rows(steps: int, checkpoint: str | None, long_steps: int, device: st
     return rows, info
 
 
-def compiled_rows(steps: int, checkpoint: str | None, device: str, sizes: tuple[int, ...] = (16,)) -> list[dict]:
+def compiled_rows(steps: int, checkpoint: str | None, device: str, sizes: tuple[int, ...] = (16,),
+                  blocks: int = 6) -> list[dict]:
     """The single env and vector envs of `sizes` with ``compile=True`` (torch.compile'd trunk, decoder and
-    detector); `compile_s` is the time of the first step after reset, which compiles."""
+    detector), each timed against an eager twin in alternating blocks of steps, so that the speed-up is
+    measured side by side on this noisy machine. `compile_s`: the first step after reset, which compiles;
+    `steps_per_s`: the compiled env's median block."""
     kwargs = {"checkpoint": checkpoint} if checkpoint else {}
-    kwargs.update(device=device, compile=True)
+    kwargs["device"] = device
     rows = []
     for n in (None, *sizes):
         if n is None:
-            env = gym.make("HMA-RobomimicLift-v0", **kwargs)
-            name, action = "learned-single-compiled", np.zeros(7, np.float32)
+            pair = [gym.make("HMA-RobomimicLift-v0", **kwargs, compile=c) for c in (False, True)]
+            name, shape, per_step = "learned-single-compiled", (7,), 1
         else:
-            env = gym.make_vec("HMA-RobomimicLift-v0", num_envs=n, vectorization_mode="vector_entry_point", **kwargs)
-            name, action = f"learned-vector-N{n}-compiled", np.zeros((n, 7), np.float32)
-        env.reset(seed=0)
+            pair = [gym.make_vec("HMA-RobomimicLift-v0", num_envs=n, vectorization_mode="vector_entry_point",
+                                 **kwargs, compile=c) for c in (False, True)]
+            name, shape, per_step = f"learned-vector-N{n}-compiled", (n, 7), n
+        rng = np.random.default_rng(0)
+        for env in pair:
+            env.reset(seed=0)
         t0 = time.perf_counter()
-        env.step(action)
+        pair[1].step(np.zeros(shape, np.float32))
         compile_s = time.perf_counter() - t0
-        sps = time_steps(env, steps if n is None else max(20, steps // n), vector=n is not None)
-        rows.append({"env": name, **({"num_envs": n} if n else {}), "compile_s": compile_s, "steps_per_s": sps})
-        env.close()
+        pair[0].step(np.zeros(shape, np.float32))
+        per_block = max(5, steps // per_step // blocks)
+        rates: list[list[float]] = [[], []]
+        for _ in range(blocks):
+            for env, rate in zip(pair, rates, strict=True):
+                t0 = time.perf_counter()
+                for _ in range(per_block):
+                    _, _, terminated, truncated, _ = env.step(rng.uniform(-1, 1, shape).astype(np.float32))
+                    if n is None and (terminated or truncated):
+                        env.reset()
+                rate.append(per_block * per_step / (time.perf_counter() - t0))
+        eager, compiled = (float(np.median(r)) for r in rates)
+        rows.append({"env": name, **({"num_envs": n} if n else {}), "compile_s": compile_s, "steps_per_s": compiled,
+                     "eager_steps_per_s_interleaved": eager, "speedup_vs_eager": compiled / eager})
+        for env in pair:
+            env.close()
     return rows
 
 

@@ -306,4 +306,4 @@ def test_compiled_env_matches_eager(tiny_checkpoint):
 
     rows = compiled_rows(3, str(tiny_checkpoint), "cpu", sizes=())
     assert [r["env"] for r in rows] == ["learned-single-compiled"]
-    assert rows[0]["steps_per_s"] > 0 and rows[0]["compile_s"] > 0
+    assert rows[0]["steps_per_s"] > 0 and rows[0]["compile_s"] > 0 and rows[0]["eager_steps_per_s_interleaved"] > 0

@@ -213,10 +213,28 @@ def test_warm_start_from_a_maskgit_run(tiny_data, tokenizer_run, dynamics_run, t
 
     frames = np.concatenate([e.frames for e in load_episodes(DataConfig(data=str(tiny_data), image_size=16),
                                                               "train")])
-    x, y = code_embedding_pairs(maskgit, mar, tok, frames)
-    assert x.shape == (len(frames) * mar.n_slots, 4 * len(tok.cfg.levels)) and y.shape[-1] == D
+    x, y = code_embedding_pairs(maskgit, tok, frames)
+    assert x.shape == (len(frames), G, len(tok.cfg.levels)) and y.shape == (len(frames), mar.n_slots, D)
     fit = fit_latent_in(mar, x, y, steps=300)
     assert fit["latent_in_r2"] > max(0.5, fit["latent_in_r2_before"])
+
+    # the lattice input embeds a rounded latent exactly as MaskGIT embeds its code, and needs no fit
+    lattice = mar_from_maskgit(maskgit, len(tok.cfg.levels), latent_levels=tok.cfg.levels, diff_width=32,
+                               diff_depth=1)
+    rounded = torch.round(x)
+    torch.testing.assert_close(lattice._embed_latents(rounded), y)
+    # linear along a lattice edge: halfway between two neighbouring codes embeds as their mean
+    top = tok.cfg.levels[0] - 1 - tok.cfg.levels[0] // 2  # the largest latent value of channel 0
+    step = torch.zeros_like(rounded)
+    step[..., 0] = torch.where(rounded[..., 0] < top, 1.0, -1.0)
+    ends = lattice._embed_latents(rounded), lattice._embed_latents(rounded + step)
+    torch.testing.assert_close(lattice._embed_latents(rounded + 0.5 * step), (ends[0] + ends[1]) / 2)
+    assert not torch.allclose(ends[0], ends[1])
+    fit = fit_latent_in(lattice, x, y)
+    assert fit["fit_steps"] == 0 and fit["latent_in_r2"] == fit["latent_in_r2_before"] < 1
+    rounding = mar_from_maskgit(maskgit, len(tok.cfg.levels), latent_levels=tok.cfg.levels, round_latent_input=True,
+                                diff_width=32, diff_depth=1)
+    torch.testing.assert_close(rounding._embed_latents(x), y)  # the MaskGIT trunk's inputs, exactly
 
     run = tmp_path / "warm"
     main(["train", "--data", str(tiny_data), "--tokenizer", str(tokenizer_run), "--out", str(run), "--steps", "12",

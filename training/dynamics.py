@@ -85,6 +85,12 @@ class DynamicsTrainConfig(LoopConfig, DataConfig):
     """mar: noise draws per masked token per step."""
     latent_in_hidden: int = 0
     """mar: hidden width of the MLP that embeds a trunk token's latents (0: one linear layer)."""
+    lattice_input: bool = False
+    """mar: embed latents by interpolating a table over the tokenizer's FSQ lattice (exact at the codes;
+    with --init-maskgit the table is that model's code embedding) instead of --latent-in-hidden's layers."""
+    round_input: bool = False
+    """mar with --lattice-input: the trunk sees the latents rounded to the lattice (exactly a MaskGIT trunk's
+    inputs); the diffusion head still predicts continuous latents."""
     init_maskgit: str = ""
     """mar: start from a trained MaskGIT `train` run: its trunk, stems, heads and statistics; the latent
     input layer is fitted to its code embeddings and the diffusion head starts fresh (training/warmstart.py).
@@ -104,6 +110,8 @@ class DynamicsTrainConfig(LoopConfig, DataConfig):
                              "(leave out --tokens)")
         if (self.init_maskgit or self.freeze_trunk) and self.head != "mar":
             raise ValueError("--init-maskgit and --freeze-trunk train a mar model: add --head mar")
+        if self.round_input and not self.lattice_input:
+            raise ValueError("--round-input needs --lattice-input")
         if self.init_maskgit and self.init:
             raise ValueError("give one of --init and --init-maskgit")
         if self.train_only_new and not self.init:
@@ -117,17 +125,18 @@ class DynamicsTrainConfig(LoopConfig, DataConfig):
         return DataConfig(**{k: getattr(self, k) for k in DataConfig.__dataclass_fields__})
 
 
-def mar_fields(cfg: DynamicsTrainConfig) -> dict:
-    """The HMAConfig fields of a mar model that the training config sets."""
+def mar_fields(cfg: DynamicsTrainConfig, levels: tuple[int, ...]) -> dict:
+    """The HMAConfig fields of a mar model that the training config sets (``levels``: the tokenizer's)."""
     return dict(diff_width=cfg.diff_width, diff_depth=cfg.diff_depth, diff_sample_steps=cfg.diff_sample_steps,
-                diff_batch_mul=cfg.diff_batch_mul, latent_in_hidden=cfg.latent_in_hidden)
+                diff_batch_mul=cfg.diff_batch_mul, latent_in_hidden=cfg.latent_in_hidden,
+                latent_levels=tuple(levels) if cfg.lattice_input else (), round_latent_input=cfg.round_input)
 
 
 def build_model(cfg: DynamicsTrainConfig, vocab_size: int, grid: int, embodiments: dict[str, EmbodimentSpec],
-                latent_dim: int = 4):
+                levels: tuple[int, ...] = (8, 5, 5, 5)):
     overrides = {k: getattr(cfg, k) for k in ("d_model", "n_layer", "n_head") if getattr(cfg, k)}
     if cfg.head == "mar":
-        overrides.update(head="mar", latent_dim=latent_dim, **mar_fields(cfg))
+        overrides.update(head="mar", latent_dim=len(levels), **mar_fields(cfg, levels))
     return make_hma(
         cfg.preset, **overrides, vocab_size=vocab_size, grid=grid, patch_size=cfg.patch_size,
         n_action_tokens=cfg.n_action_tokens, max_frames=cfg.max_frames, objective_probs=cfg.objective_probs,
@@ -198,13 +207,13 @@ def _warm_start_mar(cfg: DynamicsTrainConfig, tokenizer, sources: list[Source]):
     unknown = sorted({s.embodiment for s in sources} - set(maskgit.config.embodiments))
     if unknown:
         raise CheckpointError(f"{cfg.init_maskgit} has no stem for {unknown} (it has {maskgit.embodiment_names})")
-    model = mar_from_maskgit(maskgit, len(tokenizer.cfg.levels), **mar_fields(cfg))
+    model = mar_from_maskgit(maskgit, len(tokenizer.cfg.levels), **mar_fields(cfg, tokenizer.cfg.levels))
     frames = np.concatenate([e.frames for e in sources[0].train])
     pick = np.random.default_rng(cfg.seed).permutation(len(frames))[: cfg.warm_start_frames]
-    x, y = code_embedding_pairs(maskgit, model, tokenizer, frames[np.sort(pick)])
+    x, y = code_embedding_pairs(maskgit, tokenizer, frames[np.sort(pick)])
     fit = fit_latent_in(model, x, y, seed=cfg.seed)
-    print(f"warm start from {cfg.init_maskgit}: latent input layer R^2 {fit['latent_in_r2']:.3f} on held-out "
-          f"patches ({fit['pairs']} pairs)")
+    print(f"warm start from {cfg.init_maskgit}: latent input embeddings vs the codes' embeddings, R^2 "
+          f"{fit['latent_in_r2']:.3f} on held-out frames ({fit['frames']} frames)")
     norm_tensors = load_tensors(Path(cfg.init_maskgit) / "normalization.safetensors")
     return model.train(), norm_tensors, {"dir": cfg.init_maskgit, "trained_steps": meta.get("trained_steps"), **fit}
 
@@ -243,7 +252,7 @@ def train_dynamics(cfg: DynamicsTrainConfig) -> dict:
         specs = {s.embodiment: EmbodimentSpec(action_dim=s.train[0].actions.shape[1],
                                               state_dim=s.train[0].states.shape[1]) for s in sources}
         model = build_model(cfg, tokenizer.codebook_size, tokenizer.cfg.grid, dict(sorted(specs.items())),
-                            latent_dim=len(tokenizer.cfg.levels))
+                            levels=tokenizer.cfg.levels)
         norm_tensors = {}
         for name, n in norms.items():
             norm_tensors.update(n.tensors(prefix=f"{name}/"))

@@ -3,8 +3,9 @@
 Only the image input and output differ. A MaskGIT trunk token embeds its patch's codes (a sum of learned
 code embeddings); a MAR trunk token embeds the same patch's continuous latents (``latent_in``). The warm
 start copies every shared weight, sets MAR's [MASK] vector to what a fully masked MaskGIT patch embeds
-to, fits ``latent_in`` by regression so that a patch's latents embed close to the sum of its codes'
-embeddings (the codes are the rounded latents, FSQ), and leaves the diffusion head to training.
+to, and makes a patch's latents embed like its codes (the codes are the rounded latents, FSQ): exactly
+at the codes with a ``LatticeEmbedding`` whose table is MaskGIT's code embedding (``latent_levels``),
+or approximately by fitting ``latent_in``'s layers by regression. The diffusion head is left to training.
 """
 
 from __future__ import annotations
@@ -38,13 +39,19 @@ def mar_from_maskgit(maskgit: HMA, latent_dim: int, **mar_config) -> HMA:
     with torch.no_grad():  # a patch whose every code is [MASK] (index V of each position's table)
         mask_rows = torch.arange(group) * (V + 1) + V
         mar.image_mask_emb.copy_(maskgit.tok_emb.weight[mask_rows].sum(0))
+        if config.latent_levels:  # the lattice table is the code embedding without its [MASK] rows
+            if mar.latent_in.n_codes != V:
+                raise ValueError(f"latent_levels {config.latent_levels} make {mar.latent_in.n_codes} codes; the "
+                                 f"MaskGIT model has {V}")
+            codes = maskgit.tok_emb.weight.view(group, V + 1, -1)[:, :V]
+            mar.latent_in.table.weight.copy_(codes.reshape(group * V, -1))
     return mar
 
 
-def code_embedding_pairs(maskgit: HMA, mar: HMA, tokenizer: ImageTokenizer, frames: np.ndarray,
+def code_embedding_pairs(maskgit: HMA, tokenizer: ImageTokenizer, frames: np.ndarray,
                          batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Regression pairs from uint8 frames (B, H, W, 3): each trunk token's scaled latents (M, p*p*C), as
-    ``mar`` sees them, and the embedding MaskGIT gives the codes they round to (M, D)."""
+    """Regression pairs from uint8 frames (B, H, W, 3): each frame's latents (B, G, C) in level units, and
+    the embedding MaskGIT gives each trunk token's codes (the rounded latents) (B, S, D)."""
     xs, ys = [], []
     V, group = maskgit.config.vocab_size, maskgit.group
     offset = torch.arange(group) * (V + 1)
@@ -52,35 +59,38 @@ def code_embedding_pairs(maskgit: HMA, mar: HMA, tokenizer: ImageTokenizer, fram
         for i in range(0, len(frames), batch):
             latent = tokenizer.encode_latent(torch.from_numpy(frames[i : i + batch]))  # (B, C, g, g)
             _, codes = tokenizer.quantize(latent)  # (B, g, g)
-            cells = latent.permute(0, 2, 3, 1).flatten(1, 2)  # (B, G, C)
-            xs.append((mar._latent_slots(cells) * mar.config.latent_scale).flatten(0, 1))
-            ys.append(maskgit.tok_emb(maskgit._to_slots(codes.flatten(1)) + offset).sum(-2).flatten(0, 1))
+            xs.append(latent.permute(0, 2, 3, 1).flatten(1, 2))  # (B, G, C)
+            ys.append(maskgit.tok_emb(maskgit._to_slots(codes.flatten(1)) + offset).sum(-2))  # (B, S, D)
     return torch.cat(xs), torch.cat(ys)
 
 
-def fit_latent_in(mar: HMA, x: torch.Tensor, y: torch.Tensor, steps: int = 2000, batch: int = 1024,
+def fit_latent_in(mar: HMA, x: torch.Tensor, y: torch.Tensor, steps: int = 2000, batch: int = 64,
                   lr: float = 3e-3, seed: int = 0) -> dict[str, float]:
-    """Fit ``mar.latent_in`` to map x (M, p*p*C) to y (M, D) (MSE, Adam, 1/5 of the pairs held out).
-    Returns the held-out R^2 before and after."""
+    """Fit ``mar.latent_in`` so that frames' latents x (N, G, C) embed as y (N, S, D) (MSE, Adam; 1/5 of the
+    frames held out); a lattice embedding (exact at the codes) is not trained. Returns the held-out R^2
+    before and after."""
     gen = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(x), generator=gen)
-    n = len(x) * 4 // 5
-    tr, te = perm[:n], perm[n:]
-    layer = mar.latent_in
+    n = max(1, len(x) * 4 // 5)
+    tr, te = perm[:n], perm[n:] if len(perm) > n else perm[:n]
 
     def r2() -> float:
         with torch.no_grad():
-            res = y[te] - layer(x[te])
-            return float(1 - res.pow(2).sum() / (y[te] - y[te].mean(0)).pow(2).sum())
+            target = y[te]
+            res = target - mar._embed_latents(x[te])
+            return float(1 - res.pow(2).sum() / (target - target.flatten(0, 1).mean(0)).pow(2).sum())
 
     before = r2()
-    opt = torch.optim.Adam(layer.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    if mar.config.latent_levels:
+        steps = 0
+    params = list(mar.latent_in.parameters())
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
     for _ in range(steps):
         idx = tr[torch.randint(0, n, (batch,), generator=gen)]
-        loss = (layer(x[idx]) - y[idx]).pow(2).mean()
+        loss = (mar._embed_latents(x[idx]) - y[idx]).pow(2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
-    return {"latent_in_r2_before": before, "latent_in_r2": r2(), "pairs": len(x)}
+    return {"latent_in_r2_before": before, "latent_in_r2": r2(), "frames": len(x), "fit_steps": steps}

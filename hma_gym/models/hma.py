@@ -126,6 +126,13 @@ class HMAConfig:
     """mar: latents are multiplied by this before the diffusion head (about unit variance)."""
     latent_in_hidden: int = 0
     """mar: hidden width of an MLP that embeds a trunk token's latents (0: one linear layer)."""
+    latent_levels: tuple[int, ...] = ()
+    """mar: the tokenizer's FSQ levels, to embed latents by interpolating a table over the FSQ lattice
+    (``LatticeEmbedding``: a rounded latent embeds exactly as a code would) instead of ``latent_in_hidden``'s
+    layers; empty: those layers."""
+    round_latent_input: bool = False
+    """mar with latent_levels: the trunk embeds the latents rounded to the FSQ lattice, i.e. exactly as a
+    MaskGIT trunk embeds their codes; the head still predicts (and the env still decodes) continuous latents."""
     diff_width: int = 256
     """mar: width of the diffusion MLP."""
     diff_depth: int = 3
@@ -187,6 +194,12 @@ class HMAConfig:
             raise ValueError(f"latent_scale must be positive. Got {self.latent_scale=}")
         if self.latent_in_hidden < 0:
             raise ValueError(f"latent_in_hidden must be >= 0. Got {self.latent_in_hidden=}")
+        self.latent_levels = tuple(int(v) for v in self.latent_levels)
+        if self.round_latent_input and not self.latent_levels:
+            raise ValueError("round_latent_input needs latent_levels (the lattice embedding)")
+        if self.latent_levels and (len(self.latent_levels) != self.latent_dim or min(self.latent_levels) < 2):
+            raise ValueError(f"latent_levels must give latent_dim levels, each >= 2. Got {self.latent_levels=}, "
+                             f"{self.latent_dim=}")
 
     @property
     def soft(self) -> bool:
@@ -502,6 +515,45 @@ class DiffusionMLP(nn.Module):
         return self.out(modulate(self.final_norm(h), shift, scale))
 
 
+class LatticeEmbedding(nn.Module):
+    """A continuous embedding of FSQ latents. Each position in a patch has a table with one row per point of
+    the FSQ lattice (per code, like MaskGIT's code embedding); a latent reads it by multilinear
+    interpolation between the 2^C lattice points around it, so a rounded latent embeds exactly as its code
+    and the embedding is continuous in between. A patch embeds as the sum over its positions.
+    Table row ``j * prod(levels) + code`` for position j; codes in the tokenizer's order
+    (``fsq_codes_to_index``: first channel least significant)."""
+
+    def __init__(self, levels: tuple[int, ...], group: int, d_model: int):
+        super().__init__()
+        self.levels, self.group = tuple(levels), group
+        self.n_codes = math.prod(levels)
+        self.table = nn.Embedding(group * self.n_codes, d_model)
+        C = len(levels)
+        lv = torch.tensor(levels)
+        strides = torch.cumprod(torch.cat([torch.ones(1, dtype=torch.long), lv[:-1]]), 0)  # (C,)
+        bits = (torch.arange(2**C)[:, None] >> torch.arange(C)) & 1  # (2^C, C) corner offsets
+        self.register_buffer("levels_t", lv.float(), persistent=False)
+        self.register_buffer("strides", strides, persistent=False)
+        self.register_buffer("bits", bits.bool(), persistent=False)
+        self.register_buffer("corner_offset", (bits * strides).sum(-1), persistent=False)  # (2^C,)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (..., group, C) latents in level units (FSQ: digit = latent + levels // 2) -> (..., D)."""
+        L = self.levels_t
+        d = (x.float() + torch.div(L, 2, rounding_mode="floor")).clamp(min=torch.zeros_like(L), max=L - 1)
+        lo = d.floor().clamp(max=L - 2)  # the lower corner; the upper one stays inside the lattice
+        frac = d - lo  # (..., group, C) in [0, 1]
+        base = (lo.long() * self.strides).sum(-1)  # (..., group)
+        base = base + torch.arange(self.group, device=x.device) * self.n_codes
+        idx = base[..., None] + self.corner_offset  # (..., group, 2^C)
+        w = torch.where(self.bits, frac[..., None, :], 1 - frac[..., None, :]).prod(-1)  # (..., group, 2^C)
+        lead = x.shape[:-2]
+        out = F.embedding_bag(idx.reshape(-1, idx.shape[-2] * idx.shape[-1]), self.table.weight,
+                              per_sample_weights=w.reshape(-1, w.shape[-2] * w.shape[-1]).to(self.table.weight.dtype),
+                              mode="sum")  # (prod(lead), D)
+        return out.view(*lead, -1)
+
+
 def _init_weights(module: nn.Module) -> None:
     if isinstance(module, nn.Linear):
         nn.init.normal_(module.weight, std=0.02)
@@ -628,8 +680,12 @@ class HMA(nn.Module):
         self.n_image, self.n_slots, self.group = G, config.image_slots, config.patch_size**2
         if config.soft:  # a trunk token embeds its patch's latents; [MASK] is a learned vector
             d_in, hidden = self.group * config.latent_dim, config.latent_in_hidden
-            self.latent_in = (nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, D)) if hidden
-                              else nn.Linear(d_in, D))
+            if config.latent_levels:
+                self.latent_in = LatticeEmbedding(config.latent_levels, self.group, D)
+            elif hidden:
+                self.latent_in = nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, D))
+            else:
+                self.latent_in = nn.Linear(d_in, D)
             self.image_mask_emb = nn.Parameter(torch.zeros(D))
         else:  # one table per position inside a patch group; code vocab_size of each table is [MASK]
             self.tok_emb = nn.Embedding(self.group * (config.vocab_size + 1), D)
@@ -789,8 +845,7 @@ class HMA(nn.Module):
         """
         if self.config.soft:  # tokens (B, F, G, C) latents; a slot is [MASK] if any of its cells is
             slot_mask = self._to_slots(image_mask).any(-1)  # (B, F, S)
-            lat = self._latent_slots(tokens) * self.config.latent_scale  # (B, F, S, p*p*C)
-            img = self.latent_in(lat.to(self.image_mask_emb.dtype))
+            img = self._embed_latents(tokens)  # (B, F, S, D)
             img = torch.where(slot_mask[..., None], self.image_mask_emb.to(img.dtype), img)  # (B, F, S, D)
         else:
             V = self.config.vocab_size
@@ -807,6 +862,15 @@ class HMA(nn.Module):
         state = torch.where(state_mask[..., None], self.state_mask_emb.to(state_emb.dtype), state_emb)
         x = torch.cat([img, act.to(img.dtype), state[:, :, None].to(img.dtype)], dim=2)  # (B, F, N, D)
         return x + self.pos_emb.to(x.dtype), cond
+
+    def _embed_latents(self, latents: Tensor) -> Tensor:
+        """mar: latents (..., G, C) in level units -> one embedding per trunk token (..., S, D)."""
+        if self.config.round_latent_input:
+            latents = torch.round(latents.float())
+        slots = self._latent_slots(latents)  # (..., S, p*p*C)
+        if self.config.latent_levels:
+            return self.latent_in(slots.unflatten(-1, (self.group, -1))).to(self.image_mask_emb.dtype)
+        return self.latent_in((slots * self.config.latent_scale).to(self.image_mask_emb.dtype))
 
     def _trunk(
         self, x: Tensor, c: Tensor, pos: Tensor, n_clean: int, cache: HMACache | None = None,
