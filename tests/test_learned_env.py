@@ -307,3 +307,22 @@ def test_compiled_env_matches_eager(tiny_checkpoint):
     rows = compiled_rows(3, str(tiny_checkpoint), "cpu", sizes=())
     assert [r["env"] for r in rows] == ["learned-single-compiled"]
     assert rows[0]["steps_per_s"] > 0 and rows[0]["compile_s"] > 0 and rows[0]["eager_steps_per_s_interleaved"] > 0
+
+
+def test_paired_psnr_replays_gt_episodes(tiny_checkpoint):
+    """benchmarks/paired_psnr: a policy's GT episode, replayed from the paired start; PSNR pooled per horizon."""
+    from benchmarks.paired_psnr import gt_episode, summary
+    from hma_gym.play import make_pair, replay
+    from policies.registry import load_policy
+
+    learned, gt = make_pair("HMA-RobomimicLift-v0", checkpoint=str(tiny_checkpoint))
+    log = gt_episode(gt, load_policy("expert", gt, seed=0), seed=3, max_steps=5)
+    assert log.seed == 3 and len(log.actions) == 5
+    result = replay(log, learned, gt)
+    assert result["psnr"].shape == (6,) and np.isfinite(result["psnr"][1:]).all()
+    s = summary([result["psnr"], result["psnr"][:3]])
+    pooled = np.concatenate([result["psnr"][1:6], result["psnr"][1:3]])
+    assert s["psnr_frames_1_8"] == pytest.approx(pooled.mean()) == s["psnr_all_frames"]
+    assert s["psnr_per_episode"] == pytest.approx([result["psnr"][1:].mean(), result["psnr"][1:3].mean()])
+    learned.close()
+    gt.close()

@@ -154,6 +154,7 @@ def test_mar_pipeline_train_pack_env_and_eval(tiny_data, tokenizer_run, detector
     ckpt = tmp_path / "ckpt"
     main(["pack", "--out", str(ckpt), "--tokenizer", str(tokenizer_run), "--dynamics", str(run),
           "--detector", str(detector_run), "--data", str(tiny_data), "--bank-size", "3"])
+    assert json.loads((ckpt / "config.json").read_text())["variant"] == "mar"
     env = gym.make("HMA-RobomimicLift-v0", checkpoint=ckpt)
     obs, _ = env.reset(seed=0)
     for _ in range(3):

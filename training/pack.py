@@ -96,7 +96,7 @@ def pack(cfg: PackConfig) -> dict:
     config = {
         "format_version": FORMAT_VERSION,
         "kind": "hma-checkpoint",
-        "variant": "maskgit",
+        "variant": dyn_meta["hma"].get("head", "maskgit"),
         "env": {
             "gt_env_id": cfg.gt_env_id or env_args.get("env_id", ""),
             "task": env_args.get("env_name"),
