@@ -114,7 +114,7 @@ class WorldModel(nn.Module):
 
         Meant for inference. The first steps after this one compile (about a minute on a 2-core CPU; inductor
         caches its kernels on disk, so a later process starts faster); after that a single learned-env
-        step is about 1.35x faster on that CPU (`python -m benchmarks.env_speed`, rows "-compiled").
+        step is about 1.2x faster on that CPU (`python -m benchmarks.env_speed`, rows "-compiled").
         Outputs match the eager model's up to float rounding; weights and state_dict keys are unchanged.
         Needs a C++ compiler on CPU (inductor).
         """
