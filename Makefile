@@ -97,13 +97,8 @@ lift-mar-warm: setup
 	  --save-every 50 --log-every 10 --eval-windows 24 --prompt-frames 1 --threads 2
 	rm -rf hma_gym/assets/lift_mar
 	$(HMA) pack --out hma_gym/assets/lift_mar --tokenizer runs/tokenizer --dynamics runs/mar_warm \
-	  --detector runs/detector --data data/lift.hdf5 --bank-size 180 \
+	  --detector runs/detector --data data/lift.hdf5 --bank-size 180 --success-rule-from hma_gym/assets/lift \
 	  --recipe "README.md, 'The shipped MAR checkpoint': make lift-mar-warm"
-	$(PY) -c "import json, pathlib; p = pathlib.Path('hma_gym/assets/lift_mar/config.json'); c = json.loads(p.read_text()); \
-	  g = json.loads(pathlib.Path('hma_gym/assets/lift/config.json').read_text())['generation']; \
-	  c['generation'].update(success_frames=g['success_frames'], success_threshold=g['success_threshold'], \
-	  success_rule_note=\"copied from the MaskGIT checkpoint's calibrated rule (hma_gym/assets/lift), not calibrated for this model\"); \
-	  p.write_text(json.dumps(c, indent=2))"
 	$(HMA) eval-model --checkpoint hma_gym/assets/lift_mar --data data/lift.hdf5 --stride 16 --random-actions 2 \
 	  --out benchmarks/results/eval_model_lift_mar.json
 

@@ -20,23 +20,19 @@ from benchmarks.common import write_result
 from hma_gym.action_log import ActionLog
 from hma_gym.metrics import psnr
 from hma_gym.play import make_pair, replay
+from hma_gym.rollout import rollout
 from policies.registry import load_policy
 
 HORIZONS = (8, 32)
 
 
-def gt_episode(gt: gym.Env, policy, seed: int, max_steps: int) -> ActionLog:
-    """The policy's actions in the GT env from reset(seed), until the episode ends or max_steps."""
-    obs, _ = gt.reset(seed=seed)
-    policy.reset()
-    actions = []
-    for _ in range(max_steps):
-        action = np.asarray(policy.act({k: v[None] for k, v in obs.items()})[0], dtype=np.float32)  # a batch of 1
-        actions.append(action.tolist())
-        obs, _, terminated, truncated, _ = gt.step(action)
-        if terminated or truncated:
-            break
-    return ActionLog(env_id=gt.spec.id, seed=seed, actions=actions)
+def gt_episodes(gt: gym.Env, policy, seeds: list[int], max_steps: int) -> list[ActionLog]:
+    """The policy's actions in the GT env from reset(seed), one log per seed, until each episode ends or
+    max_steps (the project's rollout loop)."""
+    actions: list[list] = [[] for _ in seeds]
+    rollout(gt, policy, len(seeds), seeds=seeds, max_steps=max_steps, progress=False,
+            on_step=lambda e, obs, action, *_: actions[e].append(action.tolist()))
+    return [ActionLog(env_id=gt.spec.id, seed=seed, actions=a) for seed, a in zip(seeds, actions, strict=True)]
 
 
 def summary(per_frame: list[np.ndarray]) -> dict:
@@ -61,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     pairs = {v: make_pair("HMA-RobomimicLift-v0", {"variant": v}) for v in args.variants}
     gt = next(iter(pairs.values()))[1]
     policy = load_policy(args.policy, gt, seed=0)
-    logs = [gt_episode(gt, policy, args.seed + i, args.max_steps) for i in range(args.episodes)]
+    logs = gt_episodes(gt, policy, [args.seed + i for i in range(args.episodes)], args.max_steps)
     rows, hold = [], []
     for variant, (learned, gt_env) in pairs.items():
         per_frame = []

@@ -311,12 +311,12 @@ def test_compiled_env_matches_eager(tiny_checkpoint):
 
 def test_paired_psnr_replays_gt_episodes(tiny_checkpoint):
     """benchmarks/paired_psnr: a policy's GT episode, replayed from the paired start; PSNR pooled per horizon."""
-    from benchmarks.paired_psnr import gt_episode, summary
+    from benchmarks.paired_psnr import gt_episodes, summary
     from hma_gym.play import make_pair, replay
     from policies.registry import load_policy
 
     learned, gt = make_pair("HMA-RobomimicLift-v0", checkpoint=str(tiny_checkpoint))
-    log = gt_episode(gt, load_policy("expert", gt, seed=0), seed=3, max_steps=5)
+    (log,) = gt_episodes(gt, load_policy("expert", gt, seed=0), seeds=[3], max_steps=5)
     assert log.seed == 3 and len(log.actions) == 5
     result = replay(log, learned, gt)
     assert result["psnr"].shape == (6,) and np.isfinite(result["psnr"][1:]).all()

@@ -169,6 +169,18 @@ def test_mar_pipeline_train_pack_env_and_eval(tiny_data, tokenizer_run, detector
     report = json.loads(out.read_text())
     assert np.isfinite(report["psnr"]) and np.isfinite(report["delta_psnr"]) and report["perplexity"] is None
 
+    # pack --success-rule-from copies another checkpoint's calibrated rule and says where it came from
+    config = json.loads((ckpt / "config.json").read_text())
+    config["generation"].update(success_threshold=0.7, success_frames=2)
+    (ckpt / "config.json").write_text(json.dumps(config))
+    ruled = tmp_path / "ruled"
+    main(["pack", "--out", str(ruled), "--tokenizer", str(tokenizer_run), "--dynamics", str(run),
+          "--detector", str(detector_run), "--data", str(tiny_data), "--bank-size", "3",
+          "--success-rule-from", str(ckpt)])
+    packed = json.loads((ruled / "config.json").read_text())
+    assert (packed["generation"]["success_threshold"], packed["generation"]["success_frames"]) == (0.7, 2)
+    assert packed["provenance"]["success_rule_from"] == str(ckpt)
+
 
 def test_variant_mar_loads_the_shipped_checkpoint_or_says_none_ships() -> None:
     import gymnasium as gym

@@ -208,9 +208,12 @@ def _warm_start_mar(cfg: DynamicsTrainConfig, tokenizer, sources: list[Source]):
     if unknown:
         raise CheckpointError(f"{cfg.init_maskgit} has no stem for {unknown} (it has {maskgit.embodiment_names})")
     model = mar_from_maskgit(maskgit, len(tokenizer.cfg.levels), **mar_fields(cfg, tokenizer.cfg.levels))
-    frames = np.concatenate([e.frames for e in sources[0].train])
-    pick = np.random.default_rng(cfg.seed).permutation(len(frames))[: cfg.warm_start_frames]
-    x, y = code_embedding_pairs(maskgit, tokenizer, frames[np.sort(pick)])
+    lengths = [len(e.frames) for e in sources[0].train]
+    pick = np.sort(np.random.default_rng(cfg.seed).permutation(sum(lengths))[: cfg.warm_start_frames])
+    ep = np.searchsorted(np.cumsum(lengths), pick, side="right")  # each picked frame's episode ...
+    first = np.cumsum([0, *lengths[:-1]])  # ... and its index there: no copy of every training frame
+    frames = np.stack([sources[0].train[e].frames[i - first[e]] for e, i in zip(ep, pick, strict=True)])
+    x, y = code_embedding_pairs(maskgit, tokenizer, frames)
     fit = fit_latent_in(model, x, y, seed=cfg.seed)
     print(f"warm start from {cfg.init_maskgit}: latent input embeddings vs the codes' embeddings, R^2 "
           f"{fit['latent_in_r2']:.3f} on held-out frames ({fit['frames']} frames)")

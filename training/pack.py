@@ -54,6 +54,9 @@ class PackConfig:
     """Free text: the commands that produced the parts (stored in config.json)."""
     half: bool = True
     """Store the weights as float16 (half the size; loading casts them back to the model's float32)."""
+    success_rule_from: str = ""
+    """Copy the success rule (generation.success_threshold/_frames) from this packed checkpoint, e.g. one
+    calibrated with the same detector (`calibrate-success --write` calibrates this one instead)."""
 
     def __post_init__(self):
         if self.bank_size < 1:
@@ -125,6 +128,13 @@ def pack(cfg: PackConfig) -> dict:
             "pack_config": asdict(cfg),
         },
     }
+    if cfg.success_rule_from:
+        rule = load_json(Path(cfg.success_rule_from) / "config.json").get("generation", {})
+        missing = {"success_threshold", "success_frames"} - set(rule)
+        if missing:
+            raise ValueError(f"{cfg.success_rule_from}/config.json has no {sorted(missing)} (calibrate it first)")
+        config["generation"].update(success_threshold=rule["success_threshold"], success_frames=rule["success_frames"])
+        config["provenance"]["success_rule_from"] = cfg.success_rule_from  # copied, not calibrated for this model
     save_json(out / "config.json", config)
     check_checkpoint_dir(out)
     size = sum(p.stat().st_size for p in out.iterdir())

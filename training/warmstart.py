@@ -72,7 +72,7 @@ def fit_latent_in(mar: HMA, x: torch.Tensor, y: torch.Tensor, steps: int = 2000,
     gen = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(x), generator=gen)
     n = max(1, len(x) * 4 // 5)
-    tr, te = perm[:n], perm[n:] if len(perm) > n else perm[:n]
+    tr, te = perm[:n], perm[n:] if len(x) > n else perm
 
     def r2() -> float:
         with torch.no_grad():
@@ -83,14 +83,14 @@ def fit_latent_in(mar: HMA, x: torch.Tensor, y: torch.Tensor, steps: int = 2000,
     before = r2()
     if mar.config.latent_levels:
         steps = 0
-    params = list(mar.latent_in.parameters())
-    opt = torch.optim.Adam(params, lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
-    for _ in range(steps):
-        idx = tr[torch.randint(0, n, (batch,), generator=gen)]
-        loss = (mar._embed_latents(x[idx]) - y[idx]).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
+    else:
+        opt = torch.optim.Adam(mar.latent_in.parameters(), lr=lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+        for _ in range(steps):
+            idx = tr[torch.randint(0, n, (batch,), generator=gen)]
+            loss = (mar._embed_latents(x[idx]) - y[idx]).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
     return {"latent_in_r2_before": before, "latent_in_r2": r2(), "frames": len(x), "fit_steps": steps}

@@ -533,6 +533,8 @@ class LatticeEmbedding(nn.Module):
         strides = torch.cumprod(torch.cat([torch.ones(1, dtype=torch.long), lv[:-1]]), 0)  # (C,)
         bits = (torch.arange(2**C)[:, None] >> torch.arange(C)) & 1  # (2^C, C) corner offsets
         self.register_buffer("levels_t", lv.float(), persistent=False)
+        self.register_buffer("zero_digit", torch.div(lv, 2, rounding_mode="floor").float(), persistent=False)
+        self.register_buffer("position_offset", torch.arange(group) * self.n_codes, persistent=False)  # (group,)
         self.register_buffer("strides", strides, persistent=False)
         self.register_buffer("bits", bits.bool(), persistent=False)
         self.register_buffer("corner_offset", (bits * strides).sum(-1), persistent=False)  # (2^C,)
@@ -540,11 +542,10 @@ class LatticeEmbedding(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x (..., group, C) latents in level units (FSQ: digit = latent + levels // 2) -> (..., D)."""
         L = self.levels_t
-        d = (x.float() + torch.div(L, 2, rounding_mode="floor")).clamp(min=torch.zeros_like(L), max=L - 1)
+        d = (x.float() + self.zero_digit).clamp(min=torch.zeros_like(L), max=L - 1)
         lo = d.floor().clamp(max=L - 2)  # the lower corner; the upper one stays inside the lattice
         frac = d - lo  # (..., group, C) in [0, 1]
-        base = (lo.long() * self.strides).sum(-1)  # (..., group)
-        base = base + torch.arange(self.group, device=x.device) * self.n_codes
+        base = (lo.long() * self.strides).sum(-1) + self.position_offset  # (..., group)
         idx = base[..., None] + self.corner_offset  # (..., group, 2^C)
         w = torch.where(self.bits, frac[..., None, :], 1 - frac[..., None, :]).prod(-1)  # (..., group, 2^C)
         lead = x.shape[:-2]
