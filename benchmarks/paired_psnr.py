@@ -1,7 +1,10 @@
 """Learned sims against MuJoCo from paired starts: a policy's GT episodes replayed, action for action, in
 each learned env from the same initial observation; per-frame PSNR against the GT frames.
 
-    python -m benchmarks.paired_psnr --episodes 10 --variants maskgit mar
+    python -m benchmarks.paired_psnr --episodes 10 --variants maskgit mar maskgit:greedy mar:sample
+
+A variant is a shipped checkpoint ("maskgit", "mar") with its own generation settings, or with ":greedy"
+(argmax codes / noise-free DDIM) or ":sample" (temperature-1 sampling) forced.
 
 Unlike `eval-model` (8 frames after 4 GT prompt frames from held-out data), this is the env as a user
 runs it: one GT frame to start from, then whole episodes generated from the model's own outputs. The
@@ -35,6 +38,17 @@ def gt_episodes(gt: gym.Env, policy, seeds: list[int], max_steps: int) -> list[A
     return [ActionLog(env_id=gt.spec.id, seed=seed, actions=a) for seed, a in zip(seeds, actions, strict=True)]
 
 
+DECODING = {"": {}, "greedy": {"greedy": True}, "sample": {"greedy": False, "temperature": 1.0}}
+
+
+def env_kwargs(spec: str) -> dict:
+    """"mar" -> {"variant": "mar"}; "mar:greedy" -> {"variant": "mar", "greedy": True}; ":sample" likewise."""
+    variant, _, decoding = spec.partition(":")
+    if decoding not in DECODING:
+        raise ValueError(f"{spec!r}: decoding must be one of {sorted(k for k in DECODING if k)}")
+    return {"variant": variant, **DECODING[decoding]}
+
+
 def summary(per_frame: list[np.ndarray]) -> dict:
     """Mean PSNR over frames 1..h of every episode (h in HORIZONS, then all), pooled over episodes."""
     out = {}
@@ -54,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-steps", type=int, default=100)
     parser.add_argument("--name", default="paired_psnr")
     args = parser.parse_args(argv)
-    pairs = {v: make_pair("HMA-RobomimicLift-v0", {"variant": v}) for v in args.variants}
+    pairs = {v: make_pair("HMA-RobomimicLift-v0", env_kwargs(v)) for v in args.variants}
     gt = next(iter(pairs.values()))[1]
     policy = load_policy(args.policy, gt, seed=0)
     logs = gt_episodes(gt, policy, [args.seed + i for i in range(args.episodes)], args.max_steps)
@@ -67,8 +81,11 @@ def main(argv: list[str] | None = None) -> dict:
             if variant == args.variants[0]:  # the baseline: the first GT frame held still
                 frames = result["gt_frames"]
                 hold.append(psnr(np.repeat(frames[:1], len(frames), axis=0), frames))
-        rows.append({"sim": variant, "checkpoint": str(learned.unwrapped.checkpoint), **summary(per_frame)})
-        print(f"{variant:10s} " + " ".join(f"{k}={v:.2f}" for k, v in rows[-1].items() if k.startswith("psnr_f")
+        sim = learned.unwrapped.sim
+        rows.append({"sim": variant, "checkpoint": str(learned.unwrapped.checkpoint),
+                     "generation": {"steps": sim.steps, "greedy": sim.greedy, "temperature": sim.temperature},
+                     **summary(per_frame)})
+        print(f"{variant:16s} " + " ".join(f"{k}={v:.2f}" for k, v in rows[-1].items() if k.startswith("psnr_f")
                                            or k == "psnr_all_frames"))
     rows.append({"sim": "hold the first frame", **summary(hold)})
     payload = {"policy": args.policy, "episodes": args.episodes, "seeds": [log.seed for log in logs],

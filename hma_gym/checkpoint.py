@@ -102,7 +102,20 @@ def save_module(directory: str | os.PathLike, name: str, module: torch.nn.Module
     save_json(directory / f"{name}.json", {"format_version": FORMAT_VERSION, "config": config})
 
 
+def packed_config(directory: str | os.PathLike, name: str) -> dict | None:
+    """The config.json of a packed checkpoint directory (which has no run's `name`.json), else None."""
+    directory = Path(directory)
+    if (directory / f"{name}.json").is_file() or not (directory / "config.json").is_file():
+        return None
+    return check_checkpoint_dir(directory)
+
+
 def read_module_config(directory: str | os.PathLike, name: str) -> dict:
+    """The config saved beside `name`.safetensors by a training run; for the tokenizer, a packed
+    checkpoint directory works too (its config.json holds the same section)."""
+    packed = packed_config(directory, name) if name == "tokenizer" else None
+    if packed:
+        return packed["tokenizer"]
     meta = load_json(Path(directory) / f"{name}.json")
     check_version(meta, Path(directory) / f"{name}.json")
     return meta["config"]

@@ -25,6 +25,7 @@ from hma_gym.checkpoint import (
     check_checkpoint_dir,
     load_module_weights,
     load_tensors,
+    packed_config,
     read_module_config,
 )
 from hma_gym.models.hma import HMA, HMACache, HMAConfig
@@ -36,7 +37,8 @@ def _only_fields(cls, d: dict) -> dict:
 
 
 def load_tokenizer(directory: str | os.PathLike) -> ImageTokenizer:
-    """A tokenizer saved by `train-tokenizer` (tokenizer.json + tokenizer.safetensors)."""
+    """A tokenizer saved by `train-tokenizer` (tokenizer.json + tokenizer.safetensors), or a packed
+    checkpoint's."""
     cfg = read_module_config(directory, "tokenizer")
     model = ImageTokenizer(TokenizerConfig.from_dict(_only_fields(TokenizerConfig, cfg)))
     load_module_weights(model, Path(directory) / "tokenizer.safetensors")
@@ -44,8 +46,14 @@ def load_tokenizer(directory: str | os.PathLike) -> ImageTokenizer:
 
 
 def load_dynamics(directory: str | os.PathLike) -> tuple[HMA, dict]:
-    """An HMA saved by `train` (dynamics.json + dynamics.safetensors) and its run metadata."""
-    meta = read_module_config(directory, "dynamics")
+    """An HMA saved by `train` (dynamics.json + dynamics.safetensors) and its run metadata; a packed
+    checkpoint directory (config.json, e.g. the shipped one) works too, its float16 weights in float32."""
+    packed = packed_config(directory, "dynamics")
+    if packed:
+        meta = {"hma": packed["dynamics"], "packed": True,
+                "trained_steps": packed.get("provenance", {}).get("dynamics_trained_steps")}
+    else:
+        meta = read_module_config(directory, "dynamics")
     model = HMA(HMAConfig.from_dict(meta["hma"]))
     load_module_weights(model, Path(directory) / "dynamics.safetensors")
     return model.eval(), meta
@@ -99,10 +107,7 @@ class WorldModel(nn.Module):
 
         directory = Path(directory)
         config = check_checkpoint_dir(directory)
-        tokenizer = ImageTokenizer(TokenizerConfig.from_dict(_only_fields(TokenizerConfig, config["tokenizer"])))
-        load_module_weights(tokenizer, directory / "tokenizer.safetensors")
-        dynamics = HMA(HMAConfig.from_dict(config["dynamics"]))
-        load_module_weights(dynamics, directory / "dynamics.safetensors")
+        tokenizer, dynamics = load_tokenizer(directory), load_dynamics(directory)[0]
         detector, threshold, det_norm = load_detector(directory)
         norm = load_tensors(directory / "normalization.safetensors")
         model = cls(tokenizer, dynamics, norm, config["env"]["embodiment"], detector, det_norm, threshold)

@@ -163,11 +163,24 @@ def test_mar_pipeline_train_pack_env_and_eval(tiny_data, tokenizer_run, detector
     assert all(np.isfinite(v).all() for v in obs.values()) and 0 <= info["success_prob"] <= 1
     env.close()
 
+    # the DDIM step count is a generation knob: the same seed with 1 step and with 3 steps differ
+    def first_frame(**kw):
+        e = gym.make("HMA-RobomimicLift-v0", checkpoint=ckpt, **kw)
+        e.reset(seed=1)
+        frame = e.step(np.zeros(7, np.float32))[0]["agentview_image"]
+        e.close()
+        return frame
+    assert np.array_equal(first_frame(diffusion_steps=3), first_frame())  # trained with --diff-sample-steps 3
+    assert not np.array_equal(first_frame(diffusion_steps=1), first_frame())
+    with pytest.raises(ValueError, match="diffusion_steps"):
+        gym.make("HMA-RobomimicLift-v0", diffusion_steps=0, checkpoint=ckpt)
+
     out = tmp_path / "eval.json"
     main(["eval-model", "--checkpoint", str(ckpt), "--data", str(tiny_data), "--out", str(out),
-          "--random-actions", "1", "--no-progress"])
+          "--random-actions", "1", "--no-progress", "--diffusion-steps", "2"])
     report = json.loads(out.read_text())
     assert np.isfinite(report["psnr"]) and np.isfinite(report["delta_psnr"]) and report["perplexity"] is None
+    assert report["config"]["diffusion_steps"] == 2
 
     # pack --success-rule-from copies another checkpoint's calibrated rule and says where it came from
     config = json.loads((ckpt / "config.json").read_text())
@@ -188,6 +201,8 @@ def test_variant_mar_loads_the_shipped_checkpoint_or_says_none_ships() -> None:
     from hma_gym.checkpoint import CheckpointError
     from hma_gym.envs.learned_env import ASSETS, VARIANTS
 
+    with pytest.raises(ValueError, match="needs a mar checkpoint"):
+        gym.make("HMA-RobomimicLift-v0", diffusion_steps=5)  # the shipped MaskGIT checkpoint
     if (ASSETS / VARIANTS["mar"]).is_dir():
         env = gym.make("HMA-RobomimicLift-v0", variant="mar")
         assert env.unwrapped.sim.wm.soft

@@ -170,3 +170,37 @@ def test_calibrate_success_scores_rules_and_writes_the_choice(tiny_checkpoint, t
     env = HMAEnv(checkpoint=ckpt)
     assert (env.sim.success_threshold, env.sim.success_frames) == (report["chosen"]["threshold"],
                                                                    report["chosen"]["frames"])
+
+
+def test_packed_checkpoint_is_a_source_for_fine_tuning_and_pack(tiny_checkpoint, tiny_data, tmp_path):
+    """train --init, --tokenizer and pack --tokenizer/--detector take a packed checkpoint (e.g. a shipped one):
+    its float16 weights come back as the init model's, and the re-packed checkpoint loads and steps."""
+    import gymnasium as gym
+
+    from hma_gym.checkpoint import load_tensors
+    from hma_gym.world_model import load_dynamics
+
+    model, meta = load_dynamics(tiny_checkpoint)
+    packed = load_tensors(tiny_checkpoint / "dynamics.safetensors")
+    assert meta["packed"] and meta["trained_steps"] == 40
+    for name, p in model.state_dict().items():
+        assert p.dtype == torch.float32 and torch.equal(p, packed[name].float()), name
+
+    run = tmp_path / "ft"
+    main(["train", "--data", str(tiny_data), "--tokenizer", str(tiny_checkpoint), "--out", str(run),
+          "--init", str(tiny_checkpoint), "--steps", "4", "--eval-every", "4", "--save-every", "4", *DYN_ARGS])
+    assert _log(run)[0]["config"]["init"] == str(tiny_checkpoint)
+    tuned = load_tensors(run / "dynamics.safetensors")
+    assert any(not torch.equal(tuned[k], packed[k].float()) for k in packed)  # it trained from there
+
+    out = tmp_path / "repacked"
+    main(["pack", "--out", str(out), "--tokenizer", str(tiny_checkpoint), "--dynamics", str(run),
+          "--detector", str(tiny_checkpoint), "--data", str(tiny_data), "--bank-size", "3", "--greedy"])
+    for name in ("tokenizer", "detector"):
+        a, b = load_tensors(out / f"{name}.safetensors"), load_tensors(tiny_checkpoint / f"{name}.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    env = gym.make("HMA-RobomimicLift-v0", checkpoint=out)
+    env.reset(seed=0)
+    obs = env.step(env.action_space.sample())[0]
+    assert env.unwrapped.sim.greedy and np.isfinite(obs["robot0_eef_pos"]).all()
+    env.close()

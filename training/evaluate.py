@@ -54,6 +54,7 @@ def open_loop(
     greedy: bool = False,
     seed: int = 0,
     batch_size: int = 16,
+    diffusion_steps: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Prompt with `n_prompt` GT frames, generate `n_gen` frames; returns generated and GT arrays.
 
@@ -81,7 +82,7 @@ def open_loop(
         for j in range(n_gen):
             a = act[:, n_prompt - 1 + j]
             tokens, states = wm.generate(cache, a, steps=steps, temperature=temperature, generator=gen,
-                                         greedy=greedy)
+                                         greedy=greedy, diffusion_steps=diffusion_steps)
             wm.observe(cache, tokens, states, a)
             pred_tok.append(tokens)
             pred_st.append(states.cpu())
@@ -120,9 +121,11 @@ def first_step_perplexity(wm: WorldModel, episodes: list[Episode], windows: list
 
 def fidelity_report(wm: WorldModel, episodes: list[Episode], windows: list[tuple[int, int]], *,
                     steps: int = 2, temperature: float = 1.0, greedy: bool = False, n_random: int = 5,
-                    seed: int = 0, batch_size: int = 16, progress: bool = False) -> dict:
+                    seed: int = 0, batch_size: int = 16, progress: bool = False,
+                    diffusion_steps: int | None = None) -> dict:
     """PSNR/SSIM per generated frame, copy baseline, tokenizer ceiling, dPSNR, perplexity, proprio error."""
-    kw = dict(steps=steps, temperature=temperature, greedy=greedy, batch_size=batch_size)
+    kw = dict(steps=steps, temperature=temperature, greedy=greedy, batch_size=batch_size,
+              diffusion_steps=diffusion_steps)
     t0 = time.perf_counter()
     res = open_loop(wm, episodes, windows, seed=seed, **kw)
     seconds = time.perf_counter() - t0
@@ -168,7 +171,8 @@ def fidelity_report(wm: WorldModel, episodes: list[Episode], windows: list[tuple
 
 @torch.no_grad()
 def free_run_report(wm: WorldModel, episodes: list[Episode], horizon: int = 100, n_episodes: int = 8,
-                    steps: int = 2, temperature: float = 1.0, seed: int = 0, greedy: bool = False) -> dict:
+                    steps: int = 2, temperature: float = 1.0, seed: int = 0, greedy: bool = False,
+                    diffusion_steps: int | None = None) -> dict:
     """Stability of long rollouts: from each episode's first frame, replay its actions (then hold still,
     zero motion with the last gripper command) for `horizon` frames in one batch.
 
@@ -190,7 +194,8 @@ def free_run_report(wm: WorldModel, episodes: list[Episode], horizon: int = 100,
     frames = [np.stack([e.frames[0] for e in eps])]
     for t in range(horizon):
         a = torch.from_numpy(actions[:, t])
-        tokens, states = wm.generate(cache, a, steps=steps, temperature=temperature, generator=gen, greedy=greedy)
+        tokens, states = wm.generate(cache, a, steps=steps, temperature=temperature, generator=gen, greedy=greedy,
+                                     diffusion_steps=diffusion_steps)
         wm.observe(cache, tokens, states, a)
         frames.append(wm.decode(tokens).cpu().numpy())
     frames = np.stack(frames, 1)  # (B, horizon + 1, H, W, 3)
@@ -222,7 +227,9 @@ class EvalModelConfig(DataConfig):
     temperature: float = 1.0
     """Sampling temperature."""
     greedy: bool = False
-    """Argmax decoding instead of sampling."""
+    """Argmax decoding instead of sampling (mar: noise-free DDIM)."""
+    diffusion_steps: int = 0
+    """mar: DDIM steps per token (0: the model's `diff_sample_steps`)."""
     random_actions: int = 5
     """Random action sequences for dPSNR."""
     seed: int = 0
@@ -243,11 +250,12 @@ def eval_model(cfg: EvalModelConfig) -> dict:
     episodes = load_episodes(data, "valid", progress=cfg.progress)
     tokenize_episodes(wm, episodes)
     windows = eval_windows(episodes, 12, cfg.stride)
-    report = fidelity_report(wm, episodes, windows, steps=cfg.steps, temperature=cfg.temperature,
-                             greedy=cfg.greedy, n_random=cfg.random_actions, seed=cfg.seed,
-                             progress=cfg.progress)
-    report["free_run"] = free_run_report(wm, episodes, steps=cfg.steps, temperature=cfg.temperature, seed=cfg.seed,
-                                         greedy=cfg.greedy)
+    if cfg.diffusion_steps < 0:
+        raise ValueError(f"diffusion_steps must be >= 0 (0: the model's). Got {cfg.diffusion_steps}")
+    gen = dict(steps=cfg.steps, temperature=cfg.temperature, greedy=cfg.greedy, seed=cfg.seed,
+               diffusion_steps=cfg.diffusion_steps or None)
+    report = fidelity_report(wm, episodes, windows, n_random=cfg.random_actions, progress=cfg.progress, **gen)
+    report["free_run"] = free_run_report(wm, episodes, **gen)
     report = {"checkpoint": checkpoint, "data": cfg.data, "split": "valid", "config": asdict(cfg), **report}
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     Path(cfg.out).write_text(json.dumps(report, indent=2) + "\n")

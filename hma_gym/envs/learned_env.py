@@ -76,7 +76,8 @@ class _LearnedSim:
 
     def __init__(self, checkpoint: str | os.PathLike | None, n: int, steps: int | None, temperature: float | None,
                  greedy: bool | None, device: str, variant: str = "maskgit", success_frames: int | None = None,
-                 success_threshold: float | None = None, compile: bool = False):
+                 success_threshold: float | None = None, compile: bool = False,
+                 diffusion_steps: int | None = None):
         path = Path(checkpoint) if checkpoint is not None else default_checkpoint(variant)
         self.checkpoint = path
         self.wm = WorldModel.from_checkpoint(path, device=device)
@@ -92,6 +93,12 @@ class _LearnedSim:
             raise ValueError(f"steps (MaskGIT unmasking steps) must be >= 1. Got {steps=}")
         if not greedy and temperature <= 0:
             raise ValueError(f"temperature must be > 0 (or greedy=True). Got {temperature=}")
+        if diffusion_steps is None:
+            diffusion_steps = generation.get("diffusion_steps")
+        if diffusion_steps is not None and (not self.wm.soft or int(diffusion_steps) < 1):
+            raise ValueError("diffusion_steps (DDIM steps per token) needs a mar checkpoint and must be >= 1. "
+                             f"Got {diffusion_steps=} for a {self.wm.dynamics.config.head} model")
+        self.diffusion_steps = None if diffusion_steps is None else int(diffusion_steps)
         # success: the detector's probability at least `success_threshold` on `success_frames` frames in a row
         success_frames = int(generation.get("success_frames", 1)) if success_frames is None else success_frames
         if success_threshold is None:
@@ -188,7 +195,8 @@ class _LearnedSim:
         frames of the row's episode."""
         a = torch.from_numpy(np.ascontiguousarray(actions, dtype=np.float32))
         tokens, states = self.wm.generate(self.cache, a, steps=self.steps, temperature=self.temperature,
-                                          generator=self.generator, greedy=self.greedy)
+                                          generator=self.generator, greedy=self.greedy,
+                                          diffusion_steps=self.diffusion_steps)
         self.wm.observe(self.cache, tokens, states, a, defer=self.defer)
         frames = self.wm.decode(tokens)
         prob = self.wm.success_prob(frames, states).cpu().numpy()
@@ -237,7 +245,9 @@ class HMAEnv(gym.Env):
     `terminate_on_success`, `render_mode` ("rgb_array"), `success_frames` and `success_threshold`
     (the success rule above; default: the checkpoint's, calibrated by `hma-gym calibrate-success`),
     `compile` (``torch.compile`` the model's hot paths: a minute of compiling during the first steps,
-    then faster steps; see `WorldModel.compile_inference`).
+    then faster steps; see `WorldModel.compile_inference`), `diffusion_steps` (mar checkpoints only:
+    DDIM steps per token; default: the checkpoint's `generation` setting, else the model's
+    `diff_sample_steps`).
 
     ## Cost
     One frame = `steps` masked passes of the trunk over a single frame's tokens plus the pass that
@@ -252,11 +262,12 @@ class HMAEnv(gym.Env):
     def __init__(self, checkpoint: str | os.PathLike | None = None, variant: str = "maskgit",
                  steps: int | None = None, temperature: float | None = None, greedy: bool | None = None,
                  device: str = "cpu", terminate_on_success: bool = True, render_mode: str | None = None,
-                 success_frames: int | None = None, success_threshold: float | None = None, compile: bool = False):
+                 success_frames: int | None = None, success_threshold: float | None = None, compile: bool = False,
+                 diffusion_steps: int | None = None):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be None or 'rgb_array'. Got {render_mode=}")
         self.sim = _LearnedSim(checkpoint, 1, steps, temperature, greedy, device, variant, success_frames,
-                               success_threshold, compile)
+                               success_threshold, compile, diffusion_steps)
         self.observation_space, self.action_space = self.sim.observation_space, self.sim.action_space
         self.metadata = {**self.metadata, "render_fps": int(self.sim.env_config.get("control_freq", 20))}
         self.render_mode = render_mode
@@ -316,12 +327,13 @@ class HMAVectorEnv(gym.vector.VectorEnv):
                  device: str = "cpu",
                  terminate_on_success: bool = True, max_episode_steps: int | None = None,
                  render_mode: str | None = None, success_frames: int | None = None,
-                 success_threshold: float | None = None, compile: bool = False):
+                 success_threshold: float | None = None, compile: bool = False,
+                 diffusion_steps: int | None = None):
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1. Got {num_envs=}")
         self.num_envs = num_envs
         self.sim = _LearnedSim(checkpoint, num_envs, steps, temperature, greedy, device, variant, success_frames,
-                               success_threshold, compile)
+                               success_threshold, compile, diffusion_steps)
         self.single_observation_space = self.sim.observation_space
         self.single_action_space = self.sim.action_space
         self.observation_space = batch_space(self.single_observation_space, num_envs)
