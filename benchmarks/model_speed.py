@@ -8,6 +8,11 @@ batch. Speed does not depend on the weights, so no training is needed; parameter
 
     python -m benchmarks.model_speed                      # CPU, every preset
     python -m benchmarks.model_speed --device cuda        # on a GPU (writes model_speed_cuda.json)
+    python -m benchmarks.model_speed --shipped --threads 2 --batch 1 16   # the shipped checkpoints
+
+--shipped times the two shipped Lift checkpoints' dynamics models instead (each with its own default
+decoding: the MaskGIT one samples, the MAR one runs noise-free DDIM), in alternating blocks so that both
+see the same machine load (`model_speed_shipped.json`).
 
 Writes `benchmarks/results/model_speed.json`: rows [{variant, preset, params_m, frames_per_s, device, ...}].
 """
@@ -38,7 +43,7 @@ def build(variant: str, preset: str, device: str) -> torch.nn.Module:
 
 @torch.no_grad()
 def frames_per_second(model, batch: int, frames: int, steps: int, diffusion_steps: int | None, device: str,
-                      min_seconds: float) -> tuple[float, int]:
+                      min_seconds: float, greedy: bool = False) -> tuple[float, int]:
     """Generated frames per second (every row counts) after a 4-frame prompt; at least `frames` frames and
     `min_seconds` of timing."""
     cfg = model.config
@@ -54,7 +59,7 @@ def frames_per_second(model, batch: int, frames: int, steps: int, diffusion_step
 
     def one() -> None:
         kw = {"diffusion_steps": diffusion_steps} if cfg.soft else {}
-        tokens, s = model.generate_frame(cache, action, ids, steps=steps, generator=gen, **kw)
+        tokens, s = model.generate_frame(cache, action, ids, steps=steps, generator=gen, greedy=greedy, **kw)
         model.append_frame(cache, tokens, s, action, ids, return_hidden=False)
 
     one()  # warm-up
@@ -71,12 +76,47 @@ def frames_per_second(model, batch: int, frames: int, steps: int, diffusion_step
     return n * batch / (time.perf_counter() - t0), n
 
 
+def shipped_rows(args) -> tuple[list[dict], dict]:
+    """The shipped checkpoints' dynamics models, each at its checkpoint's decoding, timed in alternating blocks."""
+    from hma_gym.checkpoint import load_json
+    from hma_gym.envs.learned_env import default_checkpoint
+    from hma_gym.world_model import load_dynamics
+
+    models = {}
+    for variant in args.variants:
+        path = default_checkpoint(variant)
+        greedy = bool(load_json(path / "config.json").get("generation", {}).get("greedy", False))
+        models[variant] = (load_dynamics(path)[0].to(args.device), greedy, str(path))
+    rows = []
+    for batch in args.batch:
+        fps: dict[str, list[float]] = {v: [] for v in models}
+        for _ in range(args.blocks):
+            for variant, (model, greedy, _) in models.items():
+                f, _ = frames_per_second(model, batch, args.frames, args.steps, args.diffusion_steps or None,
+                                         args.device, args.min_seconds, greedy=greedy)
+                fps[variant].append(f)
+        for variant, (model, greedy, path) in models.items():
+            mean = sum(fps[variant]) / len(fps[variant])
+            rows.append({"variant": variant, "preset": "shipped", "checkpoint": path, "greedy": greedy,
+                         "params_m": round(model.num_params() / 1e6, 2), "frames_per_s": mean,
+                         "ms_per_frame": 1000.0 / mean, "block_frames_per_s": fps[variant], "device": args.device,
+                         "batch": batch, "unmasking_steps": args.steps})
+            print(f"{variant:8s} shipped batch {batch:3d} {mean:8.2f} frames/s (blocks {fps[variant]})", flush=True)
+    by = {(r["variant"], r["batch"]): r["frames_per_s"] for r in rows}
+    ratios = {f"batch_{b}": by[("maskgit", b)] / by[("mar", b)] for b in args.batch
+              if ("maskgit", b) in by and ("mar", b) in by}
+    return rows, ratios
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--presets", nargs="+", default=list(HMA_PRESETS), choices=list(HMA_PRESETS))
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--device", default="cpu")
-    p.add_argument("--batch", type=int, default=1, help="rows generated together (envs of a vector env)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1],
+                   help="rows generated together (envs of a vector env); several with --shipped")
+    p.add_argument("--shipped", action="store_true", help="time the shipped checkpoints instead of the presets")
+    p.add_argument("--blocks", type=int, default=3, help="--shipped: alternating timing blocks per model")
     p.add_argument("--frames", type=int, default=3, help="timed frames at least (after one warm-up frame)")
     p.add_argument("--min-seconds", type=float, default=3.0, help="timed seconds at least")
     p.add_argument("--steps", type=int, default=2, help="unmasking iterations M (both variants)")
@@ -87,6 +127,14 @@ def main(argv: list[str] | None = None) -> dict:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda but no CUDA device is available")
     torch.set_num_threads(args.threads)
+    if args.shipped:
+        rows, ratios = shipped_rows(args)
+        payload = {"rows": rows, "mar_time_per_frame_vs_maskgit": ratios, "threads": args.threads}
+        write_result(args.result or "model_speed_shipped", payload, module="model_speed")
+        return payload
+    if len(args.batch) > 1:
+        p.error("one --batch for the presets (several only with --shipped)")
+    args.batch = args.batch[0]
     rows = []
     for preset in args.presets:
         for variant in args.variants:

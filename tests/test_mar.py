@@ -280,3 +280,17 @@ def test_warm_start_from_a_maskgit_run(tiny_data, tokenizer_run, dynamics_run, t
 
     with pytest.raises(ValueError, match="--head mar"):
         DynamicsTrainConfig(data=str(tiny_data), init_maskgit=str(dynamics_run))
+
+
+def test_model_speed_times_the_shipped_checkpoints(tmp_path, monkeypatch) -> None:
+    """benchmarks/model_speed --shipped: both shipped models, each at its own default decoding, in blocks."""
+    import benchmarks.common as common
+    from benchmarks.model_speed import main
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    rows = main(["--shipped", "--batch", "1", "2", "--frames", "1", "--min-seconds", "0", "--blocks", "2"])["rows"]
+    assert {(r["variant"], r["batch"]) for r in rows} == {(v, b) for v in ("maskgit", "mar") for b in (1, 2)}
+    greedy = {r["variant"]: r["greedy"] for r in rows}
+    assert greedy == {"maskgit": False, "mar": True}  # the checkpoints' generation settings
+    assert all(len(r["block_frames_per_s"]) == 2 and r["frames_per_s"] > 0 for r in rows)
+    assert (tmp_path / "model_speed_shipped.json").is_file()
