@@ -27,7 +27,7 @@ class DynamicsTrainConfig(LoopConfig, DataConfig):
     out: str = "runs/dynamics"
     """Run directory; dynamics.safetensors, dynamics.json and normalization.safetensors are written here."""
     tokenizer: str = "runs/tokenizer"
-    """Directory of a trained tokenizer (train-tokenizer)."""
+    """Directory of a trained tokenizer (train-tokenizer), or a packed checkpoint (its tokenizer)."""
     tokens: str = ""
     """A token cache from `hma-gym tokenize` made with this tokenizer: its episodes of --data and --extra-data
     are read from it instead of from the files."""
@@ -58,8 +58,9 @@ class DynamicsTrainConfig(LoopConfig, DataConfig):
     mixture_power: float = 0.5
     """Dataset sampling probability ~ n_windows ** power (1 = by size, 0 = uniform, < 1 favours small)."""
     init: str = ""
-    """A `train` run directory to start from (fine-tuning): its architecture, weights and embodiments'
-    statistics; embodiments of the data it lacks get a new stem and head. Size flags are ignored."""
+    """A `train` run directory, or a packed checkpoint (e.g. hma_gym/assets/lift), to start from
+    (fine-tuning): its architecture, weights and embodiments' statistics; embodiments of the data it lacks
+    get a new stem and head. Size flags are ignored."""
     train_only_new: bool = False
     """With --init: train only the stems and heads of embodiments the init model lacks (trunk frozen)."""
     steps: int = 6000

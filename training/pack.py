@@ -31,11 +31,11 @@ class PackConfig:
     out: str
     """Checkpoint directory to write (replaced if it exists)."""
     tokenizer: str = "runs/tokenizer"
-    """train-tokenizer run directory."""
+    """train-tokenizer run directory, or a packed checkpoint (its tokenizer)."""
     dynamics: str = "runs/dynamics"
     """train run directory."""
     detector: str = "runs/detector"
-    """train-detector run directory."""
+    """train-detector run directory, or a packed checkpoint (its detector)."""
     data: str = ""
     """robomimic file whose train-split initial observations form the reset bank (default: the dynamics run's)."""
     bank_size: int = 200
