@@ -111,11 +111,7 @@ def packed_config(directory: str | os.PathLike, name: str) -> dict | None:
 
 
 def read_module_config(directory: str | os.PathLike, name: str) -> dict:
-    """The config saved beside `name`.safetensors by a training run; for the tokenizer, a packed
-    checkpoint directory works too (its config.json holds the same section)."""
-    packed = packed_config(directory, name) if name == "tokenizer" else None
-    if packed:
-        return packed["tokenizer"]
+    """The config saved beside `name`.safetensors by a training run."""
     meta = load_json(Path(directory) / f"{name}.json")
     check_version(meta, Path(directory) / f"{name}.json")
     return meta["config"]

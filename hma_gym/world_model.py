@@ -36,10 +36,17 @@ def _only_fields(cls, d: dict) -> dict:
     return {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
 
 
+def tokenizer_config(directory: str | os.PathLike) -> dict:
+    """The config of a `train-tokenizer` run (tokenizer.json), or of a packed checkpoint's tokenizer (the
+    same dict, as config.json's "tokenizer" section)."""
+    packed = packed_config(directory, "tokenizer")
+    return packed["tokenizer"] if packed else read_module_config(directory, "tokenizer")
+
+
 def load_tokenizer(directory: str | os.PathLike) -> ImageTokenizer:
     """A tokenizer saved by `train-tokenizer` (tokenizer.json + tokenizer.safetensors), or a packed
     checkpoint's."""
-    cfg = read_module_config(directory, "tokenizer")
+    cfg = tokenizer_config(directory)
     model = ImageTokenizer(TokenizerConfig.from_dict(_only_fields(TokenizerConfig, cfg)))
     load_module_weights(model, Path(directory) / "tokenizer.safetensors")
     return model.eval()

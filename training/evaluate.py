@@ -239,6 +239,11 @@ class EvalModelConfig(DataConfig):
     progress: bool = True
     """Show progress bars."""
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.diffusion_steps < 0:
+            raise ValueError(f"diffusion_steps must be >= 0 (0: the model's). Got {self.diffusion_steps}")
+
 
 def eval_model(cfg: EvalModelConfig) -> dict:
     from hma_gym.envs.learned_env import default_checkpoint
@@ -250,8 +255,6 @@ def eval_model(cfg: EvalModelConfig) -> dict:
     episodes = load_episodes(data, "valid", progress=cfg.progress)
     tokenize_episodes(wm, episodes)
     windows = eval_windows(episodes, 12, cfg.stride)
-    if cfg.diffusion_steps < 0:
-        raise ValueError(f"diffusion_steps must be >= 0 (0: the model's). Got {cfg.diffusion_steps}")
     gen = dict(steps=cfg.steps, temperature=cfg.temperature, greedy=cfg.greedy, seed=cfg.seed,
                diffusion_steps=cfg.diffusion_steps or None)
     report = fidelity_report(wm, episodes, windows, n_random=cfg.random_actions, progress=cfg.progress, **gen)

@@ -21,6 +21,7 @@ from hma_gym.checkpoint import (
     weights_hash,
 )
 from hma_gym.data.hdf5 import list_demos, read_demo, read_env_args
+from hma_gym.world_model import tokenizer_config
 from training.data import resize_frames
 
 
@@ -65,7 +66,7 @@ class PackConfig:
 
 def pack(cfg: PackConfig) -> dict:
     dyn_meta = read_module_config(cfg.dynamics, "dynamics")
-    tok_cfg = read_module_config(cfg.tokenizer, "tokenizer")
+    tok_cfg = tokenizer_config(cfg.tokenizer)
     det_meta = load_json(Path(cfg.detector) / "detector.json")
     data = cfg.data or dyn_meta["data"]
     env_args = read_env_args(data)

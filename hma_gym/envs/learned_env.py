@@ -93,8 +93,6 @@ class _LearnedSim:
             raise ValueError(f"steps (MaskGIT unmasking steps) must be >= 1. Got {steps=}")
         if not greedy and temperature <= 0:
             raise ValueError(f"temperature must be > 0 (or greedy=True). Got {temperature=}")
-        if diffusion_steps is None:
-            diffusion_steps = generation.get("diffusion_steps")
         if diffusion_steps is not None and (not self.wm.soft or int(diffusion_steps) < 1):
             raise ValueError("diffusion_steps (DDIM steps per token) needs a mar checkpoint and must be >= 1. "
                              f"Got {diffusion_steps=} for a {self.wm.dynamics.config.head} model")
@@ -246,8 +244,7 @@ class HMAEnv(gym.Env):
     (the success rule above; default: the checkpoint's, calibrated by `hma-gym calibrate-success`),
     `compile` (``torch.compile`` the model's hot paths: a minute of compiling during the first steps,
     then faster steps; see `WorldModel.compile_inference`), `diffusion_steps` (mar checkpoints only:
-    DDIM steps per token; default: the checkpoint's `generation` setting, else the model's
-    `diff_sample_steps`).
+    DDIM steps per token; default: the model's `diff_sample_steps`).
 
     ## Cost
     One frame = `steps` masked passes of the trunk over a single frame's tokens plus the pass that
