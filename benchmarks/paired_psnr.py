@@ -3,8 +3,9 @@ each learned env from the same initial observation; per-frame PSNR against the G
 
     python -m benchmarks.paired_psnr --episodes 10 --variants maskgit mar maskgit:greedy mar:sample
 
-A variant is a shipped checkpoint ("maskgit", "mar") with its own generation settings, or with ":greedy"
-(argmax codes / noise-free DDIM) or ":sample" (temperature-1 sampling) forced.
+A variant is a shipped checkpoint ("maskgit", "mar") or a packed checkpoint directory (e.g. runs/ckpt), with
+its own generation settings, or with ":greedy" (argmax codes / noise-free DDIM) or ":sample"
+(temperature-1 sampling) forced: `--variants maskgit runs/my_ckpt runs/my_ckpt:greedy`.
 
 Unlike `eval-model` (8 frames after 4 GT prompt frames from held-out data), this is the env as a user
 runs it: one GT frame to start from, then whole episodes generated from the model's own outputs. The
@@ -14,6 +15,7 @@ runs it: one GT frame to start from, then whole episodes generated from the mode
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -41,12 +43,23 @@ def gt_episodes(gt: gym.Env, policy, seeds: list[int], max_steps: int) -> list[A
 DECODING = {"": {}, "greedy": {"greedy": True}, "sample": {"greedy": False, "temperature": 1.0}}
 
 
+SHIPPED = ("maskgit", "mar")
+
+
 def env_kwargs(spec: str) -> dict:
-    """"mar" -> {"variant": "mar"}; "mar:greedy" -> {"variant": "mar", "greedy": True}; ":sample" likewise."""
-    variant, _, decoding = spec.partition(":")
-    if decoding not in DECODING:
+    """"mar" -> {"variant": "mar"}; "mar:greedy" -> {"variant": "mar", "greedy": True}; ":sample" likewise;
+    "runs/ckpt[:greedy]" (a directory) -> {"checkpoint": "runs/ckpt"[, "greedy": True]}."""
+    target, sep, decoding = spec.rpartition(":")
+    if not sep:
+        target, decoding = spec, ""
+    elif not decoding or decoding not in DECODING:
         raise ValueError(f"{spec!r}: decoding must be one of {sorted(k for k in DECODING if k)}")
-    return {"variant": variant, **DECODING[decoding]}
+    if target in SHIPPED:
+        return {"variant": target, **DECODING[decoding]}
+    if Path(target).is_dir():
+        return {"checkpoint": target, **DECODING[decoding]}
+    raise ValueError(f"{spec!r}: a variant is one of {SHIPPED} or a packed checkpoint directory "
+                     f"(no such directory: {target!r})")
 
 
 def summary(per_frame: list[np.ndarray]) -> dict:
@@ -61,7 +74,9 @@ def summary(per_frame: list[np.ndarray]) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", nargs="+", default=["maskgit", "mar"], help="shipped checkpoints to compare")
+    parser.add_argument("--variants", nargs="+", default=["maskgit", "mar"],
+                        help="shipped checkpoints (maskgit, mar) or checkpoint directories, each optionally "
+                             ":greedy or :sample")
     parser.add_argument("--policy", default="expert", help="policy whose GT episodes are replayed")
     parser.add_argument("--episodes", type=int, default=10)
     parser.add_argument("--seed", type=int, default=20000, help="episode i uses seed + i")

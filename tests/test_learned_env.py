@@ -326,3 +326,29 @@ def test_paired_psnr_replays_gt_episodes(tiny_checkpoint):
     assert s["psnr_per_episode"] == pytest.approx([result["psnr"][1:].mean(), result["psnr"][1:3].mean()])
     learned.close()
     gt.close()
+
+
+def test_paired_psnr_variants_name_shipped_or_own_checkpoints(tiny_checkpoint, tmp_path, monkeypatch):
+    """paired_psnr --variants: "maskgit"/"mar" or a checkpoint directory, each with an optional decoding;
+    anything else is refused with the reason. A whole run on one's own checkpoint writes its row."""
+    import benchmarks.common
+    from benchmarks import paired_psnr
+
+    ckpt = str(tiny_checkpoint)
+    assert paired_psnr.env_kwargs("mar") == {"variant": "mar"}
+    assert paired_psnr.env_kwargs("maskgit:greedy") == {"variant": "maskgit", "greedy": True}
+    assert paired_psnr.env_kwargs(ckpt) == {"checkpoint": ckpt}
+    assert paired_psnr.env_kwargs(ckpt + ":sample") == {"checkpoint": ckpt, "greedy": False, "temperature": 1.0}
+    with pytest.raises(ValueError, match="decoding must be one of"):
+        paired_psnr.env_kwargs("mar:argmax")
+    with pytest.raises(ValueError, match="no such directory"):
+        paired_psnr.env_kwargs(str(tmp_path / "missing"))
+
+    monkeypatch.setattr(benchmarks.common, "RESULTS", tmp_path)
+    payload = paired_psnr.main(["--variants", ckpt, ckpt + ":greedy", "--episodes", "1", "--max-steps", "4",
+                                "--name", "paired_test"])
+    rows = payload["rows"]
+    assert [r["sim"] for r in rows] == [ckpt, ckpt + ":greedy", "hold the first frame"]
+    assert rows[0]["checkpoint"] == rows[1]["checkpoint"] and rows[1]["generation"]["greedy"] is True
+    assert all(np.isfinite(r["psnr_all_frames"]) for r in rows)
+    assert (tmp_path / "paired_test.json").exists()
