@@ -23,6 +23,7 @@ import numpy as np
 import hma_gym  # noqa: F401
 from benchmarks.common import write_result
 from hma_gym.action_log import ActionLog
+from hma_gym.envs.learned_env import VARIANTS
 from hma_gym.metrics import psnr
 from hma_gym.play import make_pair, replay
 from hma_gym.rollout import rollout
@@ -43,9 +44,6 @@ def gt_episodes(gt: gym.Env, policy, seeds: list[int], max_steps: int) -> list[A
 DECODING = {"": {}, "greedy": {"greedy": True}, "sample": {"greedy": False, "temperature": 1.0}}
 
 
-SHIPPED = ("maskgit", "mar")
-
-
 def env_kwargs(spec: str) -> dict:
     """"mar" -> {"variant": "mar"}; "mar:greedy" -> {"variant": "mar", "greedy": True}; ":sample" likewise;
     "runs/ckpt[:greedy]" (a directory) -> {"checkpoint": "runs/ckpt"[, "greedy": True]}."""
@@ -54,11 +52,11 @@ def env_kwargs(spec: str) -> dict:
         target, decoding = spec, ""
     elif not decoding or decoding not in DECODING:
         raise ValueError(f"{spec!r}: decoding must be one of {sorted(k for k in DECODING if k)}")
-    if target in SHIPPED:
+    if target in VARIANTS:
         return {"variant": target, **DECODING[decoding]}
     if Path(target).is_dir():
         return {"checkpoint": target, **DECODING[decoding]}
-    raise ValueError(f"{spec!r}: a variant is one of {SHIPPED} or a packed checkpoint directory "
+    raise ValueError(f"{spec!r}: a variant is one of {sorted(VARIANTS)} or a packed checkpoint directory "
                      f"(no such directory: {target!r})")
 
 
