@@ -6,6 +6,7 @@ generated frame and the achieved FLOP/s against a matmul peak measured in the sa
     python -m benchmarks.env_speed --device cuda --skip-gt     # learned rows on a GPU
     python -m benchmarks.env_speed --model-sizes 128x3 96x3    # also other (untrained) model sizes
     python -m benchmarks.env_speed --no-compile                 # without the compile=True rows
+    python -m benchmarks.env_speed --variants maskgit fast      # shipped variants against GT, interleaved
 
 Writes benchmarks/results/env_speed.json (env_speed_<device>.json for a --device other than cpu;
 `_threads<n>` added with --threads n).
@@ -272,6 +273,51 @@ def size_rows(steps: int, checkpoint: str | None, sizes: list[str], device: str)
     return rows
 
 
+def variant_kwargs(spec: str) -> dict:
+    """A shipped variant name ("maskgit", "fast", ...) or a packed checkpoint directory -> gym.make kwargs."""
+    from hma_gym.envs.learned_env import VARIANTS
+
+    if spec in VARIANTS:
+        return {"variant": spec}
+    if Path(spec, "config.json").is_file():
+        return {"checkpoint": spec}
+    raise ValueError(f"{spec!r}: a variant is one of {sorted(VARIANTS)} or a packed checkpoint directory")
+
+
+def interleaved_rows(variants: list[str], steps: int, device: str, blocks: int = 5, n: int = 16) -> list[dict]:
+    """The GT env (64 px) and, per variant, the learned single env and its N-env vector env, timed in
+    alternating blocks (GT, then each learned env, `blocks` times), so each ratio compares envs timed within
+    the same minute of this noisy machine. Ratios: per block to that block's GT rate, and their median."""
+    gt = gym.make("RobomimicLift-v0", image_size=64)
+    envs = {}
+    for spec in variants:
+        kwargs = {**variant_kwargs(spec), "device": device}
+        envs[(spec, 1)] = gym.make("HMA-RobomimicLift-v0", **kwargs)
+        envs[(spec, n)] = gym.make_vec("HMA-RobomimicLift-v0", num_envs=n, vectorization_mode="vector_entry_point",
+                                       **kwargs)
+    per_block = max(20, steps // blocks)
+    gt_rates, rates = [], {key: [] for key in envs}
+    for b in range(blocks):
+        gt_rates.append(time_steps(gt, per_block, seed=b))
+        for (spec, size), env in envs.items():
+            rates[(spec, size)].append(time_steps(env, per_block if size == 1 else max(5, per_block // size),
+                                                  seed=b, vector=size > 1))
+    rows = []
+    for (spec, size), rate in rates.items():
+        ratios = [r / g for r, g in zip(rate, gt_rates, strict=True)]
+        env = envs[(spec, size)]
+        sim = env.unwrapped.sim
+        rows.append({"env": f"interleaved-{'single' if size == 1 else f'vector-N{size}'}[{spec}]",
+                     "variant": spec, "num_envs": size, "checkpoint": str(sim.checkpoint),
+                     "params_dynamics_m": sim.wm.dynamics.num_params() / 1e6,
+                     "steps_per_s": float(np.median(rate)), "block_steps_per_s": rate,
+                     "gt_block_steps_per_s": gt_rates, "block_ratio_to_gt": ratios,
+                     "median_ratio_to_gt": float(np.median(ratios))})
+        env.close()
+    gt.close()
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200, help="timed steps per configuration")
@@ -288,7 +334,17 @@ def main(argv: list[str] | None = None) -> dict:
                         help="also time dynamics models of these sizes, DxL or DxLxH (random weights; speed only)")
     parser.add_argument("--no-compile", action="store_true",
                         help="skip the compile=True rows (torch.compile; about a minute of compiling each)")
+    parser.add_argument("--variants", nargs="*", default=[],
+                        help="also time these shipped variants (maskgit, fast, mar) or checkpoint directories, single "
+                             "and N=16, in blocks alternating with the GT env (interleaved-* rows)")
     args = parser.parse_args(argv)
+    if args.variants and args.skip_gt:
+        parser.error("--variants times the learned envs against the GT env: leave out --skip-gt")
+    for spec in args.variants:
+        try:
+            variant_kwargs(spec)
+        except ValueError as e:
+            parser.error(str(e))
     if args.skip_gt and args.skip_learned:
         parser.error("--skip-gt and --skip-learned leave nothing to measure")
     if args.threads:
@@ -305,6 +361,8 @@ def main(argv: list[str] | None = None) -> dict:
             rows += compiled_rows(args.steps, args.checkpoint, args.device, sizes)
         if args.model_sizes:
             rows += size_rows(args.steps, args.checkpoint, args.model_sizes, args.device)
+        if args.variants:
+            rows += interleaved_rows(args.variants, args.steps, args.device)
         info["fraction_of_matmul_peak"] = info["achieved_gflops_single"] / peak
         payload["learned"] = info
     gt64 = next((r["steps_per_s"] for r in rows if r["env"] == "gt-64px"), None)
@@ -326,6 +384,8 @@ def main(argv: list[str] | None = None) -> dict:
                if "learned-single-compiled" in by else {}),
             "kv_cache_speedup_env_step": by["learned-single"] / by["learned-single-no-kv-cache"],
             "kv_cache_speedup_trunk": info["trunk_ms_per_frame_uncached"] / info["trunk_ms_per_frame_cached"],
+            **{f"interleaved_{'single' if r['num_envs'] == 1 else 'vector16'}_{r['variant']}_vs_gt_64px":
+               r["median_ratio_to_gt"] for r in rows if r["env"].startswith("interleaved-")},
         }
     name = "env_speed" if args.device == "cpu" else f"env_speed_{args.device.split(':')[0]}"
     write_result(name + (f"_threads{args.threads}" if args.threads else ""), payload, module="env_speed")

@@ -533,3 +533,38 @@ def test_flush_and_predict_frame_see_a_deferred_frame() -> None:
     torch.testing.assert_close(state_l, state_e)
     with pytest.raises(ValueError, match="return_hidden=False"):
         model.append_frame(lazy, batch["tokens"][:, 0], batch["states"][:, 0], None, ids, defer=True)
+
+
+def test_appending_some_rows_runs_only_those_rows() -> None:
+    """append_frame(rows=mask, return_hidden=False) runs the trunk on the chosen rows alone; the cache it
+    leaves equals a full-batch pass that stores only those rows (return_hidden=True), and the other
+    rows' history is untouched."""
+    model = tiny_model(perturb=True).eval()
+    batch = make_batch([0, 1, 1], seed=7)
+    ids = batch["embodiment_ids"]
+    caches = [model.new_cache(3), model.new_cache(3)]
+    for cache in caches:
+        for t in range(2):
+            a = None if t == 0 else batch["actions"][:, t - 1]
+            model.append_frame(cache, batch["tokens"][:, t], batch["states"][:, t], a, ids, return_hidden=False)
+    subset, full = caches
+    before = [k.clone() for k in subset.k]
+    mask = torch.tensor([True, False, True])
+    calls = []
+    hook = model.blocks[0].register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
+    model.append_frame(subset, batch["tokens"][:, 2], batch["states"][:, 2], batch["actions"][:, 1], ids,
+                       rows=mask, return_hidden=False)
+    assert calls == [2]  # two rows through the trunk, not three
+    model.append_frame(full, batch["tokens"][:, 2], batch["states"][:, 2], batch["actions"][:, 1], ids,
+                       rows=mask, return_hidden=True)
+    hook.remove()
+    assert calls == [2, 3]
+    assert subset.pos.tolist() == full.pos.tolist() == [3, 2, 3]
+    for layer in range(len(subset.k)):
+        torch.testing.assert_close(subset.k[layer], full.k[layer], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(subset.v[layer], full.v[layer], atol=1e-5, rtol=1e-5)
+        assert torch.equal(subset.k[layer][1], before[layer][1])
+    # no row chosen: nothing runs, nothing changes
+    model.append_frame(subset, batch["tokens"][:, 3], batch["states"][:, 3], None, ids,
+                       rows=torch.zeros(3, dtype=torch.bool), return_hidden=False)
+    assert subset.pos.tolist() == [3, 2, 3]

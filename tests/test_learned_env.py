@@ -268,6 +268,24 @@ def test_env_speed_times_other_model_sizes(tiny_checkpoint, tmp_path):
     base.close()
 
 
+def test_env_speed_times_variants_interleaved_with_gt(tiny_checkpoint):
+    """--variants: each learned env (single and N=16) timed in blocks alternating with the GT env."""
+    from benchmarks.env_speed import interleaved_rows, variant_kwargs
+
+    assert variant_kwargs("maskgit") == {"variant": "maskgit"}
+    assert variant_kwargs(str(tiny_checkpoint)) == {"checkpoint": str(tiny_checkpoint)}
+    with pytest.raises(ValueError, match="a variant is one of"):
+        variant_kwargs("no/such/dir")
+    rows = interleaved_rows([str(tiny_checkpoint)], steps=40, device="cpu", blocks=2)
+    spec = str(tiny_checkpoint)
+    assert [r["env"] for r in rows] == [f"interleaved-single[{spec}]", f"interleaved-vector-N16[{spec}]"]
+    for r in rows:
+        assert len(r["block_ratio_to_gt"]) == len(r["gt_block_steps_per_s"]) == 2
+        expected = [a / b for a, b in zip(r["block_steps_per_s"], r["gt_block_steps_per_s"], strict=True)]
+        assert r["block_ratio_to_gt"] == pytest.approx(expected)
+        assert r["median_ratio_to_gt"] == pytest.approx(float(np.median(expected))) and r["steps_per_s"] > 0
+
+
 def test_defer_ab_benchmark_times_both_paths(tiny_checkpoint):
     from benchmarks.defer_ab import ab
     from hma_gym.world_model import WorldModel

@@ -204,3 +204,40 @@ def test_packed_checkpoint_is_a_source_for_fine_tuning_and_pack(tiny_checkpoint,
     obs = env.step(env.action_space.sample())[0]
     assert env.unwrapped.sim.greedy and np.isfinite(obs["robot0_eef_pos"]).all()
     env.close()
+
+
+def test_init_layers_starts_a_shallower_model_from_chosen_blocks(dynamics_run, tiny_data, tokenizer_run, tmp_path):
+    """keep_layers copies the chosen blocks (in the given order) and every non-block weight; train
+    --init-layers fine-tunes that shallower model; bad layer lists are refused."""
+    from hma_gym.world_model import load_dynamics
+    from training.warmstart import keep_layers
+
+    model, _ = load_dynamics(dynamics_run)
+    assert model.config.n_layer == 2
+    swapped = keep_layers(model, [1, 0])
+    src, dst = model.state_dict(), swapped.state_dict()
+    assert swapped.config.n_layer == 2 and dst.keys() == src.keys()
+    for key, value in dst.items():
+        if key.startswith("blocks."):
+            i, rest = key[len("blocks."):].split(".", 1)
+            key = f"blocks.{1 - int(i)}.{rest}"
+        assert torch.equal(value, src[key]), key
+    one = keep_layers(model, [1])
+    assert one.config.n_layer == 1 and one.num_params() < model.num_params()
+    for bad in ([], [0, 0], [2], [-1]):
+        with pytest.raises(ValueError, match="layer"):
+            keep_layers(model, bad)
+
+    run = tmp_path / "shallow"
+    main(["train", "--data", str(tiny_data), "--tokenizer", str(tokenizer_run), "--out", str(run),
+          "--init", str(dynamics_run), "--init-layers", "1", "--steps", "4", "--eval-every", "4",
+          "--save-every", "4", *DYN_ARGS])
+    tuned, meta = load_dynamics(run)
+    assert tuned.config.n_layer == 1 and meta["init"]["layers"] == [1]
+    start = one.state_dict()
+    assert tuned.state_dict().keys() == start.keys()
+    assert any(not torch.equal(p, start[k]) for k, p in tuned.state_dict().items())  # it trained from there
+    assert all(np.isfinite(r["loss"]) for r in _log(run) if r.get("event") == "train")
+    with pytest.raises(SystemExit):  # --init-layers needs --init
+        main(["train", "--data", str(tiny_data), "--tokenizer", str(tokenizer_run), "--out", str(tmp_path / "x"),
+              "--init-layers", "0", "--steps", "2", *DYN_ARGS])

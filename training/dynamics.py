@@ -17,7 +17,7 @@ from training.evaluate import eval_windows, fidelity_report, tokenize_episodes
 from training.loop import LoopConfig, train_loop
 from training.mixture import Source, fit_normalizers, load_sources, mixed_batch, read_mixture, sampling_weights
 from training.tokens import TokenCacheError, load_token_cache
-from training.warmstart import code_embedding_pairs, fit_latent_in, mar_from_maskgit
+from training.warmstart import code_embedding_pairs, fit_latent_in, keep_layers, mar_from_maskgit
 
 
 @dataclass
@@ -63,6 +63,9 @@ class DynamicsTrainConfig(LoopConfig, DataConfig):
     get a new stem and head. Size flags are ignored."""
     train_only_new: bool = False
     """With --init: train only the stems and heads of embodiments the init model lacks (trunk frozen)."""
+    init_layers: tuple[int, ...] = ()
+    """With --init: keep only these transformer blocks of the init model, in this order (e.g. 0 3: a
+    2-layer model from a 4-layer one's first and last blocks, to fine-tune a faster model); empty = all."""
     steps: int = 6000
     """Optimizer steps."""
     batch_size: int = 8
@@ -117,6 +120,10 @@ class DynamicsTrainConfig(LoopConfig, DataConfig):
             raise ValueError("give one of --init and --init-maskgit")
         if self.train_only_new and not self.init:
             raise ValueError("--train-only-new needs --init (the model whose trunk stays frozen)")
+        if self.init_layers and not self.init:
+            raise ValueError("--init-layers needs --init (the model whose blocks are kept)")
+        if self.init_layers and self.train_only_new:
+            raise ValueError("--init-layers changes the trunk; --train-only-new keeps it frozen: give one")
         if self.mixture and (self.tokens or self.extra_data):
             raise ValueError("--mixture lists every dataset itself; leave out --tokens and --extra-data")
         if not self.prompt_frames or min(self.prompt_frames) < 1 or max(self.prompt_frames) >= self.max_frames:
@@ -176,6 +183,8 @@ def _single_source(cfg: DynamicsTrainConfig, data: DataConfig) -> tuple[Source, 
 def _init_model(cfg: DynamicsTrainConfig, sources: list[Source], norms: dict[str, Normalizer]):
     """The --init model with a new stem/head for each new embodiment: (model, new names, init meta, statistics)."""
     model, meta = load_dynamics(cfg.init)
+    if cfg.init_layers:
+        model = keep_layers(model, cfg.init_layers)
     model.train()
     if model.config.head != cfg.head:
         raise CheckpointError(f"{cfg.init} is a {model.config.head} model, not --head {cfg.head}")
@@ -242,7 +251,7 @@ def train_dynamics(cfg: DynamicsTrainConfig) -> dict:
         # statistics of embodiments the init model already knows stay those its stems were trained with
         model, new, init_meta, norm_tensors = _init_model(cfg, sources, norms)
         source_meta["init"] = {"dir": cfg.init, "trained_steps": init_meta.get("trained_steps"),
-                               "new_embodiments": new}
+                               "new_embodiments": new, "layers": list(cfg.init_layers)}
         if cfg.train_only_new:
             if not new:
                 raise ValueError(f"--train-only-new: every embodiment of the data is already in {cfg.init}")

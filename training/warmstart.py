@@ -1,4 +1,7 @@
-"""A MAR (soft-token) HMA started from a trained MaskGIT HMA: the two variants share the trunk, stems and heads.
+"""Models started from other trained models: a shallower HMA from some of a trained one's blocks
+(``keep_layers``), and a MAR (soft-token) HMA from a trained MaskGIT HMA.
+
+A MAR HMA and a MaskGIT HMA share the trunk, stems and heads.
 
 Only the image input and output differ. A MaskGIT trunk token embeds its patch's codes (a sum of learned
 code embeddings); a MAR trunk token embeds the same patch's continuous latents (``latent_in``). The warm
@@ -20,6 +23,29 @@ from hma_gym.models.tokenizer import ImageTokenizer
 
 IMAGE_IO = ("tok_emb.", "image_head.")  # MaskGIT-only weights
 MAR_IO = ("latent_in.", "image_mask_emb", "diff_head.")  # MAR-only weights
+
+
+def keep_layers(model: HMA, layers: tuple[int, ...] | list[int]) -> HMA:
+    """A copy of ``model`` with only the transformer blocks ``layers`` (indices into ``model.blocks``, kept in
+    the given order) and every other weight (embeddings, stems, heads) unchanged: the start of a shallower,
+    faster model that fine-tuning adapts to its missing blocks."""
+    n = model.config.n_layer
+    layers = [int(i) for i in layers]
+    if not layers:
+        raise ValueError("keep at least one layer")
+    if len(set(layers)) != len(layers) or not all(0 <= i < n for i in layers):
+        raise ValueError(f"layers must be distinct block indices in [0, {n - 1}]. Got {layers}")
+    small = HMA(replace(model.config, n_layer=len(layers)))
+    renamed = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("blocks."):
+            index, rest = key[len("blocks."):].split(".", 1)
+            if int(index) not in layers:
+                continue
+            key = f"blocks.{layers.index(int(index))}.{rest}"
+        renamed[key] = value
+    small.load_state_dict(renamed, strict=True)
+    return small.train(model.training)
 
 
 def mar_from_maskgit(maskgit: HMA, latent_dim: int, **mar_config) -> HMA:

@@ -168,6 +168,8 @@ class _LearnedSim:
         """Start episodes in the given rows from the given initial observations."""
         if self.obs is None:
             self.obs = {k: np.zeros((self.n, *s.shape), s.dtype) for k, s in self.observation_space.spaces.items()}
+        if len(rows) == 0:
+            return
         for row, start in zip(rows, starts, strict=True):
             for key in self.obs:
                 self.obs[key][row] = start[key]
@@ -175,10 +177,13 @@ class _LearnedSim:
         mask[torch.as_tensor(rows, dtype=torch.long)] = True
         mask = mask.to(self.wm.device)
         self.cache.reset(mask)
-        frames = torch.from_numpy(self.obs[self.image_key])
+        # only the reset rows' frames are encoded (the model then runs on those rows alone)
+        index = torch.as_tensor(rows, dtype=torch.long)
+        codes = self.wm.encode(torch.from_numpy(self.obs[self.image_key][rows]))
+        tokens = codes.new_zeros((self.n, *codes.shape[1:]))
+        tokens[index.to(tokens.device)] = codes
         states = torch.from_numpy(self.state_vector(self.obs))
-        self.wm.observe(self.cache, self.wm.encode(frames), states, rows=None if bool(mask.all()) else mask,
-                        defer=self.defer)
+        self.wm.observe(self.cache, tokens, states, rows=None if bool(mask.all()) else mask, defer=self.defer)
         self.started[rows] = True
         self.streak[rows] = 0
 

@@ -652,11 +652,21 @@ class HMACache:
         index = torch.arange(self.batch_size, device=self.pos.device)
         if rows is not None:
             index = index[rows.to(self.pos.device, torch.bool)]
+        self.push_rows([(k[index], v[index]) for k, v in kv], index)
+
+    def push_rows(self, kv: list[tuple[Tensor, Tensor]], index: Tensor) -> None:
+        """Store one new frame for each of the rows ``index`` (R,) long: kv[l] = (k, v), each (R, N, H, 1, hd)."""
         slot = self.pos[index] % self.window  # (R,)
         for layer, (k, v) in enumerate(kv):
-            self.k[layer][index, :, :, slot] = k[index, ..., 0, :].to(self.k[layer].dtype)
-            self.v[layer][index, :, :, slot] = v[index, ..., 0, :].to(self.v[layer].dtype)
+            self.k[layer][index, :, :, slot] = k[..., 0, :].to(self.k[layer].dtype)
+            self.v[layer][index, :, :, slot] = v[..., 0, :].to(self.v[layer].dtype)
         self.pos[index] += 1
+
+    def select(self, index: Tensor) -> HMACache:
+        """A cache of the rows ``index`` (R,) long only (a copy: pushing to it leaves this one unchanged)."""
+        if self.pending is not None and bool(self.pending["rows"][index].any()):
+            raise ValueError("flush the cache's deferred frame before selecting rows")
+        return HMACache([k[index] for k in self.k], [v[index] for v in self.v], self.pos[index])
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
@@ -1304,7 +1314,18 @@ class HMA(nn.Module):
         self, cache: HMACache, tokens: Tensor, state: Tensor, action: Tensor | None, embodiment_ids: Tensor,
         action_valid: Tensor | None, rows: Tensor | None, return_hidden: bool,
     ) -> Tensor | None:
-        """The clean-stream pass of known frames (tokens (B, G)) and the push of their keys/values."""
+        """The clean-stream pass of known frames (tokens (B, G)) and the push of their keys/values.
+        Without ``return_hidden``, ``rows`` that leave some rows out run the trunk on the chosen rows only
+        (e.g. the few envs of a vector env that reset), not on every row."""
+        if rows is not None and not return_hidden and not bool(rows.all()):
+            index = rows.to(cache.pos.device, torch.bool).nonzero(as_tuple=True)[0]
+            if len(index) == 0:
+                return None
+            action, action_valid = (None if t is None else t[index] for t in (action, action_valid))
+            _, kvs, _ = self._cached_pass(cache.select(index), tokens[index], None, state[index], action,
+                                          embodiment_ids[index], action_valid, kv_only=True)
+            cache.push_rows(kvs, index)
+            return None
         h, kvs, _ = self._cached_pass(cache, tokens, None, state, action, embodiment_ids, action_valid,
                                       kv_only=not return_hidden)
         cache.push(kvs, rows)
