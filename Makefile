@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = "0" ] || echo sudo)
 APT_PACKAGES := libegl1 libegl-mesa0 libgl1-mesa-dri libgl1 libglx-mesa0 chromium chromium-driver g++
 export MUJOCO_GL ?= egl
 
-.PHONY: setup demo test lint bench lift-data lift-checkpoint dp-lift lift-mar lift-mar-warm lift-mar-ft mixture-data mixture-tasks pretraining-study pretraining-study-tasks clean-venv
+.PHONY: setup demo test lint bench lift-data lift-checkpoint dp-lift lift-mar lift-mar-warm lift-mar-ft lift-fast mixture-data mixture-tasks pretraining-study pretraining-study-tasks clean-venv
 
 setup: $(STAMP)
 
@@ -79,6 +79,28 @@ dp-lift: setup
 	  --out runs/dp_lift --steps 8000 --save-at 3000 4000 5000 6000 7000 --threads 1
 	rm -rf policies/assets/dp_lift && mkdir -p policies/assets/dp_lift
 	cp runs/dp_lift/iter_6000/policy.json runs/dp_lift/iter_6000/policy.safetensors policies/assets/dp_lift/
+
+# The shipped fast variant (hma_gym/assets/lift_fast, `variant="fast"`): blocks 0 and 3 of the shipped MaskGIT
+# model (train --init-layers), fine-tuned on this CPU (~65 min at 2 threads) on Lift plus GT rollouts of the
+# shipped DP and noisier expert episodes. Needs data/lift.hdf5 (make lift-data) and the shipped checkpoint.
+lift-fast: setup
+	[ -f data/dp_shipped.hdf5 ] || $(HMA) collect --policy dp-lift --episodes 100 --seed 30000 --out data/dp_shipped.hdf5
+	[ -f data/lift_noisy.hdf5 ] || $(HMA) collect --episodes 100 --seed 50000 --action-noise 0.15 \
+	  --failure-probs '{"missed_grasp": 0.25, "early_release": 0.25, "hesitation": 0.3}' --out data/lift_noisy.hdf5
+	$(HMA) tokenize --data data/lift.hdf5 --extra-data data/dp_shipped.hdf5 data/lift_noisy.hdf5 \
+	  --tokenizer hma_gym/assets/lift --max-valid-episodes 10 --out data/lift_mix_tokens.safetensors
+	$(HMA) train --tokens data/lift_mix_tokens.safetensors --data data/lift.hdf5 \
+	  --extra-data data/dp_shipped.hdf5 data/lift_noisy.hdf5 --tokenizer hma_gym/assets/lift \
+	  --init hma_gym/assets/lift --init-layers 0 3 --out runs/fast2 --steps 650 --batch-size 32 --lr 5e-4 \
+	  --warmup 30 --min-lr-ratio 0.1 --eval-every 200 --save-every 50 --log-every 10 --prompt-frames 1 --threads 2
+	rm -rf hma_gym/assets/lift_fast
+	$(HMA) pack --out hma_gym/assets/lift_fast --tokenizer hma_gym/assets/lift --dynamics runs/fast2 \
+	  --detector hma_gym/assets/lift --data data/lift.hdf5 --bank-size 180 --success-rule-from hma_gym/assets/lift \
+	  --recipe "README.md, 'The shipped fast checkpoint': make lift-fast"
+	$(HMA) eval-model --checkpoint hma_gym/assets/lift_fast --data data/lift.hdf5 --stride 16 --random-actions 2 \
+	  --out benchmarks/results/eval_model_lift_fast.json
+	$(HMA) eval-model --checkpoint hma_gym/assets/lift_fast --data data/lift.hdf5 --stride 16 --random-actions 2 \
+	  --greedy --out benchmarks/results/eval_model_lift_fast_greedy.json
 
 # The continuous (MAR) variant, trained as the CPU MaskGIT comparison run was (runs/dynamics: same data, size,
 # schedule and evaluation windows); its periodic held-out evaluations are the matched-budget comparison.

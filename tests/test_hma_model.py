@@ -568,3 +568,10 @@ def test_appending_some_rows_runs_only_those_rows() -> None:
     model.append_frame(subset, batch["tokens"][:, 3], batch["states"][:, 3], None, ids,
                        rows=torch.zeros(3, dtype=torch.bool), return_hidden=False)
     assert subset.pos.tolist() == [3, 2, 3]
+    # append_rows_only=False (a compiled trunk: one batch shape): every row runs, only the chosen are stored
+    model.append_rows_only = False
+    hook = model.blocks[0].register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
+    model.append_frame(subset, batch["tokens"][:, 3], batch["states"][:, 3], None, ids, rows=mask,
+                       return_hidden=False)
+    hook.remove()
+    assert calls == [2, 3, 3] and subset.pos.tolist() == [4, 2, 4]

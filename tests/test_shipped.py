@@ -6,10 +6,11 @@ import zipfile
 
 import gymnasium as gym
 import numpy as np
+import torch
 from gymnasium.utils.env_checker import check_env
 
 from hma_gym.checkpoint import CHECKPOINT_FILES, check_checkpoint_dir
-from hma_gym.envs.learned_env import check_paired, default_checkpoint
+from hma_gym.envs.learned_env import VARIANTS, check_paired, default_checkpoint
 
 
 def test_shipped_checkpoint_is_complete_and_small():
@@ -18,6 +19,32 @@ def test_shipped_checkpoint_is_complete_and_small():
     assert config["env"]["gt_env_id"] == "RobomimicLift-v0"
     size = sum(p.stat().st_size for p in path.iterdir())
     assert size < 40e6, f"shipped checkpoint is {size / 1e6:.1f} MB"
+
+
+def test_fast_variant_is_a_shallower_maskgit_model_of_the_same_env():
+    """variant="fast": the 2-layer MaskGIT checkpoint (blocks 0 and 3 of the default one, fine-tuned); same
+    spaces, tokenizer and detector as the default checkpoint, and it steps."""
+    from hma_gym.checkpoint import load_tensors
+
+    path, base = default_checkpoint("fast"), default_checkpoint()
+    config, base_config = check_checkpoint_dir(path), check_checkpoint_dir(base)
+    assert config["dynamics"]["n_layer"] == 2 < base_config["dynamics"]["n_layer"]
+    assert config["env"] == base_config["env"] and config["tokenizer"] == base_config["tokenizer"]
+    assert sum(p.stat().st_size for p in path.iterdir()) < 20e6
+    for name in ("tokenizer", "detector"):
+        a, b = load_tensors(path / f"{name}.safetensors"), load_tensors(base / f"{name}.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    gt = gym.make("RobomimicLift-v0")
+    learned = gym.make("HMA-RobomimicLift-v0", variant="fast")
+    check_paired(gt, learned)
+    assert learned.unwrapped.sim.wm.dynamics.config.n_layer == 2
+    gt_obs, _ = gt.reset(seed=1)
+    learned.reset(seed=1, options={"initial_observation": gt_obs})
+    for _ in range(3):
+        obs, *_ = learned.step(np.zeros(7, np.float32))
+    assert learned.observation_space.contains(obs)
+    learned.close()
+    gt.close()
 
 
 def test_make_without_arguments_matches_the_gt_env():
@@ -60,8 +87,9 @@ def test_wheel_contains_the_weights(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     wheel = next(tmp_path.glob("hma_gym-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    for name in CHECKPOINT_FILES:
-        assert f"hma_gym/assets/lift/{name}" in names, name
+    for asset in VARIANTS.values():
+        for name in CHECKPOINT_FILES:
+            assert f"hma_gym/assets/{asset}/{name}" in names, (asset, name)
     for name in ("policy.json", "policy.safetensors"):
         assert f"policies/assets/dp_lift/{name}" in names, name
 

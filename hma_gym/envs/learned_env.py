@@ -17,7 +17,7 @@ from hma_gym.envs.robosuite_env import RobosuiteEnv
 from hma_gym.world_model import WorldModel
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-VARIANTS = {"maskgit": "lift", "mar": "lift_mar"}
+VARIANTS = {"maskgit": "lift", "mar": "lift_mar", "fast": "lift_fast"}
 DEFER_MAX_BATCH_CPU = 4  # largest CPU batch whose history pass is deferred (see _LearnedSim.__init__)
 
 
@@ -241,10 +241,10 @@ class HMAEnv(gym.Env):
     observation (e.g. the GT env's reset observation) for paired runs.
 
     ## Arguments
-    `checkpoint` (a packed checkpoint directory; default: the shipped one), `variant` ("maskgit" or
-    "mar", for the shipped checkpoints), `steps` (MaskGIT unmasking steps) and `temperature` (default:
-    the checkpoint's `generation` settings, 2 steps), `greedy` (argmax decoding; default: the
-    checkpoint's), `device`,
+    `checkpoint` (a packed checkpoint directory; default: the shipped one), `variant` (a shipped
+    checkpoint: "maskgit", the default; "mar", the continuous variant; "fast", a 2-layer MaskGIT model),
+    `steps` (MaskGIT unmasking steps) and `temperature` (default: the checkpoint's `generation` settings,
+    2 steps), `greedy` (argmax decoding; default: the checkpoint's), `device`,
     `terminate_on_success`, `render_mode` ("rgb_array"), `success_frames` and `success_threshold`
     (the success rule above; default: the checkpoint's, calibrated by `hma-gym calibrate-success`),
     `compile` (``torch.compile`` the model's hot paths: a minute of compiling during the first steps,

@@ -689,6 +689,9 @@ class HMA(nn.Module):
         self.config = replace(config, embodiments=dict(config.embodiments))  # add_embodiment edits our copy
         D, G = config.d_model, config.grid * config.grid
         self.n_image, self.n_slots, self.group = G, config.image_slots, config.patch_size**2
+        # an append to some rows runs the trunk on those rows only; False: on every row (one batch shape,
+        # which a trunk compiled with dynamic=False needs; see WorldModel.compile_inference)
+        self.append_rows_only = True
         if config.soft:  # a trunk token embeds its patch's latents; [MASK] is a learned vector
             d_in, hidden = self.group * config.latent_dim, config.latent_in_hidden
             if config.latent_levels:
@@ -1317,7 +1320,7 @@ class HMA(nn.Module):
         """The clean-stream pass of known frames (tokens (B, G)) and the push of their keys/values.
         Without ``return_hidden``, ``rows`` that leave some rows out run the trunk on the chosen rows only
         (e.g. the few envs of a vector env that reset), not on every row."""
-        if rows is not None and not return_hidden and not bool(rows.all()):
+        if self.append_rows_only and rows is not None and not return_hidden and not bool(rows.all()):
             index = rows.to(cache.pos.device, torch.bool).nonzero(as_tuple=True)[0]
             if len(index) == 0:
                 return None
