@@ -7,6 +7,7 @@ generated frame and the achieved FLOP/s against a matmul peak measured in the sa
     python -m benchmarks.env_speed --model-sizes 128x3 96x3    # also other (untrained) model sizes
     python -m benchmarks.env_speed --no-compile                 # without the compile=True rows
     python -m benchmarks.env_speed --variants maskgit fast      # shipped variants against GT, interleaved
+    python -m benchmarks.env_speed --variants fast fast+compile # ... also with compile=True
 
 Writes benchmarks/results/env_speed.json (env_speed_<device>.json for a --device other than cpu;
 `_threads<n>` added with --threads n).
@@ -274,20 +275,27 @@ def size_rows(steps: int, checkpoint: str | None, sizes: list[str], device: str)
 
 
 def variant_kwargs(spec: str) -> dict:
-    """A shipped variant name ("maskgit", "fast", ...) or a packed checkpoint directory -> gym.make kwargs."""
+    """A shipped variant name ("maskgit", "fast", ...) or a packed checkpoint directory, optionally with
+    "+compile" (``compile=True``) -> gym.make kwargs."""
     from hma_gym.envs.learned_env import VARIANTS
 
-    if spec in VARIANTS:
-        return {"variant": spec}
-    if Path(spec, "config.json").is_file():
-        return {"checkpoint": spec}
-    raise ValueError(f"{spec!r}: a variant is one of {sorted(VARIANTS)} or a packed checkpoint directory")
+    name, plus, option = spec.partition("+")
+    extra = {"compile": True} if plus else {}
+    if plus and option != "compile":
+        raise ValueError(f"{spec!r}: the only option is +compile")
+    if name in VARIANTS:
+        return {"variant": name, **extra}
+    if Path(name, "config.json").is_file():
+        return {"checkpoint": name, **extra}
+    raise ValueError(f"{spec!r}: a variant is one of {sorted(VARIANTS)} or a packed checkpoint directory, "
+                     f"optionally with +compile")
 
 
 def interleaved_rows(variants: list[str], steps: int, device: str, blocks: int = 5, n: int = 16) -> list[dict]:
     """The GT env (64 px) and, per variant, the learned single env and its N-env vector env, timed in
     alternating blocks (GT, then each learned env, `blocks` times), so each ratio compares envs timed within
-    the same minute of this noisy machine. Ratios: per block to that block's GT rate, and their median."""
+    the same minute of this noisy machine. Ratios: per block to that block's GT rate, and their median.
+    A "+compile" variant compiles during the warm-up steps before each timed block (graphs are kept)."""
     gt = gym.make("RobomimicLift-v0", image_size=64)
     envs = {}
     for spec in variants:
@@ -336,7 +344,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="skip the compile=True rows (torch.compile; about a minute of compiling each)")
     parser.add_argument("--variants", nargs="*", default=[],
                         help="also time these shipped variants (maskgit, fast, mar) or checkpoint directories, single "
-                             "and N=16, in blocks alternating with the GT env (interleaved-* rows)")
+                             "and N=16, in blocks alternating with the GT env (interleaved-* rows); NAME+compile "
+                             "for compile=True")
     args = parser.parse_args(argv)
     if args.variants and args.skip_gt:
         parser.error("--variants times the learned envs against the GT env: leave out --skip-gt")

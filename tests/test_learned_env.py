@@ -274,8 +274,11 @@ def test_env_speed_times_variants_interleaved_with_gt(tiny_checkpoint):
 
     assert variant_kwargs("maskgit") == {"variant": "maskgit"}
     assert variant_kwargs(str(tiny_checkpoint)) == {"checkpoint": str(tiny_checkpoint)}
+    assert variant_kwargs("fast+compile") == {"variant": "fast", "compile": True}
     with pytest.raises(ValueError, match="a variant is one of"):
         variant_kwargs("no/such/dir")
+    with pytest.raises(ValueError, match="only option is"):
+        variant_kwargs("fast+turbo")
     rows = interleaved_rows([str(tiny_checkpoint)], steps=40, device="cpu", blocks=2)
     spec = str(tiny_checkpoint)
     assert [r["env"] for r in rows] == [f"interleaved-single[{spec}]", f"interleaved-vector-N16[{spec}]"]
