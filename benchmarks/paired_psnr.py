@@ -3,7 +3,7 @@ each learned env from the same initial observation; per-frame PSNR against the G
 
     python -m benchmarks.paired_psnr --episodes 10 --variants maskgit mar maskgit:greedy mar:sample
 
-A variant is a shipped checkpoint ("maskgit", "mar") or a packed checkpoint directory (e.g. runs/ckpt), with
+A variant is a shipped checkpoint ("maskgit", "mar", "fast") or a packed checkpoint directory (e.g. runs/ckpt), with
 its own generation settings, or with ":greedy" (argmax codes / noise-free DDIM) or ":sample"
 (temperature-1 sampling) forced: `--variants maskgit runs/my_ckpt runs/my_ckpt:greedy`.
 
