@@ -44,6 +44,19 @@ def write_result(name: str, payload: dict, module: str | None = None) -> Path:
     return path
 
 
+def learned_env_kwargs(target: str) -> dict:
+    """A shipped variant ("maskgit", "mar", "fast") -> {"variant": target}; a packed checkpoint directory ->
+    {"checkpoint": target}: the gym.make kwargs of a benchmark's learned env."""
+    from hma_gym.envs.learned_env import VARIANTS
+
+    if target in VARIANTS:
+        return {"variant": target}
+    if Path(target).is_dir():
+        return {"checkpoint": target}
+    raise ValueError(f"{target!r}: a variant is one of {sorted(VARIANTS)} or a packed checkpoint directory "
+                     f"(no such directory: {target!r})")
+
+
 def hma(*args: str) -> list[str]:
     return [sys.executable, "-m", "hma_gym.cli", *args]
 

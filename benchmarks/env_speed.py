@@ -30,7 +30,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import hma_gym  # noqa: F401
-from benchmarks.common import write_result
+from benchmarks.common import learned_env_kwargs, write_result
 
 
 def sync(device: str) -> None:
@@ -277,18 +277,10 @@ def size_rows(steps: int, checkpoint: str | None, sizes: list[str], device: str)
 def variant_kwargs(spec: str) -> dict:
     """A shipped variant name ("maskgit", "fast", ...) or a packed checkpoint directory, optionally with
     "+compile" (``compile=True``) -> gym.make kwargs."""
-    from hma_gym.envs.learned_env import VARIANTS
-
     name, plus, option = spec.partition("+")
-    extra = {"compile": True} if plus else {}
     if plus and option != "compile":
         raise ValueError(f"{spec!r}: the only option is +compile")
-    if name in VARIANTS:
-        return {"variant": name, **extra}
-    if Path(name, "config.json").is_file():
-        return {"checkpoint": name, **extra}
-    raise ValueError(f"{spec!r}: a variant is one of {sorted(VARIANTS)} or a packed checkpoint directory, "
-                     f"optionally with +compile")
+    return {**learned_env_kwargs(name), **({"compile": True} if plus else {})}
 
 
 def interleaved_rows(variants: list[str], steps: int, device: str, blocks: int = 5, n: int = 16) -> list[dict]:

@@ -15,15 +15,13 @@ runs it: one GT frame to start from, then whole episodes generated from the mode
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
 
 import hma_gym  # noqa: F401
-from benchmarks.common import write_result
+from benchmarks.common import learned_env_kwargs, write_result
 from hma_gym.action_log import ActionLog
-from hma_gym.envs.learned_env import VARIANTS
 from hma_gym.metrics import psnr
 from hma_gym.play import make_pair, replay
 from hma_gym.rollout import rollout
@@ -52,12 +50,7 @@ def env_kwargs(spec: str) -> dict:
         target, decoding = spec, ""
     elif not decoding or decoding not in DECODING:
         raise ValueError(f"{spec!r}: decoding must be one of {sorted(k for k in DECODING if k)}")
-    if target in VARIANTS:
-        return {"variant": target, **DECODING[decoding]}
-    if Path(target).is_dir():
-        return {"checkpoint": target, **DECODING[decoding]}
-    raise ValueError(f"{spec!r}: a variant is one of {sorted(VARIANTS)} or a packed checkpoint directory "
-                     f"(no such directory: {target!r})")
+    return {**learned_env_kwargs(target), **DECODING[decoding]}
 
 
 def summary(per_frame: list[np.ndarray]) -> dict:

@@ -652,7 +652,8 @@ class HMACache:
         index = torch.arange(self.batch_size, device=self.pos.device)
         if rows is not None:
             index = index[rows.to(self.pos.device, torch.bool)]
-        self.push_rows([(k[index], v[index]) for k, v in kv], index)
+            kv = [(k[index], v[index]) for k, v in kv]
+        self.push_rows(kv, index)
 
     def push_rows(self, kv: list[tuple[Tensor, Tensor]], index: Tensor) -> None:
         """Store one new frame for each of the rows ``index`` (R,) long: kv[l] = (k, v), each (R, N, H, 1, hd)."""
