@@ -81,7 +81,7 @@ dp-lift: setup
 	cp runs/dp_lift/iter_6000/policy.json runs/dp_lift/iter_6000/policy.safetensors policies/assets/dp_lift/
 
 # The shipped fast variant (hma_gym/assets/lift_fast, `variant="fast"`): blocks 0 and 3 of the shipped MaskGIT
-# model (train --init-layers), fine-tuned on this CPU (~65 min at 2 threads) on Lift plus GT rollouts of the
+# model (train --init-layers), fine-tuned on this CPU (about an hour at 2 threads) on Lift plus GT rollouts of the
 # shipped DP and noisier expert episodes. Needs data/lift.hdf5 (make lift-data) and the shipped checkpoint.
 lift-fast: setup
 	[ -f data/dp_shipped.hdf5 ] || $(HMA) collect --policy dp-lift --episodes 100 --seed 30000 --out data/dp_shipped.hdf5
