@@ -427,6 +427,26 @@ def test_sample_categorical_matches_the_distribution():
     assert torch.equal(draws, again)
 
 
+@pytest.mark.parametrize("V", [1000, 1009])
+def test_two_level_sampling_picks_the_index_of_one_cumulative_sum(V: int) -> None:
+    """sample_categorical sums in blocks (V = 1009 is prime: padded blocks); with the same uniforms it
+    picks the index a single inverse CDF over V would, but for float rounding at a boundary. order=
+    hands the rows over permuted and gets each row the uniform it would have had in place."""
+    from hma_gym.models.hma import sample_categorical
+
+    probs = torch.softmax(3 * torch.randn(4000, V, generator=torch.Generator().manual_seed(1)), -1)
+    probs[:, ::7] = 0  # entries that must never be drawn
+    draws = sample_categorical(probs, torch.Generator().manual_seed(0))
+    cdf = probs.double().cumsum(-1)
+    u = torch.rand(4000, 1, generator=torch.Generator().manual_seed(0)).double() * cdf[:, -1:]
+    flat = torch.searchsorted(cdf, u, right=True).squeeze(-1)
+    assert (draws == flat).float().mean() > 0.999
+    assert (draws % 7 != 0).all() and (draws < V).all()
+    perm = torch.randperm(4000, generator=torch.Generator().manual_seed(2))
+    permuted = sample_categorical(probs[perm], torch.Generator().manual_seed(0), order=perm)
+    assert torch.equal(permuted, draws[perm])
+
+
 def test_append_without_hidden_stores_the_same_keys_and_values() -> None:
     """return_hidden=False (what the env uses) stops the last layer at its keys/values: same cache."""
     model = tiny_model(perturb=True).eval()
@@ -457,7 +477,13 @@ def test_token_logits_match_the_full_head(patch_size: int) -> None:
     full, _ = model.predict_frame(cache, tokens.view(2, g, g), mask.view(2, g, g), batch["actions"][:, 1],
                                   batch["embodiment_ids"])
     rows, cols = mask.nonzero(as_tuple=True)
-    torch.testing.assert_close(model._token_logits(h, rows, cols), full[rows, cols], atol=1e-5, rtol=1e-5)
+    logits, order = model._token_logits(h, rows, cols)
+    if patch_size == 1:
+        assert order is None
+    else:  # rows come back grouped by sub-position; order says which token each is
+        assert sorted(order.tolist()) == list(range(len(rows))) and not torch.equal(order, torch.arange(len(rows)))
+        rows, cols = rows[order], cols[order]
+    torch.testing.assert_close(logits, full[rows, cols], atol=1e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- deferred appends
