@@ -82,22 +82,22 @@ dp-lift: setup
 
 # The shipped fast variant (hma_gym/assets/lift_fast, `variant="fast"`): blocks 0 and 3 of the shipped MaskGIT
 # model (train --init-layers), fine-tuned on this CPU in two stages (about an hour each at 2 threads) on Lift
-# plus GT rollouts of the shipped DP and noisier expert episodes. Needs data/lift.hdf5 (make lift-data) and the shipped checkpoint.
+# plus GT rollouts of the shipped DP and noisier expert episodes. Needs data/lift.hdf5 (make lift-data) and the
+# shipped checkpoint.
+FAST_TRAIN = $(HMA) train --tokens data/lift_mix_tokens.safetensors --data data/lift.hdf5 \
+  --extra-data data/dp_shipped.hdf5 data/lift_noisy.hdf5 --tokenizer hma_gym/assets/lift --batch-size 32 \
+  --save-every 50 --log-every 10 --prompt-frames 1 --threads 2
 lift-fast: setup
 	[ -f data/dp_shipped.hdf5 ] || $(HMA) collect --policy dp-lift --episodes 100 --seed 30000 --out data/dp_shipped.hdf5
 	[ -f data/lift_noisy.hdf5 ] || $(HMA) collect --episodes 100 --seed 50000 --action-noise 0.15 \
 	  --failure-probs '{"missed_grasp": 0.25, "early_release": 0.25, "hesitation": 0.3}' --out data/lift_noisy.hdf5
 	$(HMA) tokenize --data data/lift.hdf5 --extra-data data/dp_shipped.hdf5 data/lift_noisy.hdf5 \
 	  --tokenizer hma_gym/assets/lift --max-valid-episodes 10 --out data/lift_mix_tokens.safetensors
-	$(HMA) train --tokens data/lift_mix_tokens.safetensors --data data/lift.hdf5 \
-	  --extra-data data/dp_shipped.hdf5 data/lift_noisy.hdf5 --tokenizer hma_gym/assets/lift \
-	  --init hma_gym/assets/lift --init-layers 0 3 --out runs/fast2 --steps 650 --batch-size 32 --lr 5e-4 \
-	  --warmup 30 --min-lr-ratio 0.1 --eval-every 200 --save-every 50 --log-every 10 --prompt-frames 1 --threads 2
+	$(FAST_TRAIN) --init hma_gym/assets/lift --init-layers 0 3 --out runs/fast2 --steps 650 --lr 5e-4 \
+	  --warmup 30 --min-lr-ratio 0.1 --eval-every 200
 	# stage 2: a warm restart from stage 1 at a lower rate, another hour (+0.24 dB sampled in eval-model)
-	$(HMA) train --tokens data/lift_mix_tokens.safetensors --data data/lift.hdf5 \
-	  --extra-data data/dp_shipped.hdf5 data/lift_noisy.hdf5 --tokenizer hma_gym/assets/lift \
-	  --init runs/fast2 --out runs/fast3 --steps 700 --batch-size 32 --lr 3e-4 --warmup 20 --min-lr-ratio 0.05 \
-	  --eval-every 350 --save-every 50 --log-every 10 --prompt-frames 1 --threads 2 --seed 1
+	$(FAST_TRAIN) --init runs/fast2 --out runs/fast3 --steps 700 --lr 3e-4 --warmup 20 --min-lr-ratio 0.05 \
+	  --eval-every 350 --seed 1
 	rm -rf hma_gym/assets/lift_fast
 	$(HMA) pack --out hma_gym/assets/lift_fast --tokenizer hma_gym/assets/lift --dynamics runs/fast3 \
 	  --detector hma_gym/assets/lift --data data/lift.hdf5 --bank-size 180 --success-rule-from hma_gym/assets/lift \

@@ -477,12 +477,13 @@ def test_token_logits_match_the_full_head(patch_size: int) -> None:
     full, _ = model.predict_frame(cache, tokens.view(2, g, g), mask.view(2, g, g), batch["actions"][:, 1],
                                   batch["embodiment_ids"])
     rows, cols = mask.nonzero(as_tuple=True)
-    logits, order = model._token_logits(h, rows, cols)
+    logits, rows_out, cols_out, order = model._token_logits(h, rows, cols)
     if patch_size == 1:
         assert order is None
     else:  # rows come back grouped by sub-position; order says which token each is
         assert sorted(order.tolist()) == list(range(len(rows))) and not torch.equal(order, torch.arange(len(rows)))
         rows, cols = rows[order], cols[order]
+    assert torch.equal(rows_out, rows) and torch.equal(cols_out, cols)
     torch.testing.assert_close(logits, full[rows, cols], atol=1e-5, rtol=1e-5)
 
 

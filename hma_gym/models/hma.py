@@ -1433,11 +1433,14 @@ class HMA(nn.Module):
         return logits, state
 
     @torch.no_grad()  # a sampler's: the matmuls write into one output (out=), which autograd refuses
-    def _token_logits(self, h: Tensor, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor | None]:
+    def _token_logits(
+        self, h: Tensor, rows: Tensor, cols: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """Logits of chosen image tokens only: h (B, N, D) hidden of a pass; rows, cols (K,) batch row and
-        row-major token index of each. -> (logits (K, V), order): row i of logits is token order[i]
-        (order None: the given order). The same values as ``_image_logits(h)[rows, cols][order]``, without
-        the head's matmul for the tokens not asked for (a frame's sampler needs a fraction)."""
+        row-major token index of each. -> (logits (K, V), rows, cols, order): the tokens may come back
+        reordered (rows, cols in the order of the logits; token i is the order[i]-th asked for; order None:
+        the given order). The same values as ``_image_logits(h)[rows, cols]``, without the head's matmul
+        for the tokens not asked for (a frame's sampler needs a fraction)."""
         if not hasattr(self, "_slot_of"):
             where = self._to_slots(torch.arange(self.n_image))  # (S, p*p): token index at (slot, sub-position)
             slot_of, sub_of = torch.empty(self.n_image, dtype=torch.long), torch.empty(self.n_image, dtype=torch.long)
@@ -1449,19 +1452,19 @@ class HMA(nn.Module):
         weight = self.image_head.weight.view(self.group, V, -1)
         bias = self.image_head.bias.view(self.group, V)
         if self.group == 1:
-            return F.linear(self.image_norm(h[rows, slot]), weight[0], bias[0]), None
+            return F.linear(self.image_norm(h[rows, slot]), weight[0], bias[0]), rows, cols, None
         # tokens sorted by sub-position: one matmul per sub-position, each writing its own block of the
         # output (no concatenation, no scatter back: the caller takes the order)
         order = torch.argsort(sub, stable=True)
-        x = self.image_norm(h[rows[order], slot[order]])  # (K, D)
+        rows, cols, slot = rows[order], cols[order], slot[order]
+        x = self.image_norm(h[rows, slot])  # (K, D)
         out = x.new_empty(len(cols), V)
         start = 0
         for j, count in enumerate(torch.bincount(sub, minlength=self.group).tolist()):
             if count:
-                torch.addmm(bias[j].to(x.dtype), x[start: start + count], weight[j].to(x.dtype).t(),
-                            out=out[start: start + count])
+                torch.addmm(bias[j], x[start: start + count], weight[j].t(), out=out[start: start + count])
             start += count
-        return out, order
+        return out, rows, cols, order
 
     @torch.no_grad()
     def generate_frame(
@@ -1515,8 +1518,7 @@ class HMA(nn.Module):
             n_reveal = n_masked_before - n_masked  # every row has the same number known
             if greedy:  # confidence ranks every masked token: all of them need logits
                 rows, cols = (~known).nonzero(as_tuple=True)
-                logits, perm = self._token_logits(h, rows, cols)
-                rows, cols = (rows, cols) if perm is None else (rows[perm], cols[perm])
+                logits, rows, cols, _ = self._token_logits(h, rows, cols)
                 logp = logits.float().log_softmax(-1)
                 confidence = torch.full((B, G), float("-inf"), device=device)
                 sampled = torch.zeros(B, G, dtype=torch.long, device=device)
@@ -1526,12 +1528,12 @@ class HMA(nn.Module):
             else:  # only the tokens this iteration reveals are sampled
                 reveal = (order < G - n_masked) & ~known
                 rows, cols = reveal.nonzero(as_tuple=True)
-                logits, perm = self._token_logits(h, rows, cols)  # (B * n_reveal, V), rows in order perm
+                logits, rows, cols, perm = self._token_logits(h, rows, cols)  # (B * n_reveal, V)
                 logits = logits.float()
                 probs = torch.softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
                 sampled = torch.zeros(B, G, dtype=torch.long, device=device)
-                if perm is not None:
-                    rows, cols = rows[perm], cols[perm]
+                # each token gets the uniform it would get in the order asked for (the draws do not
+                # depend on how the head grouped the tokens)
                 sampled[rows, cols] = sample_categorical(probs, generator, order=perm)
             tokens = torch.where(reveal, sampled, tokens)
             known = known | reveal
