@@ -64,10 +64,11 @@ def test_dynamics_trains(dynamics_run):
     assert set(norm) == {f"panda_osc_pose/{k}" for k in ("state_mean", "state_std", "action_mean", "action_std")}
 
 
-def test_resume_is_exact(tiny_data, tokenizer_run, tmp_path):
-    """6 steps in one go == 3 steps, stop, resume to 6."""
+@pytest.mark.parametrize("ema", [False, True])
+def test_resume_is_exact(tiny_data, tokenizer_run, tmp_path, ema):
+    """6 steps in one go == 3 steps, stop, resume to 6 (with --ema: the average too, and it is what is exported)."""
     common = ["train", "--data", str(tiny_data), "--tokenizer", str(tokenizer_run), "--eval-every", "100",
-              "--save-every", "3", *DYN_ARGS]
+              "--save-every", "3", *DYN_ARGS, *(["--ema"] if ema else [])]
     main([*common, "--out", str(tmp_path / "a"), "--steps", "6"])
     main([*common, "--out", str(tmp_path / "b"), "--steps", "3"])
     state = torch.load(tmp_path / "b" / "train_state.pt", weights_only=True)
@@ -79,6 +80,39 @@ def test_resume_is_exact(tiny_data, tokenizer_run, tmp_path):
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
     assert any(r["event"] == "resume" for r in _log(tmp_path / "b"))
+    trained = torch.load(tmp_path / "a" / "train_state.pt", weights_only=True)["model"]
+    if ema:
+        assert int(trained["ema_step"]) == 6
+        for key in a:  # the exported weights are the average, which lags the trained weights
+            torch.testing.assert_close(a[key], trained[f"ema.{key}"], rtol=0, atol=0)
+        assert any(not torch.equal(a[k], trained[f"model.{k}"]) for k in a)
+        with pytest.raises(ValueError, match="ema=True"):  # the run's EMA state cannot be dropped silently
+            main([*common[:-1], "--out", str(tmp_path / "a"), "--steps", "8"])
+    else:
+        for key in a:
+            torch.testing.assert_close(a[key], trained[key], rtol=0, atol=0)
+
+
+def test_ema_follows_diffusion_policy_schedule():
+    from training.loop import EmaTrainee
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    trainee = EmaTrainee(net, power=0.5, max_decay=0.6)
+    assert [trainee.decay(k) for k in (1, 2, 4, 100)] == pytest.approx([0.0, 1 - 2 ** -0.5, 0.5, 0.6])
+    history = []
+    for step in range(1, 6):
+        with torch.no_grad():
+            net.weight.add_(torch.randn_like(net.weight))
+        history.append(net.weight.detach().clone())
+        trainee.update_ema(step)
+        trainee.update_ema(step)  # once per step: a second call is a no-op
+    expected = history[0]
+    for step, w in enumerate(history[1:], start=2):
+        d = trainee.decay(step)
+        expected = d * expected + (1 - d) * w
+    torch.testing.assert_close(trainee.ema.weight, expected)
+    assert not trainee.ema.weight.requires_grad and net.weight.requires_grad
 
 
 def test_corrupt_or_missing_weights_name_the_file(dynamics_run, tmp_path):

@@ -296,6 +296,7 @@ def train_dynamics(cfg: DynamicsTrainConfig) -> dict:
         return net(batch)
 
     def eval_fn(model) -> dict:
+        wm.dynamics = model  # the EMA copy when --ema is on
         wm.to(next(model.parameters()).device)
         report = fidelity_report(wm, eval_src.valid, windows, n_random=1)
         return {k: v for k, v in report.items() if isinstance(v, float)}

@@ -4,12 +4,15 @@ A trainer supplies a model, `batch_fn(step) -> batch`, `loss_fn(model, batch) ->
 `eval_fn(model) -> metrics` and `export_fn(model, step)` (writes the safetensors artefact). The loop
 keeps `train_state.pt` in the run directory (model, optimizer, step, RNG states, sampler state) and
 resumes from it exactly: an interrupted run continued gives the same weights as an uninterrupted one.
+With `ema` on, the loop also keeps an exponential moving average of the weights (in train_state.pt too);
+`eval_fn` and `export_fn` then get the averaged model, so evaluation and the exported weights use it.
 Under `torchrun` each rank samples its own batches and gradients are averaged by DDP; rank 0 logs and
 saves.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -63,6 +66,13 @@ class LoopConfig:
     """torch threads on CPU (0 = torch's default)."""
     resume: bool = True
     """Continue from out/train_state.pt when it exists."""
+    ema: bool = False
+    """Keep an exponential moving average of the weights; evaluation and the exported weights use it."""
+    ema_power: float = 0.75
+    """EMA decay after k optimizer steps: 1 - k ** -ema_power (diffusion_policy's schedule), capped by
+    ema_max_decay; 0 after the first step, so the average starts from the first update."""
+    ema_max_decay: float = 0.9999
+    """Upper bound of the EMA decay."""
     progress: bool = True
     """Show a progress bar."""
 
@@ -76,6 +86,10 @@ class LoopConfig:
             raise ValueError(f"min_lr_ratio must be in [0, 1]. Got {self.min_lr_ratio=}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0. Got {self.warmup=}")
+        if not 0 < self.ema_power <= 1:
+            raise ValueError(f"ema_power must be in (0, 1]. Got {self.ema_power=}")
+        if not 0 <= self.ema_max_decay < 1:
+            raise ValueError(f"ema_max_decay must be in [0, 1). Got {self.ema_max_decay=}")
 
 
 def lr_at(step: int, cfg: LoopConfig) -> float:
@@ -135,6 +149,36 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+class EmaTrainee(nn.Module):
+    """The trained model plus its EMA copy (no gradients), one module so that train_state.pt holds both."""
+
+    def __init__(self, model: nn.Module, power: float = 0.75, max_decay: float = 0.9999):
+        super().__init__()
+        self.model = model
+        self.ema = copy.deepcopy(model).requires_grad_(False)
+        self.power, self.max_decay = power, max_decay
+        self.register_buffer("ema_step", torch.zeros((), dtype=torch.long))
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def decay(self, step: int) -> float:
+        """The weight of the old average when folding in the weights after `step` optimizer steps."""
+        return 0.0 if step <= 1 else min(self.max_decay, 1.0 - step ** -self.power)
+
+    @torch.no_grad()
+    def update_ema(self, step: int) -> None:
+        """Fold the weights after `step` optimizer steps into the average (once per step)."""
+        if int(self.ema_step) >= step:
+            return
+        decay = self.decay(step)
+        for e, p in zip(self.ema.parameters(), self.model.parameters(), strict=True):
+            e.lerp_(p, 1.0 - decay)
+        for e, b in zip(self.ema.buffers(), self.model.buffers(), strict=True):
+            e.copy_(b)
+        self.ema_step.fill_(step)
+
+
 class JsonlLog:
     def __init__(self, path: Path, enabled: bool = True):
         self.path, self.enabled = path, enabled
@@ -159,12 +203,14 @@ def train_loop(
     run_config: dict,
     trainable: list[nn.Parameter] | None = None,
     desc: str = "train",
+    on_step: Callable[[nn.Module, int], None] | None = None,
 ) -> dict:
     """Run (or resume) training; returns the last eval metrics (or the last train metrics).
 
     `batch_fn(step, rng)` must draw all its randomness from `rng` (saved for exact resume) and return
     tensors on the CPU; the loop moves them to the device. `trainable` restricts the optimizer (e.g. a
-    new embodiment's stem and head only).
+    new embodiment's stem and head only). `eval_fn`, `export_fn` and `on_step(model, step)` (called after
+    every optimizer step) get the EMA model when `cfg.ema` is on, else the trained one.
     """
     out = Path(cfg.out)
     device = resolve_device(cfg.device)
@@ -173,9 +219,12 @@ def train_loop(
         torch.set_num_threads(cfg.threads)
     if dist_info.is_main:
         out.mkdir(parents=True, exist_ok=True)
-    model.to(device)
+    trainee = EmaTrainee(model, cfg.ema_power, cfg.ema_max_decay) if cfg.ema else None
+    module = trainee if trainee is not None else model  # what is trained and saved
+    exported = trainee.ema if trainee is not None else model  # what is evaluated and exported
+    module.to(device)
     params = trainable if trainable is not None else None
-    groups = param_groups(model, cfg.weight_decay)
+    groups = param_groups(module, cfg.weight_decay)
     if params is not None:
         keep = {id(p) for p in params}
         groups = [{**g, "params": [p for p in g["params"] if id(p) in keep]} for g in groups]
@@ -187,7 +236,11 @@ def train_loop(
     log = JsonlLog(out / "log.jsonl", enabled=dist_info.is_main)
     if cfg.resume and state_path.exists():
         state = torch.load(state_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
+        has_ema = "ema_step" in state["model"]
+        if has_ema != cfg.ema:
+            raise ValueError(f"{state_path} was written with ema={has_ema}; resume with the same --ema "
+                             f"setting, or start a new run in another --out")
+        module.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step = int(state["step"])
         rng.bit_generator.state = state["sampler_rng"]
@@ -199,17 +252,17 @@ def train_loop(
         (out / "log.jsonl").unlink(missing_ok=True)
         log.write({"event": "start", "config": run_config, "params": sum(p.numel() for p in model.parameters())})
 
-    net: nn.Module = model
+    net: nn.Module = module
     if dist_info.world_size > 1:
         net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
+            module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
         )
 
     def save(step: int) -> None:
         if not dist_info.is_main:
             return
         state = {
-            "model": model.state_dict(),
+            "model": module.state_dict(),
             "optimizer": optimizer.state_dict(),
             "step": step,
             "sampler_rng": rng.bit_generator.state,
@@ -220,15 +273,15 @@ def train_loop(
         tmp = state_path.with_suffix(".tmp")
         torch.save(state, tmp)
         os.replace(tmp, state_path)
-        export_fn(model, step)
+        export_fn(exported, step)
 
     def evaluate(step: int) -> dict:
         if eval_fn is None or not dist_info.is_main:
             return {}
-        model.eval()
+        module.eval()
         with torch.no_grad():
-            metrics = {k: _scalar(v) for k, v in eval_fn(model).items()}
-        model.train()
+            metrics = {k: _scalar(v) for k, v in eval_fn(exported).items()}
+        module.train()
         log.write({"event": "eval", "step": step, **metrics})
         return metrics
 
@@ -237,7 +290,7 @@ def train_loop(
     )
     last: dict = {}
     bar = tqdm(total=cfg.steps, initial=step, desc=desc, disable=not (cfg.progress and dist_info.is_main))
-    model.train()
+    module.train()
     t_log, samples = time.perf_counter(), 0
     while step < cfg.steps:
         for group in optimizer.param_groups:
@@ -253,6 +306,10 @@ def train_loop(
             metrics = {**metrics, "grad_norm": grad_norm}
         optimizer.step()
         step += 1
+        if trainee is not None:
+            trainee.update_ema(step)
+        if on_step is not None:
+            on_step(exported, step)
         samples += cfg.batch_size
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.steps:

@@ -21,7 +21,6 @@ CPU defaults: ~5M parameters (4.4M in the U-Net), batch 64, 2,000 steps at lr 3e
 
 from __future__ import annotations
 
-import copy
 import functools
 import json
 import os
@@ -70,11 +69,8 @@ class PolicyTrainConfig(LoopConfig, DiffusionPolicyArch):
     save_at: tuple[int, ...] = ()
     """Also write a full policy directory out/iter_{step}/ after each of these steps."""
     ema: bool = True
-    """Export an exponential moving average of the weights (diffusion_policy's schedule)."""
-    ema_power: float = 0.75
-    """EMA decay at step k: 1 - (1 + k) ** -ema_power, capped by ema_max_decay."""
-    ema_max_decay: float = 0.9999
-    """Upper bound of the EMA decay."""
+    """Export an exponential moving average of the weights (diffusion_policy's schedule: --ema-power,
+    --ema-max-decay)."""
     eval_samples: int = 64
     """Held-out windows of the evaluation (fixed across evaluations)."""
     extra_data: tuple[str, ...] = ()
@@ -97,10 +93,6 @@ class PolicyTrainConfig(LoopConfig, DiffusionPolicyArch):
         bad = [s for s in self.save_at if not 1 <= s <= self.steps]
         if bad:
             raise ValueError(f"save_at steps must be in 1..steps={self.steps}. Got save_at={self.save_at}")
-        if not 0 < self.ema_power <= 1:
-            raise ValueError(f"ema_power must be in (0, 1]. Got {self.ema_power=}")
-        if not 0 <= self.ema_max_decay < 1:
-            raise ValueError(f"ema_max_decay must be in [0, 1). Got {self.ema_max_decay=}")
         if self.eval_samples <= 0:
             raise ValueError(f"eval_samples must be positive. Got {self.eval_samples=}")
         # the policy's own checks, with the data-dependent sizes stubbed (checked again on the data)
@@ -211,38 +203,6 @@ def has_demos(path: str | os.PathLike, key: str) -> bool:
         return bool(key) and f"mask/{key}" in f and len(f[f"mask/{key}"]) > 0
 
 
-# ----------------------------------------------------------------------------- EMA
-
-
-class EmaTrainee(nn.Module):
-    """The trained model plus its EMA copy (no gradients; saved in train_state.pt for exact resume)."""
-
-    def __init__(self, model: nn.Module, ema: bool):
-        super().__init__()
-        self.model = model
-        self.ema = copy.deepcopy(model).requires_grad_(False) if ema else None
-        self.register_buffer("ema_step", torch.zeros((), dtype=torch.long))
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.model(batch)
-
-    @property
-    def exported(self) -> nn.Module:
-        return self.ema if self.ema is not None else self.model
-
-    @torch.no_grad()
-    def update_ema(self, step: int, power: float, max_decay: float) -> None:
-        """Fold the weights after `step` optimizer steps into the average (once per step)."""
-        if self.ema is None or int(self.ema_step) >= step:
-            return
-        decay = 0.0 if step <= 1 else min(max_decay, 1.0 - step ** -power)
-        for e, p in zip(self.ema.parameters(), self.model.parameters(), strict=True):
-            e.lerp_(p, 1.0 - decay)
-        for e, b in zip(self.ema.buffers(), self.model.buffers(), strict=True):
-            e.copy_(b)
-        self.ema_step.fill_(step)
-
-
 # ----------------------------------------------------------------------------- training
 
 
@@ -286,7 +246,6 @@ def train_policy(cfg: PolicyTrainConfig) -> dict:
     all_proprio, all_actions = demo_arrays(train, cfg)
     model.normalizer.proprio.fit(torch.from_numpy(all_proprio))
     model.normalizer.action.fit(torch.from_numpy(all_actions))
-    trainee = EmaTrainee(model, cfg.ema)
     out = Path(cfg.out)
     is_main = int(os.environ.get("RANK", "0")) == 0
     info = {"data": str(cfg.data), "filter_key": cfg.filter_key, "max_demos": cfg.max_demos,
@@ -294,19 +253,14 @@ def train_policy(cfg: PolicyTrainConfig) -> dict:
     if extras:
         info.update(extra_data=list(cfg.extra_data), extra_filter_key=cfg.extra_filter_key,
                     extra_max_demos=cfg.extra_max_demos, extra_demos=[d.n_demos for d in extras])
-    exported_at: set[int] = set()
     span = policy_cfg.image_size - policy_cfg.crop_size + 1
 
-    def after_step(step: int) -> None:
-        """Work due once `step` optimizer steps are done: the EMA update, the save_at exports."""
-        trainee.update_ema(step, cfg.ema_power, cfg.ema_max_decay)
-        if is_main and step in cfg.save_at and step not in exported_at:
-            save_policy(out / f"iter_{step}", trainee.exported, policy_cfg, {**info, "step": step})
-            exported_at.add(step)
+    def on_step(m: nn.Module, step: int) -> None:
+        """The save_at exports (of the EMA model when --ema is on, as every export)."""
+        if is_main and step in cfg.save_at:
+            save_policy(out / f"iter_{step}", m, policy_cfg, {**info, "step": step})
 
     def batch_fn(step: int, rng: np.random.Generator) -> dict:
-        if step > 0:
-            after_step(step)
         batch = collate(train, rng.integers(0, len(train), cfg.batch_size), cfg)
         b = cfg.batch_size
         batch["crop"] = torch.from_numpy(rng.integers(0, span, (b, 2)))
@@ -329,7 +283,7 @@ def train_policy(cfg: PolicyTrainConfig) -> dict:
         eval_batch["timesteps"] = torch.from_numpy(eval_rng.integers(0, policy_cfg.num_train_timesteps, n_eval))
 
         def eval_fn(m: nn.Module) -> dict:
-            net = m.exported
+            net = m
             device = next(net.parameters()).device
             batch = {k: v.to(device) for k, v in eval_batch.items()}
             gen = torch.Generator(device=device).manual_seed(0)
@@ -339,12 +293,11 @@ def train_policy(cfg: PolicyTrainConfig) -> dict:
                     "valid_action_mse": (chunk[:, lo:hi] - batch["actions"][:, lo:hi]).pow(2).mean()}
 
     def export_fn(m: nn.Module, step: int) -> None:
-        after_step(step)
-        save_policy(out, trainee.exported, policy_cfg, {**info, "step": step})
+        save_policy(out, m, policy_cfg, {**info, "step": step})
 
     run_config = {**to_jsonable(cfg), "policy": policy_cfg.to_dict(), "policy_params": model.num_params(), **info}
     t0 = time.perf_counter()
-    last = train_loop(cfg, trainee, batch_fn, loss_fn, eval_fn, export_fn, run_config, desc="policy")
+    last = train_loop(cfg, model, batch_fn, loss_fn, eval_fn, export_fn, run_config, desc="policy", on_step=on_step)
     result = {**last, "params": model.num_params(), "train_demos": count_demos(train),
               "train_windows": len(train), "wall_s": time.perf_counter() - t0, "out": str(out)}
     if is_main:
