@@ -275,3 +275,20 @@ def test_init_layers_starts_a_shallower_model_from_chosen_blocks(dynamics_run, t
     with pytest.raises(SystemExit):  # --init-layers needs --init
         main(["train", "--data", str(tiny_data), "--tokenizer", str(tokenizer_run), "--out", str(tmp_path / "x"),
               "--init-layers", "0", "--steps", "2", *DYN_ARGS])
+
+
+def test_tokenizer_levels_flag_sets_the_codebook(tiny_data, tmp_path):
+    from training.tokenizer import TokenizerTrainConfig
+
+    assert TokenizerTrainConfig(preset="tiny", image_size=16).model_config().levels == (4, 3)  # the preset's
+    cfg = TokenizerTrainConfig(preset="tiny", image_size=16, levels=(5, 4, 3))
+    assert cfg.model_config().levels == (5, 4, 3) and cfg.model_config().codebook_size == 60
+    with pytest.raises(ValueError, match="levels"):
+        TokenizerTrainConfig(preset="tiny", image_size=16, levels=(5, 1))
+    out = tmp_path / "tok"
+    main(["train-tokenizer", "--data", str(tiny_data), "--out", str(out), "--preset", "tiny", "--image-size", "16",
+          "--levels", "5", "4", "3", "--steps", "2", "--batch-size", "4", "--eval-every", "2", "--save-every", "2",
+          "--eval-frames", "8", "--threads", "1", "--no-progress"])
+    from hma_gym.world_model import load_tokenizer
+
+    assert load_tokenizer(out).codebook_size == 60

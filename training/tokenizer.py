@@ -23,6 +23,9 @@ class TokenizerTrainConfig(LoopConfig, DataConfig):
     """Run directory; tokenizer.safetensors + tokenizer.json are written here."""
     preset: str = "small"
     """Tokenizer size preset (tiny, small, base)."""
+    levels: tuple[int, ...] = ()
+    """FSQ levels per latent channel (the codebook size is their product; empty: the preset's, 8 5 5 5 =
+    1,000 codes). More codes reconstruct better but give a dynamics model a larger output layer."""
     temporal_weight: float = 0.05
     """Weight of the temporal-consistency term on consecutive-frame pairs (0 = off)."""
     steps: int = 4000
@@ -44,14 +47,17 @@ class TokenizerTrainConfig(LoopConfig, DataConfig):
         DataConfig.__post_init__(self)
         if self.preset not in tokenizer_presets:
             raise ValueError(f"preset must be one of {sorted(tokenizer_presets)}. Got {self.preset=}")
+        self.levels = tuple(int(v) for v in self.levels)
+        self.model_config()  # its own checks (e.g. every level >= 2) at parse time
 
     def data_config(self) -> DataConfig:
         return DataConfig(**{k: getattr(self, k) for k in DataConfig.__dataclass_fields__})
 
     def model_config(self) -> TokenizerConfig:
         base = tokenizer_presets[self.preset]()
+        levels = {"levels": self.levels} if self.levels else {}
         return TokenizerConfig.from_dict({**base.to_dict(), "image_size": self.image_size,
-                                          "temporal_weight": self.temporal_weight})
+                                          "temporal_weight": self.temporal_weight, **levels})
 
 
 def _frame_pairs(episodes) -> tuple[np.ndarray, np.ndarray]:
