@@ -292,3 +292,21 @@ def test_tokenizer_levels_flag_sets_the_codebook(tiny_data, tmp_path):
     from hma_gym.world_model import load_tokenizer
 
     assert load_tokenizer(out).codebook_size == 60
+
+
+def test_tokenizer_psnr_benchmark_scores_every_held_out_frame(tiny_data, tokenizer_run, tmp_path, monkeypatch):
+    import benchmarks.common as common
+    from benchmarks.tokenizer_psnr import main as bench
+    from hma_gym.metrics import psnr
+    from hma_gym.world_model import load_tokenizer
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    row = bench(["--data", str(tiny_data), "--tokenizers", str(tokenizer_run), "--no-progress"])["rows"][0]
+    frames = np.concatenate([e.frames for e in load_episodes(DataConfig(data=str(tiny_data), image_size=16), "valid")])
+    tok = load_tokenizer(tokenizer_run)
+    with torch.no_grad():
+        by_hand = psnr(tok.decode_uint8(tok.encode(torch.from_numpy(frames))), frames)
+    assert row["frames"] == len(frames) and row["codebook_size"] == 12
+    assert row["psnr_mean"] == pytest.approx(float(by_hand.mean()), abs=1e-4)
+    assert 0 < row["ssim_mean"] <= 1 and len(row["weights_hash"]) == 16
+    assert (tmp_path / "tokenizer_psnr.json").is_file()
