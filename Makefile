@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = "0" ] || echo sudo)
 APT_PACKAGES := libegl1 libegl-mesa0 libgl1-mesa-dri libgl1 libglx-mesa0 chromium chromium-driver g++
 export MUJOCO_GL ?= egl
 
-.PHONY: setup demo test lint bench lift-data lift-checkpoint dp-lift lift-mar lift-mar-warm lift-mar-ft lift-fast tokenizer-15k mixture-data mixture-tasks pretraining-study pretraining-study-tasks clean-venv
+.PHONY: setup demo test lint bench lift-data lift-checkpoint dp-lift lift-mar lift-mar-warm lift-mar-ft lift-fast tokenizer-15k mix-data tokens-15k lift-15k-pack mixture-data mixture-tasks pretraining-study pretraining-study-tasks clean-venv
 
 setup: $(STAMP)
 
@@ -87,10 +87,15 @@ dp-lift: setup
 FAST_TRAIN = $(HMA) train --tokens data/lift_mix_tokens.safetensors --data data/lift.hdf5 \
   --extra-data data/dp_shipped.hdf5 data/lift_noisy.hdf5 --tokenizer hma_gym/assets/lift --batch-size 32 \
   --save-every 50 --log-every 10 --prompt-frames 1 --threads 2
-lift-fast: setup
+# The data mix of the fast variant and of the 15k-tokenizer runs: Lift + GT rollouts of the shipped DP + noisier
+# expert episodes (each collected only when its file is missing)
+mix-data: setup
+	[ -f data/lift.hdf5 ] || $(HMA) collect --task lift --episodes 200 --seed 0 --out data/lift.hdf5
 	[ -f data/dp_shipped.hdf5 ] || $(HMA) collect --policy dp-lift --episodes 100 --seed 30000 --out data/dp_shipped.hdf5
 	[ -f data/lift_noisy.hdf5 ] || $(HMA) collect --episodes 100 --seed 50000 --action-noise 0.15 \
 	  --failure-probs '{"missed_grasp": 0.25, "early_release": 0.25, "hesitation": 0.3}' --out data/lift_noisy.hdf5
+
+lift-fast: mix-data
 	$(HMA) tokenize --data data/lift.hdf5 --extra-data data/dp_shipped.hdf5 data/lift_noisy.hdf5 \
 	  --tokenizer hma_gym/assets/lift --max-valid-episodes 10 --out data/lift_mix_tokens.safetensors
 	$(FAST_TRAIN) --init hma_gym/assets/lift --init-layers 0 3 --out runs/fast2 --steps 650 --lr 5e-4 \
@@ -118,6 +123,24 @@ tokenizer-15k: setup
 	cp runs/tok_fsq15k/tokenizer.safetensors runs/tok_fsq15k/tokenizer.json hma_gym/assets/tokenizer_15k/
 	$(PY) -m benchmarks.tokenizer_psnr --data data/lift.hdf5 --tokenizers hma_gym/assets/lift hma_gym/assets/tokenizer_15k \
 	  --threads 2
+
+# Issue 3's next step, for a session with a lent GPU: the token cache of the mix under the 15k tokenizer (~1 min,
+# 23 MB: carry it), then on the GPU `bash scripts/gpu_lift_15k.sh $$OUT` (two runs, ~7 min), then here
+# `python scripts/unpack_runs.py OUT runs/gpu15k` and `make lift-15k-pack RUN=runs/gpu15k/d160` (pack + eval-model)
+tokens-15k: mix-data
+	$(HMA) tokenize --data data/lift.hdf5 --extra-data data/dp_shipped.hdf5 data/lift_noisy.hdf5 \
+	  --tokenizer hma_gym/assets/tokenizer_15k --max-valid-episodes 10 --out data/lift_mix_tokens_15k.safetensors
+
+RUN ?= runs/gpu15k/d160
+lift-15k-pack: setup
+	rm -rf runs/lift_15k
+	$(HMA) pack --out runs/lift_15k --tokenizer hma_gym/assets/tokenizer_15k --dynamics $(RUN) \
+	  --detector hma_gym/assets/lift --data data/lift.hdf5 --bank-size 180 --success-rule-from hma_gym/assets/lift \
+	  --recipe "README.md: make tokens-15k, scripts/gpu_lift_15k.sh, make lift-15k-pack RUN=$(RUN)"
+	$(HMA) eval-model --checkpoint runs/lift_15k --data data/lift.hdf5 --stride 16 --random-actions 2 \
+	  --out outputs/eval_model_lift_15k.json
+	$(HMA) eval-model --checkpoint runs/lift_15k --data data/lift.hdf5 --stride 16 --random-actions 2 --greedy \
+	  --out outputs/eval_model_lift_15k_greedy.json
 
 # The continuous (MAR) variant, trained as the CPU MaskGIT comparison run was (runs/dynamics: same data, size,
 # schedule and evaluation windows); its periodic held-out evaluations are the matched-budget comparison.

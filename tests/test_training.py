@@ -310,3 +310,31 @@ def test_tokenizer_psnr_benchmark_scores_every_held_out_frame(tiny_data, tokeniz
     assert row["psnr_mean"] == pytest.approx(float(by_hand.mean()), abs=1e-4)
     assert 0 < row["ssim_mean"] <= 1 and len(row["weights_hash"]) == 16
     assert (tmp_path / "tokenizer_psnr.json").is_file()
+
+
+def test_unpack_runs_joins_parts_and_names_the_weights(tmp_path):
+    """scripts/unpack_runs.py: parallel_train's split tar back into run directories, fp16 weights renamed."""
+    import io
+    import tarfile
+
+    from scripts.unpack_runs import unpack
+
+    src = tmp_path / "src" / "d160"
+    src.mkdir(parents=True)
+    (src / "dynamics_fp16.safetensors").write_bytes(bytes(range(256)) * 160)
+    (src / "dynamics.json").write_text('{"config": {}}')
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for f in sorted(src.iterdir()):
+            tar.add(f, arcname=f"d160/{f.name}")
+    data, parts = buf.getvalue(), tmp_path / "parts"
+    parts.mkdir()
+    for i in range(0, len(data), 4096):  # 11 parts: part10 must come after part9
+        (parts / f"runs.tar.part{i // 4096}").write_bytes(data[i : i + 4096])
+    assert len(list(parts.iterdir())) >= 11
+    (run,) = unpack(parts, tmp_path / "runs")
+    assert run == tmp_path / "runs" / "d160"
+    assert (run / "dynamics.safetensors").read_bytes() == bytes(range(256)) * 160
+    assert not (run / "dynamics_fp16.safetensors").exists()
+    with pytest.raises(SystemExit, match="no runs.tar.part"):
+        unpack(tmp_path / "src", tmp_path / "other")
