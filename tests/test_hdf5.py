@@ -95,7 +95,8 @@ def test_append_refuses_other_env(tmp_path):
 
 def _demos_or_zero(path):
     """Demos in a file another process is writing; 0 while unreadable (h5py raises RuntimeError, too, when it
-    reads metadata mid-update: seen once in ~1,000 polls, and once as a failure of the test below)."""
+    reads metadata mid-update: once in a stress run of 25 collections polled every <50 ms, and once as a failure of
+    the test below)."""
     try:
         return validate_file(path)["demos"]
     except (DatasetError, OSError, KeyError, RuntimeError):
