@@ -89,8 +89,10 @@ FAST_TRAIN = $(HMA) train --tokens data/lift_mix_tokens.safetensors --data data/
   --save-every 50 --log-every 10 --prompt-frames 1 --threads 2
 # The data mix of the fast variant and of the 15k-tokenizer runs: Lift + GT rollouts of the shipped DP + noisier
 # expert episodes (each collected only when its file is missing)
-mix-data: setup
-	[ -f data/lift.hdf5 ] || $(HMA) collect --task lift --episodes 200 --seed 0 --out data/lift.hdf5
+data/lift.hdf5: | setup
+	$(HMA) collect --task lift --episodes 200 --seed 0 --out data/lift.hdf5
+
+mix-data: setup data/lift.hdf5
 	[ -f data/dp_shipped.hdf5 ] || $(HMA) collect --policy dp-lift --episodes 100 --seed 30000 --out data/dp_shipped.hdf5
 	[ -f data/lift_noisy.hdf5 ] || $(HMA) collect --episodes 100 --seed 50000 --action-noise 0.15 \
 	  --failure-probs '{"missed_grasp": 0.25, "early_release": 0.25, "hesitation": 0.3}' --out data/lift_noisy.hdf5
@@ -114,8 +116,7 @@ lift-fast: mix-data
 
 # The 15,360-code FSQ tokenizer (hma_gym/assets/tokenizer_15k; ~40 min on this CPU), scored beside the shipped
 # checkpoints' one on every held-out frame. No shipped world model uses it yet: its codes need a new dynamics model.
-tokenizer-15k: setup
-	[ -f data/lift.hdf5 ] || $(HMA) collect --task lift --episodes 200 --seed 0 --out data/lift.hdf5
+tokenizer-15k: setup data/lift.hdf5
 	$(HMA) train-tokenizer --data data/lift.hdf5 --out runs/tok_fsq15k --preset base --levels 8 8 8 6 5 \
 	  --steps 5500 --batch-size 32 --weight-decay 0 --min-lr-ratio 0.05 --warmup 100 --eval-every 500 \
 	  --save-every 500 --log-every 50 --threads 2

@@ -11,22 +11,16 @@ counts. Writes benchmarks/results/tokenizer_psnr.json (`--name` sets the file).
 from __future__ import annotations
 
 import argparse
-import hashlib
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from benchmarks.common import write_result
+from hma_gym.checkpoint import weights_hash
 from hma_gym.metrics import psnr, ssim
 from hma_gym.world_model import load_tokenizer
 from training.data import DataConfig, load_episodes
-
-
-def tokenizer_hash(path: str) -> str:
-    """sha256 of the directory's tokenizer.safetensors, first 16 hex digits."""
-    return hashlib.sha256((Path(path) / "tokenizer.safetensors").read_bytes()).hexdigest()[:16]
 
 
 @torch.no_grad()
@@ -55,14 +49,16 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    rows = []
+    rows, frames = [], {}  # frames by image size: read once
     for path in args.tokenizers:
         tok = load_tokenizer(path).eval()
-        data = DataConfig(data=args.data, image_size=tok.cfg.image_size)
-        frames = np.concatenate([e.frames for e in load_episodes(data, args.split, progress=False)])
-        rows.append({"tokenizer": path, "weights_hash": tokenizer_hash(path), "codebook_size": tok.codebook_size,
-                     "levels": list(tok.cfg.levels), "params": tok.num_params(),
-                     **reconstruction(tok, frames, progress=args.progress)})
+        size = tok.cfg.image_size
+        if size not in frames:
+            data = DataConfig(data=args.data, image_size=size)
+            frames[size] = np.concatenate([e.frames for e in load_episodes(data, args.split, progress=False)])
+        rows.append({"tokenizer": path, "weights_hash": weights_hash(path, ("tokenizer",)),
+                     "codebook_size": tok.codebook_size, "levels": list(tok.cfg.levels), "params": tok.num_params(),
+                     **reconstruction(tok, frames[size], progress=args.progress)})
         print({k: rows[-1][k] for k in ("tokenizer", "codebook_size", "frames", "psnr_mean", "ssim_mean")})
     payload = {"data": args.data, "split": args.split, "rows": rows}
     write_result(args.name, payload, module="tokenizer_psnr")

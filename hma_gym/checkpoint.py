@@ -139,10 +139,12 @@ def check_checkpoint_dir(directory: str | os.PathLike) -> dict:
     return config
 
 
-def weights_hash(directory: str | os.PathLike) -> str:
-    """sha256 over the checkpoint's safetensors files (names and bytes), first 16 hex digits."""
+def weights_hash(directory: str | os.PathLike, names: tuple[str, ...] = ()) -> str:
+    """sha256 over the checkpoint's safetensors files (names and bytes), first 16 hex digits; ``names``
+    (e.g. ``("tokenizer",)``) hashes only those files: one part of a packed checkpoint."""
     h = hashlib.sha256()
-    for path in sorted(Path(directory).glob("*.safetensors")):
+    paths = [Path(directory) / f"{n}.safetensors" for n in names] if names else Path(directory).glob("*.safetensors")
+    for path in sorted(paths):
         h.update(path.name.encode())
         h.update(path.read_bytes())
     return h.hexdigest()[:16]

@@ -60,11 +60,12 @@ def test_shipped_15k_tokenizer_reconstructs_better_than_the_checkpoints_one():
     path = Path(hma_gym.__file__).parent / "assets" / "tokenizer_15k"
     assert sum(p.stat().st_size for p in path.iterdir()) < 10e6
     frames = load_tensors(default_checkpoint() / "init_bank.safetensors")["agentview_image"]
+    tokenizers = {"15k": load_tokenizer(path), "1k": load_tokenizer(default_checkpoint())}
     scores = {}
-    for name, tokenizer in (("15k", load_tokenizer(path)), ("1k", load_tokenizer(default_checkpoint()))):
+    for name, tokenizer in tokenizers.items():
         with torch.no_grad():
             scores[name] = float(psnr(tokenizer.decode_uint8(tokenizer.encode(frames)), frames).mean())
-    assert load_tokenizer(path).codebook_size == 15360
+    assert tokenizers["15k"].codebook_size == 15360
     assert scores["15k"] > scores["1k"] + 2.0 and scores["15k"] > 33.0, scores
 
 
