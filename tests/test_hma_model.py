@@ -17,6 +17,8 @@ from hma_gym.models.hma import (
 )
 
 GRID, VOCAB, MAX_FRAMES = 4, 16, 4
+LEVELS = (4, 2, 2)  # FSQ levels of VOCAB codes, for the factorised head
+HEADS = {"softmax": {}, "factorized": {"code_levels": LEVELS}}
 EMBODIMENTS = {
     "arm": EmbodimentSpec(action_dim=3, state_dim=5),
     "hand": EmbodimentSpec(action_dim=7, state_dim=2),
@@ -72,9 +74,10 @@ def seeded_loss(model: HMA, batch: dict[str, torch.Tensor], seed: int = 123) -> 
 # ----------------------------------------------------------------------------- training
 
 
+@pytest.mark.parametrize("head", sorted(HEADS))
 @pytest.mark.parametrize("patch_size", [1, 2])
-def test_overfit_one_batch(patch_size: int) -> None:
-    model = tiny_model(patch_size=patch_size)
+def test_overfit_one_batch(patch_size: int, head: str) -> None:
+    model = tiny_model(patch_size=patch_size, **HEADS[head])
     batch = make_batch([0, 1, 0, 1])
     start = seeded_loss(model, batch)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -195,9 +198,10 @@ def append_all(model: HMA, cache, batch: dict[str, torch.Tensor], frames: range,
     return torch.stack(out, dim=1)  # (B, T, N, D)
 
 
+@pytest.mark.parametrize("head", sorted(HEADS))
 @pytest.mark.parametrize("patch_size", [1, 2])
-def test_cache_matches_uncached_clean_stream(patch_size: int) -> None:
-    model = tiny_model(perturb=True, patch_size=patch_size).eval()
+def test_cache_matches_uncached_clean_stream(patch_size: int, head: str) -> None:
+    model = tiny_model(perturb=True, patch_size=patch_size, **HEADS[head]).eval()
     batch = make_batch([0, 1, 1])
     action_valid = torch.ones(3, MAX_FRAMES, dtype=torch.bool)
     action_valid[1, 2] = False  # one missing action label
@@ -214,10 +218,11 @@ def test_cache_matches_uncached_clean_stream(patch_size: int) -> None:
     assert cache.pos.tolist() == [MAX_FRAMES] * 3
 
 
+@pytest.mark.parametrize("head", sorted(HEADS))
 @pytest.mark.parametrize("patch_size", [1, 2])
-def test_cached_prediction_matches_training_masked_stream(patch_size: int) -> None:
+def test_cached_prediction_matches_training_masked_stream(patch_size: int, head: str) -> None:
     """What generation sees (clean cached past + masked current frame) is what training optimises."""
-    model = tiny_model(perturb=True, patch_size=patch_size).eval()
+    model = tiny_model(perturb=True, patch_size=patch_size, **HEADS[head]).eval()
     batch = make_batch([0, 1])
     B, T, G, t0 = 2, MAX_FRAMES, GRID * GRID, 1
     tokens = batch["tokens"].flatten(2)
@@ -265,9 +270,10 @@ def test_sliding_window_keeps_cache_size_constant() -> None:
     assert ((tokens >= 0) & (tokens < VOCAB)).all() and torch.isfinite(state).all()
 
 
+@pytest.mark.parametrize("head", sorted(HEADS))
 @pytest.mark.parametrize("patch_size", [1, 2])
-def test_generate_is_deterministic_and_valid(patch_size: int) -> None:
-    model = tiny_model(perturb=True, patch_size=patch_size).eval()
+def test_generate_is_deterministic_and_valid(patch_size: int, head: str) -> None:
+    model = tiny_model(perturb=True, patch_size=patch_size, **HEADS[head]).eval()
     batch = make_batch([0, 1, 0])
     ids = batch["embodiment_ids"]
     cache = model.new_cache(3)
@@ -364,6 +370,9 @@ def test_config_round_trip() -> None:
         ({"objective_probs": {"forward": -1.0}}, "objective_probs"),
         ({"embodiments": {"arm": {"action_dim": 0, "state_dim": 2}}}, "action_dim"),
         ({"embodiments": {"a.b": EmbodimentSpec(1, 1)}}, "embodiment names"),
+        ({"vocab_size": 16, "code_levels": (4, 3)}, "code_levels"),
+        ({"vocab_size": 16, "code_levels": (16, 1)}, "code_levels"),
+        ({"head": "mar", "code_levels": (4, 4), "vocab_size": 16}, "code_levels"),
     ],
 )
 def test_bad_config_raises(overrides: dict, field: str) -> None:
@@ -463,10 +472,12 @@ def test_append_without_hidden_stores_the_same_keys_and_values() -> None:
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("head", sorted(HEADS))
 @pytest.mark.parametrize("patch_size", [1, 2])
-def test_token_logits_match_the_full_head(patch_size: int) -> None:
-    """generate_frame computes logits only for the tokens it samples: the same values as the full head."""
-    model = tiny_model(perturb=True, patch_size=patch_size).eval()
+def test_token_logits_match_the_full_head(patch_size: int, head: str) -> None:
+    """generate_frame computes logits only for the tokens it samples: the same values as the full head
+    (factorised head: its per-channel logits give the full head's code log-probabilities)."""
+    model = tiny_model(perturb=True, patch_size=patch_size, **HEADS[head]).eval()
     batch = make_batch([0, 1])
     cache = model.new_cache(2)
     append_all(model, cache, batch, range(2))
@@ -484,6 +495,9 @@ def test_token_logits_match_the_full_head(patch_size: int) -> None:
         assert sorted(order.tolist()) == list(range(len(rows))) and not torch.equal(order, torch.arange(len(rows)))
         rows, cols = rows[order], cols[order]
     assert torch.equal(rows_out, rows) and torch.equal(cols_out, cols)
+    if model.config.factorized:
+        assert logits.shape == (len(rows), sum(LEVELS))
+        logits = model._factorized_log_probs(logits)
     torch.testing.assert_close(logits, full[rows, cols], atol=1e-5, rtol=1e-5)
 
 
@@ -602,3 +616,72 @@ def test_appending_some_rows_runs_only_those_rows() -> None:
                        return_hidden=False)
     hook.remove()
     assert calls == [2, 3, 3] and subset.pos.tolist() == [4, 2, 4]
+
+
+# ----------------------------------------------------------------------------- the factorised head
+
+
+def test_factorized_head_is_small_and_its_code_probabilities_are_the_channel_product() -> None:
+    """code_levels: sum(levels) logits a token; a code's log-probability is the sum of its channels'
+    log-softmaxes at its digits (first channel least significant, the tokenizer's code order), the codes'
+    probabilities sum to 1, and the training loss is the cross-entropy of those code probabilities."""
+    from hma_gym.models.tokenizer import index_to_codes
+
+    plain = tiny_model(patch_size=2)
+    model = tiny_model(perturb=True, patch_size=2, code_levels=LEVELS)
+    assert model.image_head.out_features == 4 * sum(LEVELS) and plain.image_head.out_features == 4 * VOCAB
+    logits = torch.randn(5, sum(LEVELS), generator=torch.Generator().manual_seed(0))
+    logp = model._factorized_log_probs(logits)  # (5, VOCAB)
+    torch.testing.assert_close(logp.exp().sum(-1), torch.ones(5))
+    parts = logits.split(list(LEVELS), -1)
+    for code in (0, 1, 7, 13, 15):
+        digits = index_to_codes(torch.tensor(code), LEVELS).tolist()
+        by_hand = sum(p.log_softmax(-1)[:, d] for p, d in zip(parts, digits, strict=True))
+        torch.testing.assert_close(logp[:, code], by_hand)
+    target = torch.tensor([3, 15, 0, 8, 6])
+    ce, accuracy = model._factorized_ce(logits, target)
+    torch.testing.assert_close(ce, torch.nn.functional.cross_entropy(logp, target))
+    assert accuracy == (logp.argmax(-1) == target).float().mean()
+
+
+def test_factorized_embedding_sums_channel_rows_and_masks_whole_codes() -> None:
+    from hma_gym.models.tokenizer import index_to_codes
+
+    model = tiny_model(perturb=True, patch_size=1, code_levels=LEVELS)
+    tokens = torch.randint(0, VOCAB, (1, 1, GRID * GRID), generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros_like(tokens, dtype=torch.bool)
+    mask[0, 0, 3] = True
+    emb = model._embed_factorized(tokens, mask)[0, 0]  # (G, D)
+    L, table = sum(LEVELS), model.tok_emb.weight
+    digits = index_to_codes(tokens[0, 0, 0], LEVELS)
+    torch.testing.assert_close(emb[0], table[digits[0]] + table[4 + digits[1]] + table[6 + digits[2]])
+    torch.testing.assert_close(emb[3], table[L])  # [MASK]: the mask row alone, whatever the code under it
+
+
+def test_factorized_sampling_follows_the_code_distribution() -> None:
+    """Each channel drawn from its softmax gives codes with the product probabilities; greedy picks the
+    most likely code; a seeded generator repeats its draws."""
+    model = tiny_model(code_levels=LEVELS)
+    logits = (2 * torch.randn(1, sum(LEVELS), generator=torch.Generator().manual_seed(3))).repeat(40000, 1)
+    codes, logp = model._factorized_sample(logits, 1.0, torch.Generator().manual_seed(0), None, False)
+    expected = model._factorized_log_probs(logits[:1])[0]
+    torch.testing.assert_close(logp, expected[codes])
+    freq = torch.bincount(codes, minlength=VOCAB).float() / len(codes)
+    torch.testing.assert_close(freq, expected.exp(), atol=0.012, rtol=0)
+    again, _ = model._factorized_sample(logits, 1.0, torch.Generator().manual_seed(0), None, False)
+    assert torch.equal(codes, again)
+    best, best_logp = model._factorized_sample(logits[:1], 1.0, None, None, True)
+    assert best.item() == expected.argmax().item() and best_logp.item() == pytest.approx(expected.max().item())
+
+
+def test_factorized_greedy_frame_is_the_argmax_code_of_every_token() -> None:
+    """One greedy unmasking step fills every token with the argmax of predict_frame's code distribution."""
+    model = tiny_model(perturb=True, patch_size=2, code_levels=LEVELS).eval()
+    batch = make_batch([0, 1])
+    cache = model.new_cache(2)
+    append_all(model, cache, batch, range(2))
+    ids, action = batch["embodiment_ids"], batch["actions"][:, 1]
+    tokens, _ = model.generate_frame(cache, action, ids, steps=1, greedy=True)
+    logp, _ = model.predict_frame(cache, batch["tokens"][:, 2], torch.ones(2, GRID, GRID, dtype=torch.bool), action,
+                                  ids)
+    assert torch.equal(tokens.flatten(1), logp.argmax(-1))

@@ -351,3 +351,41 @@ def test_unpack_runs_joins_parts_and_names_the_weights(tmp_path):
     assert not (run / "dynamics_fp16.safetensors").exists()
     with pytest.raises(SystemExit, match="no runs.tar.part"):
         unpack(tmp_path / "src", tmp_path / "other")
+
+
+def test_factorized_model_starts_from_a_trained_trunk(dynamics_run, tiny_data, tokenizer_run, tmp_path):
+    """train --factorized-head --init-trunk: a model with per-FSQ-channel softmaxes whose trunk, stems,
+    heads and statistics start as the source run's and whose image input/output start fresh; it trains
+    and its checkpoint reloads with the factorised head. Mismatched sizes and other heads are refused."""
+    from hma_gym.checkpoint import load_tensors
+    from hma_gym.world_model import load_dynamics, load_tokenizer
+    from training.warmstart import IMAGE_IO, copy_trunk
+
+    source, _ = load_dynamics(dynamics_run)
+    levels = load_tokenizer(tokenizer_run).cfg.levels
+    run = tmp_path / "fact"
+    main(["train", "--data", str(tiny_data), "--tokenizer", str(tokenizer_run), "--out", str(run),
+          "--factorized-head", "--init-trunk", str(dynamics_run), "--steps", "4", "--eval-every", "4",
+          "--save-every", "4", *DYN_ARGS, "--lr", "1e-9"])  # the weights stay (almost) where they started
+    model, meta = load_dynamics(run)
+    assert model.config.code_levels == tuple(levels) and model.config.vocab_size == source.config.vocab_size
+    assert model.image_head.out_features == model.group * sum(levels)
+    assert meta["init_trunk"]["left_out"] == ["tok_emb.weight", "image_head.weight", "image_head.bias"]
+    src = source.state_dict()
+    for key, value in model.state_dict().items():
+        if not key.startswith(IMAGE_IO):
+            torch.testing.assert_close(value, src[key], atol=1e-7, rtol=0, msg=key)
+    norms = load_tensors(run / "normalization.safetensors")
+    for key, value in load_tensors(dynamics_run / "normalization.safetensors").items():
+        assert torch.equal(norms[key], value), key
+    assert all(np.isfinite(r["loss"]) for r in _log(run) if r.get("event") == "train")
+
+    from hma_gym.models.hma import make_hma
+
+    wider = make_hma("tiny", d_model=48, vocab_size=source.config.vocab_size, grid=source.config.grid,
+                     patch_size=2, max_frames=6, embodiments=source.config.embodiments)
+    with pytest.raises(ValueError, match="size flags"):
+        copy_trunk(wider, source)
+    with pytest.raises(SystemExit):  # the factorised head is a maskgit head
+        main(["train", "--data", str(tiny_data), "--tokenizer", str(tokenizer_run), "--out", str(tmp_path / "x"),
+              "--head", "mar", "--factorized-head", "--steps", "2", *DYN_ARGS])

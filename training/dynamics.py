@@ -17,7 +17,7 @@ from training.evaluate import eval_windows, fidelity_report, tokenize_episodes
 from training.loop import LoopConfig, train_loop
 from training.mixture import Source, fit_normalizers, load_sources, mixed_batch, read_mixture, sampling_weights
 from training.tokens import TokenCacheError, load_token_cache
-from training.warmstart import code_embedding_pairs, fit_latent_in, keep_layers, mar_from_maskgit
+from training.warmstart import code_embedding_pairs, copy_trunk, fit_latent_in, keep_layers, mar_from_maskgit
 
 
 @dataclass
@@ -66,6 +66,14 @@ class DynamicsTrainConfig(LoopConfig, DataConfig):
     init_layers: tuple[int, ...] = ()
     """With --init: keep only these transformer blocks of the init model, in this order (e.g. 0 3: a
     2-layer model from a 4-layer one's first and last blocks, to fine-tune a faster model); empty = all."""
+    factorized_head: bool = False
+    """maskgit: embed and predict each FSQ channel of a code separately (one small softmax per channel,
+    sum(levels) logits a token instead of one softmax over all prod(levels) codes): keeps a large codebook
+    (e.g. hma_gym/assets/tokenizer_15k's 15,360 codes) as cheap as the 1,000-code one."""
+    init_trunk: str = ""
+    """A maskgit `train` run or packed checkpoint whose trunk, stems, heads and statistics start this model;
+    only the image input and output start fresh (e.g. a model on another tokenizer's codes). Give the
+    source's size flags (--d-model, --n-layer, --n-head, --patch-size)."""
     steps: int = 6000
     """Optimizer steps."""
     batch_size: int = 8
@@ -116,8 +124,13 @@ class DynamicsTrainConfig(LoopConfig, DataConfig):
             raise ValueError("--init-maskgit and --freeze-trunk train a mar model: add --head mar")
         if self.round_input and not self.lattice_input:
             raise ValueError("--round-input needs --lattice-input")
-        if self.init_maskgit and self.init:
-            raise ValueError("give one of --init and --init-maskgit")
+        if sum(map(bool, (self.init, self.init_maskgit, self.init_trunk))) > 1:
+            raise ValueError("give one of --init, --init-maskgit and --init-trunk")
+        if (self.factorized_head or self.init_trunk) and self.head != "maskgit":
+            raise ValueError("--factorized-head and --init-trunk are for the maskgit head")
+        if self.factorized_head and self.init:
+            raise ValueError("--init keeps the init model's head; --factorized-head builds a new model "
+                             "(use --init-trunk to start its trunk from a trained one)")
         if self.train_only_new and not self.init:
             raise ValueError("--train-only-new needs --init (the model whose trunk stays frozen)")
         if self.init_layers and not self.init:
@@ -145,6 +158,8 @@ def build_model(cfg: DynamicsTrainConfig, vocab_size: int, grid: int, embodiment
     overrides = {k: getattr(cfg, k) for k in ("d_model", "n_layer", "n_head") if getattr(cfg, k)}
     if cfg.head == "mar":
         overrides.update(head="mar", latent_dim=len(levels), **mar_fields(cfg, levels))
+    elif cfg.factorized_head:
+        overrides.update(code_levels=tuple(levels))
     return make_hma(
         cfg.preset, **overrides, vocab_size=vocab_size, grid=grid, patch_size=cfg.patch_size,
         n_action_tokens=cfg.n_action_tokens, max_frames=cfg.max_frames, objective_probs=cfg.objective_probs,
@@ -269,6 +284,15 @@ def train_dynamics(cfg: DynamicsTrainConfig) -> dict:
         norm_tensors = {}
         for name, n in norms.items():
             norm_tensors.update(n.tensors(prefix=f"{name}/"))
+        if cfg.init_trunk:  # the stems keep the statistics they were trained with
+            source, init_meta = load_dynamics(cfg.init_trunk)
+            copied = copy_trunk(model, source)
+            init_norms = load_tensors(Path(cfg.init_trunk) / "normalization.safetensors")
+            norm_tensors.update({k: v for k, v in init_norms.items() if k.split("/", 1)[0] in specs})
+            source_meta["init_trunk"] = {"dir": cfg.init_trunk, "trained_steps": init_meta.get("trained_steps"),
+                                         "copied": len(copied["copied"]), "left_out": copied["left_out"]}
+            print(f"trunk from {cfg.init_trunk}: {len(copied['copied'])} tensors copied; new: "
+                  f"{', '.join(copied['left_out'])}")
     if cfg.freeze_trunk:
         trainable = list(model.diff_head.parameters())
         keep = {id(p) for p in trainable}

@@ -1,5 +1,6 @@
 """Models started from other trained models: a shallower HMA from some of a trained one's blocks
-(``keep_layers``), and a MAR (soft-token) HMA from a trained MaskGIT HMA.
+(``keep_layers``), a MaskGIT HMA on another tokenizer's codes from a trained one's trunk (``copy_trunk``),
+and a MAR (soft-token) HMA from a trained MaskGIT HMA.
 
 A MAR HMA and a MaskGIT HMA share the trunk, stems and heads.
 
@@ -48,12 +49,42 @@ def keep_layers(model: HMA, layers: tuple[int, ...] | list[int]) -> HMA:
     return small.train(model.training)
 
 
+def copy_trunk(model: HMA, source: HMA) -> dict[str, list[str]]:
+    """Copy into ``model`` every weight of ``source`` except the image input and output (``IMAGE_IO``): the
+    trunk, positions, stems and heads, e.g. to start a model on another tokenizer's codes (another
+    codebook, or the factorised head) from a trained one. Both must have the same trunk (width, depth,
+    heads, patch size, action tokens) and embodiments. Returns the copied and the left-out names."""
+    if model.config.soft or source.config.soft:
+        raise ValueError("copy_trunk is for maskgit models; a mar model starts from a maskgit one with "
+                         "mar_from_maskgit")
+    own = model.state_dict()
+    copied, left = [], []
+    with torch.no_grad():
+        for key, value in source.state_dict().items():
+            if key.startswith(IMAGE_IO):
+                left.append(key)
+                continue
+            if key not in own or own[key].shape != value.shape:
+                raise ValueError(f"copy_trunk: {key} is {tuple(value.shape)} in the source and "
+                                 f"{tuple(own[key].shape) if key in own else 'missing'} in the model: "
+                                 "give the model the source's size flags and embodiments")
+            own[key].copy_(value)
+            copied.append(key)
+    stray = sorted(set(own) - set(copied) - {k for k in own if k.startswith(IMAGE_IO)})
+    if stray:
+        raise ValueError(f"copy_trunk: the source has no {stray}")
+    return {"copied": copied, "left_out": left}
+
+
 def mar_from_maskgit(maskgit: HMA, latent_dim: int, **mar_config) -> HMA:
     """A MAR model with ``maskgit``'s architecture and every weight the variants share; ``mar_config``:
     the MAR fields of HMAConfig (diff_width, latent_in_hidden, ...). ``latent_in`` is left at its
     initialisation (see ``fit_latent_in``)."""
     if maskgit.config.soft:
         raise ValueError("the source model is already a mar model")
+    if maskgit.config.factorized:
+        raise ValueError("the source model has a factorised head (code_levels); the mar warm start needs a "
+                         "code embedding table")
     config = replace(maskgit.config, head="mar", latent_dim=latent_dim, **mar_config)
     mar = HMA(config)
     shared = {k: v for k, v in maskgit.state_dict().items() if not k.startswith(IMAGE_IO)}

@@ -39,6 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from hma_gym.models.tokenizer import fsq_codes_to_index, index_to_codes
+
 __all__ = [
     "OBJECTIVES",
     "EmbodimentSpec",
@@ -143,6 +145,12 @@ class HMAConfig:
     """mar: DDIM steps per token at generation (a keyword of ``generate_frame`` too)."""
     diff_batch_mul: int = 4
     """mar: noise draws per masked token and training step (MAR's diffusion batch multiplier)."""
+    code_levels: tuple[int, ...] = ()
+    """maskgit: the tokenizer's FSQ levels, for a factorised image head: a code embeds as the sum of one
+    learned vector per (channel, level) and the head predicts each channel's level with its own softmax
+    (sum(levels) logits a token instead of prod(levels) = vocab_size), the code's probability being the
+    product. Keeps large FSQ codebooks (e.g. 8 8 8 6 5 = 15,360 codes) cheap. Empty: one softmax over
+    the codes."""
 
     def __post_init__(self) -> None:
         # from_dict / JSON give plain dicts
@@ -197,6 +205,13 @@ class HMAConfig:
         self.latent_levels = tuple(int(v) for v in self.latent_levels)
         if self.round_latent_input and not self.latent_levels:
             raise ValueError("round_latent_input needs latent_levels (the lattice embedding)")
+        self.code_levels = tuple(int(v) for v in self.code_levels)
+        if self.code_levels:
+            if self.head != "maskgit":
+                raise ValueError(f"code_levels (the factorised head) is for the maskgit head. Got {self.head=}")
+            if min(self.code_levels) < 2 or math.prod(self.code_levels) != self.vocab_size:
+                raise ValueError(f"code_levels must be levels >= 2 whose product is vocab_size. Got "
+                                 f"{self.code_levels=} (product {math.prod(self.code_levels)}), {self.vocab_size=}")
         if self.latent_levels and (len(self.latent_levels) != self.latent_dim or min(self.latent_levels) < 2):
             raise ValueError(f"latent_levels must give latent_dim levels, each >= 2. Got {self.latent_levels=}, "
                              f"{self.latent_dim=}")
@@ -205,6 +220,16 @@ class HMAConfig:
     def soft(self) -> bool:
         """True for the continuous ("mar") variant: image tokens are float latents (..., latent_dim)."""
         return self.head == "mar"
+
+    @property
+    def factorized(self) -> bool:
+        """True when the maskgit head predicts each FSQ channel separately (``code_levels``)."""
+        return bool(self.code_levels)
+
+    @property
+    def head_classes(self) -> int:
+        """Logits per image token of the maskgit head: sum(code_levels) if factorised, else vocab_size."""
+        return sum(self.code_levels) if self.code_levels else self.vocab_size
 
     @property
     def image_slots(self) -> int:
@@ -735,8 +760,9 @@ class HMA(nn.Module):
             else:
                 self.latent_in = nn.Linear(d_in, D)
             self.image_mask_emb = nn.Parameter(torch.zeros(D))
-        else:  # one table per position inside a patch group; code vocab_size of each table is [MASK]
-            self.tok_emb = nn.Embedding(self.group * (config.vocab_size + 1), D)
+        else:  # one table per position inside a patch group; code head_classes of each table is [MASK]
+            # (factorised: the table holds one row per (channel, level), and a code sums its channels' rows)
+            self.tok_emb = nn.Embedding(self.group * (config.head_classes + 1), D)
         self.pos_emb = nn.Parameter(torch.zeros(config.tokens_per_frame, D))  # learned, one per slot
         self.action_mask_emb = nn.Parameter(torch.zeros(D))
         self.state_mask_emb = nn.Parameter(torch.zeros(D))
@@ -747,7 +773,7 @@ class HMA(nn.Module):
         if config.soft:
             self.diff_head = DiffusionMLP(self.group * config.latent_dim, D, config.diff_width, config.diff_depth)
         else:
-            self.image_head = nn.Linear(D, self.group * config.vocab_size)
+            self.image_head = nn.Linear(D, self.group * config.head_classes)
         self.embodiments = nn.ModuleDict()
         self._schedulers: dict[str, Any] = {}
 
@@ -895,6 +921,8 @@ class HMA(nn.Module):
             slot_mask = self._to_slots(image_mask).any(-1)  # (B, F, S)
             img = self._embed_latents(tokens)  # (B, F, S, D)
             img = torch.where(slot_mask[..., None], self.image_mask_emb.to(img.dtype), img)  # (B, F, S, D)
+        elif self.config.factorized:
+            img = self._embed_factorized(tokens, image_mask)
         else:
             V = self.config.vocab_size
             codes = self._to_slots(tokens.masked_fill(image_mask, V))  # (B, F, S, p*p), V = [MASK]
@@ -910,6 +938,62 @@ class HMA(nn.Module):
         state = torch.where(state_mask[..., None], self.state_mask_emb.to(state_emb.dtype), state_emb)
         x = torch.cat([img, act.to(img.dtype), state[:, :, None].to(img.dtype)], dim=2)  # (B, F, N, D)
         return x + self.pos_emb.to(x.dtype), cond
+
+    def _level_offsets(self, device: torch.device | str) -> Tensor:
+        """(C,) first row/logit of each FSQ channel inside one sub-position's block of sum(levels)."""
+        levels = torch.tensor(self.config.code_levels, device=device)
+        return levels.cumsum(0) - levels
+
+    def _embed_factorized(self, tokens: Tensor, image_mask: Tensor) -> Tensor:
+        """Factorised head: codes (B, F, G), mask (B, F, G) -> (B, F, S, D); a code's embedding is the sum of
+        its channels' level rows, a [MASK] token's the sub-position's mask row."""
+        L = self.config.head_classes
+        digits = index_to_codes(tokens.masked_fill(image_mask, 0), self.config.code_levels)  # (B, F, G, C)
+        rows = digits + self._level_offsets(tokens.device)
+        sub = torch.arange(self.group, device=tokens.device)[:, None] * (L + 1)  # (p*p, 1)
+        rows = self._to_slots(rows.movedim(-1, -2)).movedim(-3, -1) + sub  # (B, F, S, p*p, C)
+        masked = self._to_slots(image_mask)[..., None]  # (B, F, S, p*p, 1)
+        emb = self.tok_emb(rows).sum(-2)  # (B, F, S, p*p, D)
+        emb = torch.where(masked, self.tok_emb(sub[:, 0] + L), emb)
+        return emb.sum(-2)
+
+    def _factorized_log_probs(self, logits: Tensor) -> Tensor:
+        """Factorised head: per-channel logits (..., sum(levels)) -> log-probabilities of every code (..., V),
+        the sum of each channel's log-softmax at the code's level."""
+        levels = self.config.code_levels
+        out = None
+        for c, part in enumerate(logits.float().split(list(levels), dim=-1)):  # channel c is digit c
+            lp = part.log_softmax(-1)
+            lp = lp.view(*lp.shape[:-1], *([1] * (len(levels) - 1 - c)), levels[c], *([1] * c))
+            out = lp if out is None else out + lp
+        return out.flatten(-len(levels))  # the last channel varies slowest: index = d0 + L0 * (d1 + ...)
+
+    def _factorized_ce(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """Factorised head: logits (M, sum(levels)), target codes (M,) -> (cross-entropy of the code, i.e. the
+        sum of the channels' cross-entropies; accuracy of the per-channel argmax code)."""
+        levels = self.config.code_levels
+        digits = index_to_codes(target, levels)  # (M, C)
+        parts = logits.split(list(levels), dim=-1)
+        ce = sum(F.cross_entropy(p, digits[:, c]) for c, p in enumerate(parts))
+        argmax = torch.stack([p.argmax(-1) for p in parts], dim=-1)
+        return ce, (argmax == digits).all(-1).float().mean()
+
+    def _factorized_sample(self, logits: Tensor, temperature: float, generator: torch.Generator | None,
+                           order: Tensor | None, greedy: bool) -> tuple[Tensor, Tensor]:
+        """Factorised head: logits (K, sum(levels)) -> (codes (K,), log-probability of each). Each channel's
+        level is drawn from its own softmax (one uniform per token and channel, drawn channel after channel
+        in ``order``, see ``sample_categorical``), or its argmax if greedy."""
+        digits, logp = [], torch.zeros(len(logits), device=logits.device)
+        for part in logits.float().split(list(self.config.code_levels), dim=-1):
+            lp = part.log_softmax(-1)
+            if greedy:
+                d = lp.argmax(-1)
+            else:
+                probs = torch.softmax(part if temperature == 1.0 else part / temperature, dim=-1)
+                d = sample_categorical(probs, generator, order=order)
+            digits.append(d)
+            logp = logp + lp.gather(1, d[:, None])[:, 0]
+        return fsq_codes_to_index(torch.stack(digits, dim=-1), self.config.code_levels), logp
 
     def _embed_latents(self, latents: Tensor) -> Tensor:
         """mar: latents (..., G, C) in level units -> one embedding per trunk token (..., S, D)."""
@@ -989,10 +1073,16 @@ class HMA(nn.Module):
             raise ValueError(f"{kind} must be (..., {', '.join(map(str, want))}). Got {tuple(tokens.shape)}")
         return tokens.reshape(*tokens.shape[:lead], G, *want[2:])
 
+    def _head_logits(self, h: Tensor) -> Tensor:
+        """h (..., S, D) image-slot outputs -> the head's raw logits (..., g*g, head_classes) per image token."""
+        logits = self.image_head(self.image_norm(h))  # (..., S, p*p*classes)
+        return self._from_slots(logits.unflatten(-1, (self.group, self.config.head_classes)))
+
     def _image_logits(self, h: Tensor) -> Tensor:
-        """h (..., S, D) image-slot outputs -> logits (..., g*g, V) for every image token."""
-        logits = self.image_head(self.image_norm(h))  # (..., S, p*p*V)
-        return self._from_slots(logits.unflatten(-1, (self.group, self.config.vocab_size)))
+        """h (..., S, D) image-slot outputs -> logits (..., g*g, V) for every image token (factorised head:
+        the log-probability of every code, a valid logit)."""
+        logits = self._head_logits(h)
+        return self._factorized_log_probs(logits) if self.config.factorized else logits
 
     def forward_clean(
         self,
@@ -1149,10 +1239,13 @@ class HMA(nn.Module):
             if self.group == 1:  # only the masked tokens need logits
                 logits = self.image_head(self.image_norm(h[:, :, :G][img_mask])).float()  # (M, V)
             else:
-                logits = self._image_logits(h[:, :, : self.n_slots])[img_mask].float()  # (M, V)
+                logits = self._head_logits(h[:, :, : self.n_slots])[img_mask].float()  # (M, V)
             target = tokens[:, sl][img_mask]  # (M,)
-            image_loss = F.cross_entropy(logits, target)
-            image_metrics = {"ce": image_loss, "accuracy": (logits.argmax(-1) == target).float().mean()}
+            if cfg.factorized:  # logits (M, sum(levels))
+                image_loss, accuracy = self._factorized_ce(logits, target)
+            else:
+                image_loss, accuracy = F.cross_entropy(logits, target), (logits.argmax(-1) == target).float().mean()
+            image_metrics = {"ce": image_loss, "accuracy": accuracy}
 
         S = states.shape[-1]
         pred_states = self._predict_states(groups, h[:, :, -1], S)  # (B, T', S)
@@ -1437,7 +1530,8 @@ class HMA(nn.Module):
         self, h: Tensor, rows: Tensor, cols: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """Logits of chosen image tokens only: h (B, N, D) hidden of a pass; rows, cols (K,) batch row and
-        row-major token index of each. -> (logits (K, V), rows, cols, order): the tokens may come back
+        row-major token index of each. -> (logits (K, V) (factorised head: (K, sum(levels)), the raw
+        per-channel logits), rows, cols, order): the tokens may come back
         reordered (rows, cols in the order of the logits; token i is the order[i]-th asked for; order None:
         the given order). The same values as ``_image_logits(h)[rows, cols]``, without the head's matmul
         for the tokens not asked for (a frame's sampler needs a fraction)."""
@@ -1447,7 +1541,7 @@ class HMA(nn.Module):
             slot_of[where.flatten()] = torch.arange(self.n_slots).repeat_interleave(self.group)
             sub_of[where.flatten()] = torch.arange(self.group).repeat(self.n_slots)
             self._slot_of, self._sub_of = slot_of, sub_of
-        V = self.config.vocab_size
+        V = self.config.head_classes
         slot, sub = self._slot_of.to(cols.device)[cols], self._sub_of.to(cols.device)[cols]
         weight = self.image_head.weight.view(self.group, V, -1)
         bias = self.image_head.bias.view(self.group, V)
@@ -1519,22 +1613,28 @@ class HMA(nn.Module):
             if greedy:  # confidence ranks every masked token: all of them need logits
                 rows, cols = (~known).nonzero(as_tuple=True)
                 logits, rows, cols, _ = self._token_logits(h, rows, cols)
-                logp = logits.float().log_softmax(-1)
                 confidence = torch.full((B, G), float("-inf"), device=device)
                 sampled = torch.zeros(B, G, dtype=torch.long, device=device)
-                confidence[rows, cols], sampled[rows, cols] = logp.max(-1)
+                if self.config.factorized:  # argmax of each channel: the most likely code
+                    sampled[rows, cols], confidence[rows, cols] = self._factorized_sample(logits, 1.0, None,
+                                                                                          None, True)
+                else:
+                    confidence[rows, cols], sampled[rows, cols] = logits.float().log_softmax(-1).max(-1)
                 top = confidence.topk(n_reveal, dim=-1).indices
                 reveal = torch.zeros_like(known).scatter_(1, top, True)
             else:  # only the tokens this iteration reveals are sampled
                 reveal = (order < G - n_masked) & ~known
                 rows, cols = reveal.nonzero(as_tuple=True)
                 logits, rows, cols, perm = self._token_logits(h, rows, cols)  # (B * n_reveal, V)
-                logits = logits.float()
-                probs = torch.softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
                 sampled = torch.zeros(B, G, dtype=torch.long, device=device)
                 # each token gets the uniform it would get in the order asked for (the draws do not
                 # depend on how the head grouped the tokens)
-                sampled[rows, cols] = sample_categorical(probs, generator, order=perm)
+                if self.config.factorized:
+                    sampled[rows, cols] = self._factorized_sample(logits, temperature, generator, perm, False)[0]
+                else:
+                    logits = logits.float()
+                    probs = torch.softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
+                    sampled[rows, cols] = sample_categorical(probs, generator, order=perm)
             tokens = torch.where(reveal, sampled, tokens)
             known = known | reveal
         state = self._predict_states(groups, h[:, None, -1], self.max_state_dim)[:, 0]  # (B, S)
