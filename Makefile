@@ -136,16 +136,15 @@ tokens-15k: mix-data
 # token instead of 15,360; 2.9 M parameters) and started from the shipped checkpoint's trunk (--init-trunk):
 # 1000 steps of 32 windows (~1.7 h on 2 cores), a warm restart at a lower rate (350 steps, ~40 min), then packed
 # and evaluated as above (results copied to benchmarks/results/eval_model_lift_15k*.json)
+F15K_TRAIN = $(HMA) train --tokens data/lift_mix_tokens_15k.safetensors --data data/lift.hdf5 \
+  --extra-data data/dp_shipped.hdf5 data/lift_noisy.hdf5 --tokenizer hma_gym/assets/tokenizer_15k --batch-size 32 \
+  --prompt-frames 1 --eval-windows 24 --save-every 50 --log-every 10 --threads 2
 lift-15k-cpu: tokens-15k
-	$(HMA) train --tokens data/lift_mix_tokens_15k.safetensors --data data/lift.hdf5 \
-	  --extra-data data/dp_shipped.hdf5 data/lift_noisy.hdf5 --tokenizer hma_gym/assets/tokenizer_15k \
-	  --d-model 160 --n-layer 4 --n-head 4 --patch-size 2 --factorized-head --init-trunk hma_gym/assets/lift \
-	  --batch-size 32 --steps 1000 --lr 7e-4 --warmup 40 --min-lr-ratio 0.1 --prompt-frames 1 \
-	  --eval-every 250 --eval-windows 24 --save-every 50 --log-every 10 --threads 2 --out runs/f15k
-	$(HMA) train --tokens data/lift_mix_tokens_15k.safetensors --data data/lift.hdf5 \
-	  --extra-data data/dp_shipped.hdf5 data/lift_noisy.hdf5 --tokenizer hma_gym/assets/tokenizer_15k \
-	  --init runs/f15k --batch-size 32 --steps 350 --lr 3e-4 --warmup 20 --min-lr-ratio 0.05 --prompt-frames 1 \
-	  --eval-every 350 --eval-windows 24 --save-every 50 --log-every 10 --threads 2 --seed 1 --out runs/f15k2
+	$(F15K_TRAIN) --d-model 160 --n-layer 4 --n-head 4 --patch-size 2 --factorized-head \
+	  --init-trunk hma_gym/assets/lift --steps 1000 --lr 7e-4 --warmup 40 --min-lr-ratio 0.1 --eval-every 250 \
+	  --out runs/f15k
+	$(F15K_TRAIN) --init runs/f15k --steps 350 --lr 3e-4 --warmup 20 --min-lr-ratio 0.05 --eval-every 350 --seed 1 \
+	  --out runs/f15k2
 	$(MAKE) lift-15k-pack RUN=runs/f15k2 RECIPE="make lift-15k-cpu"
 	cp outputs/eval_model_lift_15k.json outputs/eval_model_lift_15k_greedy.json benchmarks/results/
 

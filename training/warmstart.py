@@ -57,23 +57,17 @@ def copy_trunk(model: HMA, source: HMA) -> dict[str, list[str]]:
     if model.config.soft or source.config.soft:
         raise ValueError("copy_trunk is for maskgit models; a mar model starts from a maskgit one with "
                          "mar_from_maskgit")
-    own = model.state_dict()
-    copied, left = [], []
-    with torch.no_grad():
-        for key, value in source.state_dict().items():
-            if key.startswith(IMAGE_IO):
-                left.append(key)
-                continue
-            if key not in own or own[key].shape != value.shape:
-                raise ValueError(f"copy_trunk: {key} is {tuple(value.shape)} in the source and "
-                                 f"{tuple(own[key].shape) if key in own else 'missing'} in the model: "
-                                 "give the model the source's size flags and embodiments")
-            own[key].copy_(value)
-            copied.append(key)
-    stray = sorted(set(own) - set(copied) - {k for k in own if k.startswith(IMAGE_IO)})
-    if stray:
-        raise ValueError(f"copy_trunk: the source has no {stray}")
-    return {"copied": copied, "left_out": left}
+    weights = source.state_dict()
+    shared = {k: v for k, v in weights.items() if not k.startswith(IMAGE_IO)}
+    try:
+        missing, unexpected = model.load_state_dict(shared, strict=False)
+    except RuntimeError as err:  # a size mismatch
+        raise ValueError(f"copy_trunk: give the model the source's size flags and embodiments ({err})") from err
+    stray = [k for k in missing if not k.startswith(IMAGE_IO)]
+    if unexpected or stray:
+        raise ValueError(f"copy_trunk: weights only the source has {unexpected}, only the model has {stray}: "
+                         "give the model the source's size flags and embodiments")
+    return {"copied": list(shared), "left_out": [k for k in weights if k not in shared]}
 
 
 def mar_from_maskgit(maskgit: HMA, latent_dim: int, **mar_config) -> HMA:
