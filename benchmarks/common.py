@@ -45,7 +45,7 @@ def write_result(name: str, payload: dict, module: str | None = None) -> Path:
 
 
 def learned_env_kwargs(target: str) -> dict:
-    """A shipped variant ("maskgit", "mar", "fast") -> {"variant": target}; a packed checkpoint directory ->
+    """A shipped variant ("maskgit", "mar", "fast", "fsq15k") -> {"variant": target}; a packed checkpoint directory ->
     {"checkpoint": target}: the gym.make kwargs of a benchmark's learned env."""
     from hma_gym.envs.learned_env import VARIANTS
 

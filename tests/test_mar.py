@@ -288,9 +288,15 @@ def test_model_speed_times_the_shipped_checkpoints(tmp_path, monkeypatch) -> Non
     from benchmarks.model_speed import main
 
     monkeypatch.setattr(common, "RESULTS", tmp_path)
-    rows = main(["--shipped", "--batch", "1", "2", "--frames", "1", "--min-seconds", "0", "--blocks", "2"])["rows"]
+    payload = main(["--shipped", "--batch", "1", "2", "--frames", "1", "--min-seconds", "0", "--blocks", "2"])
+    rows = payload["rows"]
     assert {(r["variant"], r["batch"]) for r in rows} == {(v, b) for v in ("maskgit", "mar") for b in (1, 2)}
+    fps = {(r["variant"], r["batch"]): r["frames_per_s"] for r in rows}
+    assert payload["mar_time_per_frame_vs_maskgit"] == payload["time_per_frame_vs_maskgit"]["mar"]
+    assert payload["time_per_frame_vs_maskgit"]["mar"]["batch_2"] == pytest.approx(fps["maskgit", 2] / fps["mar", 2])
     greedy = {r["variant"]: r["greedy"] for r in rows}
     assert greedy == {"maskgit": False, "mar": True}  # the checkpoints' generation settings
     assert all(len(r["block_frames_per_s"]) == 2 and r["frames_per_s"] > 0 for r in rows)
     assert (tmp_path / "model_speed_shipped.json").is_file()
+    with pytest.raises(SystemExit):  # a shipped variant that is not a head: only with --shipped
+        main(["--variants", "fast", "--presets", "tiny"])

@@ -69,6 +69,42 @@ def test_shipped_15k_tokenizer_reconstructs_better_than_the_checkpoints_one():
     assert scores["15k"] > scores["1k"] + 2.0 and scores["15k"] > 33.0, scores
 
 
+def test_fsq15k_variant_predicts_the_15k_tokenizers_codes_with_a_factorised_head():
+    """variant="fsq15k": a MaskGIT model on the 15,360-code tokenizer's codes (its encoder is the shipped
+    tokenizer_15k's), with the factorised head (35 logits a token); the default checkpoint's detector and
+    env; its steps' frames are valid observations and their codes are valid 15k codes."""
+    from pathlib import Path
+
+    import hma_gym
+    from hma_gym.checkpoint import load_tensors
+    from hma_gym.world_model import load_tokenizer
+
+    path, base = default_checkpoint("fsq15k"), default_checkpoint()
+    config, base_config = check_checkpoint_dir(path), check_checkpoint_dir(base)
+    assert config["env"] == base_config["env"]
+    assert sum(p.stat().st_size for p in path.iterdir()) < 20e6
+    a, b = load_tensors(path / "detector.safetensors"), load_tensors(base / "detector.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    learned = gym.make("HMA-RobomimicLift-v0", variant="fsq15k")
+    wm = learned.unwrapped.sim.wm
+    assert wm.tokenizer.codebook_size == 15360 and wm.dynamics.config.factorized
+    assert wm.dynamics.config.head_classes == 8 + 8 + 8 + 6 + 5
+    frames = load_tensors(base / "init_bank.safetensors")["agentview_image"][:4]
+    reference = load_tokenizer(Path(hma_gym.__file__).parent / "assets" / "tokenizer_15k")
+    with torch.no_grad():
+        agree = (wm.tokenizer.encode(frames) == reference.encode(frames)).float().mean()
+    assert agree > 0.99, float(agree)  # the packed copy is float16: a rare code may round differently
+    gt = gym.make("RobomimicLift-v0")
+    check_paired(gt, learned)
+    gt_obs, _ = gt.reset(seed=2)
+    learned.reset(seed=2, options={"initial_observation": gt_obs})
+    for _ in range(3):
+        obs, reward, terminated, truncated, info = learned.step(np.zeros(7, np.float32))
+    assert learned.observation_space.contains(obs) and 0 <= info["success_prob"] <= 1
+    learned.close()
+    gt.close()
+
+
 def test_make_without_arguments_matches_the_gt_env():
     learned = gym.make("HMA-RobomimicLift-v0")
     gt = gym.make("RobomimicLift-v0")

@@ -17,7 +17,7 @@ from hma_gym.envs.robosuite_env import RobosuiteEnv
 from hma_gym.world_model import WorldModel
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-VARIANTS = {"maskgit": "lift", "mar": "lift_mar", "fast": "lift_fast"}
+VARIANTS = {"maskgit": "lift", "mar": "lift_mar", "fast": "lift_fast", "fsq15k": "lift_15k"}
 DEFER_MAX_BATCH_CPU = 4  # largest CPU batch whose history pass is deferred (see _LearnedSim.__init__)
 
 
@@ -28,7 +28,8 @@ def default_checkpoint(variant: str = "maskgit") -> Path:
     path = ASSETS / VARIANTS[variant]
     if not path.is_dir():
         raise CheckpointError(f"no {variant} checkpoint ships with this version of hma-gym ({path} is missing): "
-                              f"train one (hma-gym train --head {variant} ..., then pack) and pass checkpoint=PATH")
+                              f"train one (hma-gym train ..., then hma-gym pack; the README gives each variant's "
+                              f"recipe) and pass checkpoint=PATH")
     return path
 
 
@@ -242,7 +243,8 @@ class HMAEnv(gym.Env):
 
     ## Arguments
     `checkpoint` (a packed checkpoint directory; default: the shipped one), `variant` (a shipped
-    checkpoint: "maskgit", the default; "mar", the continuous variant; "fast", a 2-layer MaskGIT model),
+    checkpoint: "maskgit", the default; "mar", the continuous variant; "fast", a 2-layer MaskGIT model;
+    "fsq15k", a MaskGIT model with a factorised head on the 15,360-code tokenizer),
     `steps` (MaskGIT unmasking steps) and `temperature` (default: the checkpoint's `generation` settings,
     2 steps), `greedy` (argmax decoding; default: the checkpoint's), `device`,
     `terminate_on_success`, `render_mode` ("rgb_array"), `success_frames` and `success_threshold`
