@@ -3,8 +3,8 @@ each learned env from the same initial observation; per-frame PSNR against the G
 
     python -m benchmarks.paired_psnr --episodes 10 --variants maskgit mar maskgit:greedy mar:sample
 
-A variant is a shipped checkpoint ("maskgit", "mar", "fast") or a packed checkpoint directory (e.g. runs/ckpt), with
-its own generation settings, or with ":greedy" (argmax codes / noise-free DDIM) or ":sample"
+A variant is a shipped checkpoint ("maskgit", "mar", "fast", "fsq15k") or a packed checkpoint directory (e.g.
+runs/ckpt), with its own generation settings, or with ":greedy" (argmax codes / noise-free DDIM) or ":sample"
 (temperature-1 sampling) forced: `--variants maskgit runs/my_ckpt runs/my_ckpt:greedy`.
 
 Unlike `eval-model` (8 frames after 4 GT prompt frames from held-out data), this is the env as a user
