@@ -106,8 +106,8 @@ def shipped_rows(args) -> tuple[list[dict], dict]:
             print(f"{variant:8s} shipped batch {batch:3d} {mean:8.2f} frames/s (blocks {fps[variant]})", flush=True)
     by = {(r["variant"], r["batch"]): r["frames_per_s"] for r in rows}
     # time per frame relative to the default MaskGIT checkpoint's, per variant and batch
-    ratios = {v: {f"batch_{b}": by[("maskgit", b)] / by[(v, b)] for b in args.batch if ("maskgit", b) in by}
-              for v in models if v != "maskgit"}
+    ratios = {v: {f"batch_{b}": by[("maskgit", b)] / by[(v, b)] for b in args.batch}
+              for v in models if v != "maskgit"} if "maskgit" in models else {}
     return rows, ratios
 
 

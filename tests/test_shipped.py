@@ -10,7 +10,29 @@ import torch
 from gymnasium.utils.env_checker import check_env
 
 from hma_gym.checkpoint import CHECKPOINT_FILES, check_checkpoint_dir
-from hma_gym.envs.learned_env import VARIANTS, check_paired, default_checkpoint
+from hma_gym.envs.learned_env import ASSETS, VARIANTS, check_paired, default_checkpoint
+
+
+def same_tensors(path, base, name: str) -> bool:
+    """Whether two checkpoint directories hold the same `name`.safetensors (keys and values)."""
+    from hma_gym.checkpoint import load_tensors
+
+    a, b = load_tensors(path / f"{name}.safetensors"), load_tensors(base / f"{name}.safetensors")
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def step_from_gt_reset(learned: gym.Env, seed: int, steps: int = 3) -> None:
+    """Spaces paired with the GT env's; reset from its observation, then `steps` zero-action steps give valid
+    observations and a success probability."""
+    gt = gym.make("RobomimicLift-v0")
+    check_paired(gt, learned)
+    gt_obs, _ = gt.reset(seed=seed)
+    learned.reset(seed=seed, options={"initial_observation": gt_obs})
+    for _ in range(steps):
+        obs, reward, terminated, truncated, info = learned.step(np.zeros(7, np.float32))
+    assert learned.observation_space.contains(obs) and 0 <= info["success_prob"] <= 1
+    learned.close()
+    gt.close()
 
 
 def test_shipped_checkpoint_is_complete_and_small():
@@ -24,40 +46,26 @@ def test_shipped_checkpoint_is_complete_and_small():
 def test_fast_variant_is_a_shallower_maskgit_model_of_the_same_env():
     """variant="fast": the 2-layer MaskGIT checkpoint (blocks 0 and 3 of the default one, fine-tuned); same
     spaces, tokenizer and detector as the default checkpoint, and it steps."""
-    from hma_gym.checkpoint import load_tensors
-
     path, base = default_checkpoint("fast"), default_checkpoint()
     config, base_config = check_checkpoint_dir(path), check_checkpoint_dir(base)
     assert config["dynamics"]["n_layer"] == 2 < base_config["dynamics"]["n_layer"]
     assert config["env"] == base_config["env"] and config["tokenizer"] == base_config["tokenizer"]
     assert sum(p.stat().st_size for p in path.iterdir()) < 20e6
     for name in ("tokenizer", "detector"):
-        a, b = load_tensors(path / f"{name}.safetensors"), load_tensors(base / f"{name}.safetensors")
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-    gt = gym.make("RobomimicLift-v0")
+        assert same_tensors(path, base, name), name
     learned = gym.make("HMA-RobomimicLift-v0", variant="fast")
-    check_paired(gt, learned)
     assert learned.unwrapped.sim.wm.dynamics.config.n_layer == 2
-    gt_obs, _ = gt.reset(seed=1)
-    learned.reset(seed=1, options={"initial_observation": gt_obs})
-    for _ in range(3):
-        obs, *_ = learned.step(np.zeros(7, np.float32))
-    assert learned.observation_space.contains(obs)
-    learned.close()
-    gt.close()
+    step_from_gt_reset(learned, seed=1)
 
 
 def test_shipped_15k_tokenizer_reconstructs_better_than_the_checkpoints_one():
     """hma_gym/assets/tokenizer_15k (make tokenizer-15k): 15,360 codes, and sharper on the GT reset frames of
     the shipped checkpoint's bank than that checkpoint's 1,000-code tokenizer (36.0 vs 32.0 dB when made)."""
-    from pathlib import Path
-
-    import hma_gym
     from hma_gym.checkpoint import load_tensors
     from hma_gym.metrics import psnr
     from hma_gym.world_model import load_tokenizer
 
-    path = Path(hma_gym.__file__).parent / "assets" / "tokenizer_15k"
+    path = ASSETS / "tokenizer_15k"
     assert sum(p.stat().st_size for p in path.iterdir()) < 10e6
     frames = load_tensors(default_checkpoint() / "init_bank.safetensors")["agentview_image"]
     tokenizers = {"15k": load_tokenizer(path), "1k": load_tokenizer(default_checkpoint())}
@@ -72,10 +80,7 @@ def test_shipped_15k_tokenizer_reconstructs_better_than_the_checkpoints_one():
 def test_fsq15k_variant_predicts_the_15k_tokenizers_codes_with_a_factorised_head():
     """variant="fsq15k": a MaskGIT model on the 15,360-code tokenizer's codes (its encoder is the shipped
     tokenizer_15k's), with the factorised head (35 logits a token); the default checkpoint's detector and
-    env; its steps' frames are valid observations and their codes are valid 15k codes."""
-    from pathlib import Path
-
-    import hma_gym
+    env; it steps from a GT reset."""
     from hma_gym.checkpoint import load_tensors
     from hma_gym.world_model import load_tokenizer
 
@@ -83,26 +88,17 @@ def test_fsq15k_variant_predicts_the_15k_tokenizers_codes_with_a_factorised_head
     config, base_config = check_checkpoint_dir(path), check_checkpoint_dir(base)
     assert config["env"] == base_config["env"]
     assert sum(p.stat().st_size for p in path.iterdir()) < 20e6
-    a, b = load_tensors(path / "detector.safetensors"), load_tensors(base / "detector.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert same_tensors(path, base, "detector")
     learned = gym.make("HMA-RobomimicLift-v0", variant="fsq15k")
     wm = learned.unwrapped.sim.wm
     assert wm.tokenizer.codebook_size == 15360 and wm.dynamics.config.factorized
     assert wm.dynamics.config.head_classes == 8 + 8 + 8 + 6 + 5
     frames = load_tensors(base / "init_bank.safetensors")["agentview_image"][:4]
-    reference = load_tokenizer(Path(hma_gym.__file__).parent / "assets" / "tokenizer_15k")
+    reference = load_tokenizer(ASSETS / "tokenizer_15k")
     with torch.no_grad():
         agree = (wm.tokenizer.encode(frames) == reference.encode(frames)).float().mean()
     assert agree > 0.99, float(agree)  # the packed copy is float16: a rare code may round differently
-    gt = gym.make("RobomimicLift-v0")
-    check_paired(gt, learned)
-    gt_obs, _ = gt.reset(seed=2)
-    learned.reset(seed=2, options={"initial_observation": gt_obs})
-    for _ in range(3):
-        obs, reward, terminated, truncated, info = learned.step(np.zeros(7, np.float32))
-    assert learned.observation_space.contains(obs) and 0 <= info["success_prob"] <= 1
-    learned.close()
-    gt.close()
+    step_from_gt_reset(learned, seed=2)
 
 
 def test_make_without_arguments_matches_the_gt_env():
