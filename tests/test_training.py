@@ -161,6 +161,27 @@ def test_eval_model_reports_fidelity(tiny_checkpoint, tiny_data, tmp_path):
     assert report["free_run"]["horizon"] == 100 and len(report["free_run"]["buckets"]) == 10
 
 
+def test_eval_prompt_frames_score_the_same_generated_frames(tiny_checkpoint, tiny_data):
+    from hma_gym.metrics import psnr
+    from hma_gym.world_model import WorldModel
+    from training.evaluate import eval_windows, fidelity_report, open_loop, tokenize_episodes
+
+    wm = WorldModel.from_checkpoint(tiny_checkpoint)
+    episodes = load_episodes(DataConfig(data=str(tiny_data), image_size=16), "valid")
+    tokenize_episodes(wm, episodes)
+    windows = eval_windows(episodes, 12, 8)
+    reports = {n: fidelity_report(wm, episodes, windows, n_prompt=n, greedy=True, n_random=1) for n in (1, 4)}
+    # the same 8 GT frames are scored: same copy baseline and tokenizer ceiling whatever the prompt length
+    for key in ("copy_last_prompt_psnr", "tokenizer_ceiling_psnr"):
+        assert reports[1][key] == pytest.approx(reports[4][key], abs=1e-9), key
+    # one prompt frame: the frame just before the generated ones, then generation from it
+    by_hand = open_loop(wm, episodes, [(i, s + 3) for i, s in windows], n_prompt=1, greedy=True)
+    expected = psnr(by_hand["pred"], by_hand["gt"]).reshape(len(windows), 8).mean(0)
+    np.testing.assert_allclose(reports[1]["psnr_per_frame"], expected, rtol=1e-6)
+    with pytest.raises(ValueError, match="n_prompt"):
+        fidelity_report(wm, episodes, windows, n_prompt=5)
+
+
 def test_decoder_finetune_keeps_every_code(tiny_data, tokenizer_run, tmp_path):
     from hma_gym.world_model import load_tokenizer
 

@@ -122,26 +122,34 @@ def first_step_perplexity(wm: WorldModel, episodes: list[Episode], windows: list
 def fidelity_report(wm: WorldModel, episodes: list[Episode], windows: list[tuple[int, int]], *,
                     steps: int = 2, temperature: float = 1.0, greedy: bool = False, n_random: int = 5,
                     seed: int = 0, batch_size: int = 16, progress: bool = False,
-                    diffusion_steps: int | None = None) -> dict:
-    """PSNR/SSIM per generated frame, copy baseline, tokenizer ceiling, dPSNR, perplexity, proprio error."""
+                    diffusion_steps: int | None = None, n_prompt: int = 4) -> dict:
+    """PSNR/SSIM per generated frame, copy baseline, tokenizer ceiling, dPSNR, perplexity, proprio error.
+
+    `windows` are 12-frame windows whose last 8 frames are generated; `n_prompt` (1-4) GT frames just before
+    them are the prompt (4: the protocol; 1: as an env episode starts, from one frame), so every setting
+    scores the same generated frames against the same copy baseline.
+    """
+    if not 1 <= n_prompt <= 4:
+        raise ValueError(f"n_prompt must be in 1..4 (the 4 prompt frames of a 12-frame window). Got {n_prompt=}")
     kw = dict(steps=steps, temperature=temperature, greedy=greedy, batch_size=batch_size,
               diffusion_steps=diffusion_steps)
+    windows = [(i, st + 4 - n_prompt) for i, st in windows]  # the same 8 generated frames
     t0 = time.perf_counter()
-    res = open_loop(wm, episodes, windows, seed=seed, **kw)
+    res = open_loop(wm, episodes, windows, n_prompt=n_prompt, seed=seed, **kw)
     seconds = time.perf_counter() - t0
     n, n_gen = res["pred"].shape[:2]
     p = psnr(res["pred"], res["gt"]).reshape(n, n_gen)
     s = ssim(res["pred"], res["gt"]).reshape(n, n_gen)
     copy = psnr(np.repeat(res["prompt_last"][:, None], n_gen, 1), res["gt"]).reshape(n, n_gen)
     recon = wm.decode(token_tensor(np.stack(
-        [episodes[i].tokens[st + 4 : st + 12] for i, st in windows])).flatten(0, 1)).cpu().numpy()
+        [episodes[i].tokens[st + n_prompt : st + n_prompt + 8] for i, st in windows])).flatten(0, 1)).cpu().numpy()
     ceiling = psnr(recon, res["gt"].reshape(-1, *res["gt"].shape[2:])).reshape(n, n_gen)
     # controllability: last-frame PSNR with the true actions minus the mean over random action sequences
     rng = np.random.default_rng(seed)
     last_random = []
     for k in tqdm(range(n_random), desc="dPSNR", disable=not progress):
-        rand_actions = rng.uniform(-1, 1, (n, 11, wm.action_dim)).astype(np.float32)
-        r = open_loop(wm, episodes, windows, actions=rand_actions, seed=seed + 1 + k, **kw)
+        rand_actions = rng.uniform(-1, 1, (n, n_prompt + n_gen - 1, wm.action_dim)).astype(np.float32)
+        r = open_loop(wm, episodes, windows, n_prompt=n_prompt, actions=rand_actions, seed=seed + 1 + k, **kw)
         last_random.append(psnr(r["pred"][:, -1], res["gt"][:, -1]))
     delta = p[:, -1] - np.mean(last_random, axis=0)
     state_err = np.abs(res["pred_states"] - res["gt_states"])
@@ -156,7 +164,8 @@ def fidelity_report(wm: WorldModel, episodes: list[Episode], windows: list[tuple
         "delta_psnr": float(delta.mean()),
         "last_frame_psnr": float(p[:, -1].mean()),
         "last_frame_psnr_random_actions": float(np.mean(last_random)),
-        "perplexity": None if wm.soft else first_step_perplexity(wm, episodes, windows, batch_size=batch_size),
+        "perplexity": None if wm.soft else first_step_perplexity(wm, episodes, windows, n_prompt,
+                                                                             batch_size=batch_size),
         "eef_pos_mae_m": float(state_err[..., :3].mean()),
         "state_mae": float(state_err.mean()),
         "generation_s_per_frame": seconds / (n * n_gen),
@@ -230,6 +239,9 @@ class EvalModelConfig(DataConfig):
     """Argmax decoding instead of sampling (mar: noise-free DDIM)."""
     diffusion_steps: int = 0
     """mar: DDIM steps per token (0: the model's `diff_sample_steps`)."""
+    prompt_frames: int = 4
+    """GT prompt frames before the 8 generated ones (1-4; 4: the protocol, 1: from one frame, as an env
+    episode starts). The generated frames and the copy baseline are the same for every value."""
     random_actions: int = 5
     """Random action sequences for dPSNR."""
     seed: int = 0
@@ -243,6 +255,8 @@ class EvalModelConfig(DataConfig):
         super().__post_init__()
         if self.diffusion_steps < 0:
             raise ValueError(f"diffusion_steps must be >= 0 (0: the model's). Got {self.diffusion_steps}")
+        if not 1 <= self.prompt_frames <= 4:
+            raise ValueError(f"prompt_frames must be in 1..4. Got {self.prompt_frames}")
 
 
 def eval_model(cfg: EvalModelConfig) -> dict:
@@ -257,7 +271,8 @@ def eval_model(cfg: EvalModelConfig) -> dict:
     windows = eval_windows(episodes, 12, cfg.stride)
     gen = dict(steps=cfg.steps, temperature=cfg.temperature, greedy=cfg.greedy, seed=cfg.seed,
                diffusion_steps=cfg.diffusion_steps or None)
-    report = fidelity_report(wm, episodes, windows, n_random=cfg.random_actions, progress=cfg.progress, **gen)
+    report = fidelity_report(wm, episodes, windows, n_random=cfg.random_actions, progress=cfg.progress,
+                             n_prompt=cfg.prompt_frames, **gen)
     report["free_run"] = free_run_report(wm, episodes, **gen)
     report = {"checkpoint": checkpoint, "data": cfg.data, "split": "valid", "config": asdict(cfg), **report}
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
