@@ -1140,19 +1140,15 @@ class HMA(nn.Module):
             raise ValueError("history_noise corrupts image codes: it is for the maskgit head, not mar")
         if not 0 <= max_rate < 1:
             raise ValueError(f"history_noise must be in [0, 1). Got {max_rate}")
-        B, dev = tokens.shape[0], tokens.device
-
-        def rand(*shape):
-            return torch.rand(*shape, device=dev, generator=generator)
-
-        hit = rand(*tokens.shape) < rand(B, *([1] * (tokens.dim() - 1))) * max_rate
+        shape, kw = tokens.shape, dict(device=tokens.device, generator=generator)
+        rate = torch.rand(shape[0], *([1] * (tokens.dim() - 1)), **kw) * max_rate  # one rate per sample
+        hit = torch.rand(shape, **kw) < rate
         if not self.config.factorized:
-            other = (rand(*tokens.shape) * self.config.vocab_size).long().clamp_max(self.config.vocab_size - 1)
-            return torch.where(hit, other, tokens)
-        levels = torch.tensor(self.config.code_levels, device=dev)
+            return torch.where(hit, torch.randint(0, self.config.vocab_size, shape, **kw), tokens)
+        levels = torch.tensor(self.config.code_levels, device=tokens.device)
         digits = index_to_codes(tokens, self.config.code_levels)  # (..., C)
-        channel = (rand(*tokens.shape) * len(levels)).long().clamp_max(len(levels) - 1)
-        step = torch.where(rand(*tokens.shape) < 0.5, -1, 1)
+        channel = torch.randint(0, len(levels), shape, **kw)
+        step = torch.randint(0, 2, shape, **kw) * 2 - 1  # one level down or up
         d = digits.gather(-1, channel[..., None])[..., 0] + step
         top = levels[channel] - 1
         d = torch.where(d < 0, 1, torch.where(d > top, top - 1, d))  # reflect: levels >= 2
