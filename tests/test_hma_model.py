@@ -731,3 +731,23 @@ def test_history_noise_corrupts_the_history_only() -> None:
     assert torch.equal(seen["tokens"], batch["tokens"].flatten(2))
     assert not torch.equal(seen["clean"], seen["tokens"]) and seen["clean"].shape == seen["tokens"].shape
     assert math.isfinite(noisy_loss) and noisy_loss != clean_loss
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_reset_clears_the_keys_and_values_of_the_rows_it_resets(masked: bool) -> None:
+    """NaN keys/values left by an earlier episode must not leak into the next one through masked attention
+    (a masked slot's probability is 0, and 0 * NaN is NaN)."""
+    model = tiny_model(perturb=True).eval()
+    batch = make_batch([0, 1])
+    cache = model.new_cache(2)
+    append_all(model, cache, batch, range(2))
+    for k, v in zip(cache.k, cache.v, strict=True):  # an earlier episode of row 0 went NaN
+        k[0], v[0] = float("nan"), float("nan")
+    cache.reset(torch.tensor([True, False]) if masked else None)
+    if masked:  # the other row keeps its history
+        assert all(torch.isfinite(k[1]).all() and torch.isfinite(v[1]).all() for k, v in zip(cache.k, cache.v,
+                                                                                              strict=True))
+        assert cache.pos.tolist() == [0, 2]
+    hidden = model.append_frame(cache, batch["tokens"][:, 0], batch["states"][:, 0], None, batch["embodiment_ids"])
+    tokens, state = model.generate_frame(cache, batch["actions"][:, 0], batch["embodiment_ids"], greedy=True)
+    assert torch.isfinite(hidden).all() and torch.isfinite(state).all()

@@ -692,13 +692,20 @@ class HMACache:
         return slots[None, :] < self.length[:, None]
 
     def reset(self, mask: Tensor | None = None) -> None:
-        """Forget the history of the rows where ``mask`` (B,) bool is True (all rows if None)."""
+        """Forget the history of the rows where ``mask`` (B,) bool is True (all rows if None).
+
+        Their keys and values are zeroed too: attention gives a forgotten slot probability 0, but
+        0 * NaN is NaN, so a NaN left by an earlier episode would otherwise poison every later one."""
         if mask is None:
             self.pos.zero_()
+            for t in self.k + self.v:
+                t.zero_()
             self.pending = None
         else:
             mask = mask.to(self.pos.device, torch.bool)
             self.pos.masked_fill_(mask, 0)
+            for t in self.k + self.v:
+                t[mask] = 0
             if self.pending is not None:  # a reset row's deferred frame belonged to its old episode
                 self.pending["rows"] = self.pending["rows"] & ~mask
 
