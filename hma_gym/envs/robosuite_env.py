@@ -10,10 +10,14 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from hma_gym.tasks import OBJECT_KEY, object_task
+
 # Offscreen rendering through Mesa/EGL unless the user chose a backend; robosuite reads this at import.
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 DEFAULT_PROPRIO_KEYS = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos")
+# robomimic's key names for robosuite observations that robosuite names otherwise
+ROBOSUITE_ALIASES = {OBJECT_KEY: "object-state"}
 
 
 def _quiet_robosuite() -> None:
@@ -52,12 +56,17 @@ class RobosuiteEnv(gym.Env):
     | `robot0_eef_quat` | (4,) | float32 |
     | `robot0_gripper_qpos` | (2,) | float32 |
 
-    Privileged state (object poses, the flattened MuJoCo state, the model XML) is available from
-    `privileged_state()` and `model_xml()` for scripted experts and data recording; it is not part
-    of the observation.
+    `obs_keys=(...)` picks the returned keys instead, among these and robomimic's `object` (robosuite's
+    `object-state`; for Lift, 10 floats: cube position, cube quaternion, gripper-to-cube vector) and
+    robosuite's other low-dim observations, e.g. `obs_keys=("agentview_image", "robot0_eef_pos",
+    "robot0_eef_quat", "robot0_gripper_qpos", "object")`. Privileged state (object poses, the flattened
+    MuJoCo state, the model XML) is available from `privileged_state()` and `model_xml()` for scripted
+    experts and data recording.
 
     ## Rewards and episode end
-    Reward 1.0 when the task's success check holds, else 0.0; `info["is_success"]`. With
+    Reward 1.0 when the task's success check holds, else 0.0; `info["is_success"]`. For Lift the check
+    is `hma_gym.tasks.LIFT.success` on the object state (cube centre more than 4 cm above the table),
+    the function the learned env applies to its predicted object state. With
     `terminate_on_success=True` (default) the episode terminates on success; data collection turns
     that off. Truncation is left to gymnasium's `TimeLimit` (`max_episode_steps=100` for Lift).
 
@@ -67,7 +76,7 @@ class RobosuiteEnv(gym.Env):
 
     ## Arguments
     `task`, `robot`, `controller` (robosuite names), `camera`, `image_size`, `control_freq`,
-    `terminate_on_success`, `use_camera` (False: no image key, no rendering),
+    `terminate_on_success`, `use_camera` (False: no image key, no rendering), `obs_keys` (above),
     `fast_render` (True: no multisample anti-aliasing, shadows, reflections or skybox, ~3x cheaper
     on a CPU; the images are then slightly more aliased), `render_mode` ("rgb_array"), `scene_seed`
     (seeds what robosuite draws once per instance, such as Lift's cube size, so that every instance
@@ -91,6 +100,7 @@ class RobosuiteEnv(gym.Env):
         use_camera: bool = True,
         fast_render: bool = True,
         proprio_keys: tuple[str, ...] = DEFAULT_PROPRIO_KEYS,
+        obs_keys: tuple[str, ...] | None = None,
         render_mode: str | None = None,
         scene_seed: int = 0,
     ):
@@ -111,6 +121,7 @@ class RobosuiteEnv(gym.Env):
         self.terminate_on_success = terminate_on_success
         self.use_camera, self.fast_render = use_camera, fast_render
         self.proprio_keys = tuple(proprio_keys)
+        self.obs_keys = None if obs_keys is None else tuple(obs_keys)
         self.render_mode = render_mode
         self.metadata = {**self.metadata, "render_fps": self.control_freq}
 
@@ -137,15 +148,28 @@ class RobosuiteEnv(gym.Env):
 
         self.action_space = spaces.Box(-1.0, 1.0, shape=(self._rs.action_dim,), dtype=np.float32)
         obs = self._rs.reset()
+        image_key = f"{camera}_image"
+        wanted = (image_key, *self.proprio_keys) if use_camera else self.proprio_keys
+        if self.obs_keys is not None:
+            wanted = self.obs_keys
+            if len(set(wanted)) != len(wanted):
+                raise ValueError(f"obs_keys has duplicates. Got {obs_keys=}")
+            if image_key in wanted and not use_camera:
+                raise ValueError(f"obs_key {image_key!r} needs use_camera=True")
         obs_spaces: dict[str, spaces.Space] = {}
-        if use_camera:
-            obs_spaces[f"{camera}_image"] = spaces.Box(
-                0, 255, shape=(self.image_size, self.image_size, 3), dtype=np.uint8
-            )
-        for key in self.proprio_keys:
-            if key not in obs:
-                raise ValueError(f"robosuite {task}/{robot} has no observation {key!r}")
-            obs_spaces[key] = spaces.Box(-np.inf, np.inf, shape=np.shape(obs[key]), dtype=np.float32)
+        self._low_dim_keys: list[tuple[str, str]] = []  # (our key, robosuite's key)
+        for key in wanted:
+            if key == image_key:
+                obs_spaces[key] = spaces.Box(0, 255, shape=(self.image_size, self.image_size, 3), dtype=np.uint8)
+                continue
+            rs_key = ROBOSUITE_ALIASES.get(key, key)
+            if rs_key not in obs or key.endswith("_image"):
+                known = sorted({image_key, OBJECT_KEY, *(k for k in obs if not k.endswith("_image"))})
+                raise ValueError(f"robosuite {task}/{robot} has no observation {key!r}; known: {known}")
+            obs_spaces[key] = spaces.Box(-np.inf, np.inf, shape=np.shape(obs[rs_key]), dtype=np.float32)
+            self._low_dim_keys.append((key, rs_key))
+        self._image_key = image_key if image_key in obs_spaces else None
+        self._object_task = object_task(task)
         self.observation_space = spaces.Dict(obs_spaces)
         self._last_obs: dict[str, np.ndarray] | None = None
         self._needs_reset = True
@@ -174,11 +198,18 @@ class RobosuiteEnv(gym.Env):
 
     def _make_obs(self, rs_obs: dict[str, Any]) -> dict[str, np.ndarray]:
         obs: dict[str, np.ndarray] = {}
-        if self.use_camera:
-            obs[f"{self.camera}_image"] = self._render()
-        for key in self.proprio_keys:
-            obs[key] = np.asarray(rs_obs[key], dtype=np.float32)
+        if self._image_key is not None:
+            obs[self._image_key] = self._render()
+        for key, rs_key in self._low_dim_keys:
+            obs[key] = np.asarray(rs_obs[rs_key], dtype=np.float32)
+        self._object_state = rs_obs.get("object-state")
         return obs
+
+    def _success(self) -> bool:
+        """The task's verdict: its shared object-state predicate (`hma_gym.tasks`) where it has one."""
+        if self._object_task is not None and self._object_state is not None:
+            return bool(self._object_task.success(np.asarray(self._object_state)))
+        return bool(self._rs._check_success())
 
     # ------------------------------------------------------------------ seeding
     def _seed_robosuite(self) -> None:
@@ -205,7 +236,7 @@ class RobosuiteEnv(gym.Env):
         rs_obs = self._rs.reset()
         self._last_obs = self._make_obs(rs_obs)
         self._needs_reset = False
-        return self._copy_obs(), {"is_success": bool(self._rs._check_success())}
+        return self._copy_obs(), {"is_success": self._success()}
 
     def step(self, action):
         if self._needs_reset:
@@ -213,7 +244,7 @@ class RobosuiteEnv(gym.Env):
         action = self.validate_action(action, self.action_space.shape[0])
         rs_obs, _, _, _ = self._rs.step(action.astype(np.float64))
         self._last_obs = self._make_obs(rs_obs)
-        success = bool(self._rs._check_success())
+        success = self._success()
         reward = 1.0 if success else 0.0
         terminated = success and self.terminate_on_success
         return self._copy_obs(), reward, terminated, False, {"is_success": success}
@@ -233,7 +264,9 @@ class RobosuiteEnv(gym.Env):
             return None
         if self._last_obs is None:
             raise RuntimeError("render() called before reset()")
-        return self._last_obs[f"{self.camera}_image"].copy()
+        if self._image_key is None:
+            return self._render()
+        return self._last_obs[self._image_key].copy()
 
     def close(self):
         if getattr(self, "_rs", None) is not None:
