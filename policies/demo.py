@@ -37,6 +37,9 @@ class DemoConfig:
 
     policy: str = "auto"
     """dp-lift, expert, or any evaluate policy spec; auto = dp-lift when shipped, else expert."""
+    trust_pickle: bool = False
+    """sb3:ALGO:PATH only: load the zip with SB3's own loader, which unpickles it and so runs any code it holds
+    (files you trust only); by default PPO/A2C/SAC/TD3/DDPG zips are rebuilt from their state dict."""
     episodes: int = 4
     """Paired episodes."""
     seed: int = 10_000
@@ -86,9 +89,9 @@ def demo(cfg: DemoConfig) -> dict:
                       gt_success_rate=gt_result.success_rate, learned_success_rate=float(np.mean(learned_success)),
                       gt_steps_per_s=gt_result.steps_per_s, learned_steps_per_s=t_learned)
     else:
-        policy = load_policy(spec, gt_env)
+        policy = load_policy(spec, gt_env, trust_pickle=cfg.trust_pickle)
         gt_result, gt_frames = _closed_loop(gt_env, policy, seeds, None)
-        policy = load_policy(spec, learned_env)
+        policy = load_policy(spec, learned_env, trust_pickle=cfg.trust_pickle)
         learned_result, learned_frames = _closed_loop(learned_env, policy, seeds, options)
         report.update(mode="closed loop in both envs from paired starts",
                       gt_success_rate=gt_result.success_rate, learned_success_rate=learned_result.success_rate,

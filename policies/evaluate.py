@@ -65,6 +65,9 @@ class EvaluateConfig:
     """Record this many episodes to mp4 (next to the report)."""
     policy_seed: int = 0
     """Seed of the policy's own sampling."""
+    trust_pickle: bool = False
+    """sb3:ALGO:PATH only: load the zip with SB3's own loader, which unpickles it and so runs any code it holds
+    (files you trust only); by default PPO/A2C/SAC/TD3/DDPG zips are rebuilt from their state dict."""
     compile: bool = False
     """Learned env: torch.compile the world model (a minute of compiling, then faster steps)."""
 
@@ -83,7 +86,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     seeds = [cfg.seed + i for i in range(cfg.episodes)]
     env = make_eval_env(cfg.env, min(cfg.num_envs, cfg.episodes) if learned else 1, cfg.checkpoint,
                         **({"compile": True} if cfg.compile else {}))
-    policy = load_policy(cfg.policy, env, seed=cfg.policy_seed)
+    policy = load_policy(cfg.policy, env, seed=cfg.policy_seed, trust_pickle=cfg.trust_pickle)
     reset_options = None
     if learned and cfg.paired:
         sim = env.unwrapped.sim

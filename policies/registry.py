@@ -11,13 +11,15 @@ SCRIPTED = ("expert", "lift-expert")
 
 
 def load_policy(spec: str, env: gym.Env | gym.vector.VectorEnv | None = None, seed: int = 0,
-                device: str = "cpu"):
+                device: str = "cpu", trust_pickle: bool = False):
     """A batched policy from a spec:
 
     - `expert` / `lift-expert`: the scripted Lift expert (needs a ground-truth env: privileged state);
     - `random`: uniform random actions;
     - `dp-lift` (the shipped Diffusion Policy) or a Diffusion Policy checkpoint directory;
-    - `sb3:ALGO:PATH`: a stable-baselines3 model zip (e.g. `sb3:PPO:runs/ppo.zip`).
+    - `sb3:ALGO:PATH`: a stable-baselines3 model zip (e.g. `sb3:PPO:runs/ppo.zip`), rebuilt for `env`'s spaces
+      from its state dict without unpickling (PPO, A2C, SAC, TD3, DDPG); `trust_pickle=True` loads it with
+      SB3's own loader instead, which runs any code the file holds.
     """
     if spec in SCRIPTED:
         from policies.scripted import LiftExpert
@@ -39,7 +41,7 @@ def load_policy(spec: str, env: gym.Env | gym.vector.VectorEnv | None = None, se
     if spec.startswith("sb3:"):
         from policies.sb3 import SB3Policy
 
-        return SB3Policy.load(spec[4:])
+        return SB3Policy.load(spec[4:], env, device=device, trust_pickle=trust_pickle)
     if spec == "dp-lift" or (Path(spec) / "policy.json").exists():
         from policies.diffusion import load_diffusion_policy
 

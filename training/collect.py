@@ -42,6 +42,9 @@ class CollectConfig:
     policy: str = "expert"
     """expert (the task's scripted expert: Lift's with noise and failure modes, Stack's with noise), random,
     dp-lift, a DP checkpoint dir or sb3:ALGO:PATH."""
+    trust_pickle: bool = False
+    """sb3:ALGO:PATH only: load the zip with SB3's own loader, which unpickles it and so runs any code it holds
+    (files you trust only); by default PPO/A2C/SAC/TD3/DDPG zips are rebuilt from their state dict."""
     episodes: int = 200
     """Number of episodes to add."""
     seed: int = 0
@@ -95,7 +98,7 @@ def collect(cfg: CollectConfig) -> dict:
         policy = LiftExpert(env, LiftExpertConfig(action_noise=cfg.action_noise, failure_probs=cfg.failure_probs),
                             seed=cfg.seed + already)
     else:
-        policy = load_policy(cfg.policy, env, seed=cfg.seed + already)
+        policy = load_policy(cfg.policy, env, seed=cfg.seed + already, trust_pickle=cfg.trust_pickle)
     t0 = time.perf_counter()
     result = hma_gym.rollout(env, policy, cfg.episodes, seeds=cfg.seed + already, writer=writer,
                              steps_after_success=cfg.steps_after_success, progress=cfg.progress, desc="collect")

@@ -44,6 +44,9 @@ class SynthesizeConfig:
     """Number of episodes (0 = every demo of the split in replay mode)."""
     policy: str = ""
     """Run this policy (evaluate's specs) from sampled starts instead of replaying actions."""
+    trust_pickle: bool = False
+    """sb3:ALGO:PATH only: load the zip with SB3's own loader, which unpickles it and so runs any code it holds
+    (files you trust only); by default PPO/A2C/SAC/TD3/DDPG zips are rebuilt from their state dict."""
     checkpoint: str = ""
     """Learned env checkpoint (default: the shipped one)."""
     num_envs: int = 16
@@ -96,7 +99,7 @@ def synthesize(cfg: SynthesizeConfig) -> dict:
     image_key = sim.image_key
     if cfg.policy:
         n = cfg.episodes or 50
-        policy = load_policy(cfg.policy, env, seed=cfg.seed)
+        policy = load_policy(cfg.policy, env, seed=cfg.seed, trust_pickle=cfg.trust_pickle)
         result = hma_gym.rollout(env, policy, n, seeds=cfg.seed + len(list_demos(cfg.out)), writer=writer,
                                  steps_after_success=cfg.max_steps, max_steps=cfg.max_steps,
                                  progress=cfg.progress, desc="synthesize")
