@@ -95,8 +95,8 @@ def gt_rows(steps: int) -> list[dict]:
 def trunk_time(wm, steps: int, cached: bool, repeats: int = 5) -> float:
     """Seconds of dynamics-model compute per generated frame, with or without the key/value cache.
 
-    Cached (as the env runs it): `steps` masked passes over one frame against the cache, the first of
-    which also runs the previous frame (a deferred append, see `HMA.append_frame`). Uncached (the
+    Cached (as the env runs it): the append of the previous frame and `steps` masked passes over one frame
+    against the cache. Uncached (the
     official HMA code's cost model): every unmasking pass re-runs the trunk over all
     W = max_frames - 1 context frames plus the frame being generated.
     """
@@ -116,7 +116,7 @@ def trunk_time(wm, steps: int, cached: bool, repeats: int = 5) -> float:
         sync(str(dev))
         t0 = time.perf_counter()
         if cached:
-            model.append_frame(full, tokens, states, action, ids, return_hidden=False, defer=True)
+            model.append_frame(full, tokens, states, action, ids, return_hidden=False)
             model.generate_frame(full, action, ids, steps=steps)
         else:
             for _ in range(steps):

@@ -6,7 +6,7 @@
     cache = wm.new_cache(n)
     wm.observe(cache, wm.encode(frames), states)                 # a known (prompt) frame
     tokens, states = wm.generate(cache, actions, generator=g)    # the next frame
-    wm.observe(cache, tokens, states, prev_actions=actions, defer=True)  # ... becomes history
+    wm.observe(cache, tokens, states, prev_actions=actions)      # ... becomes history
     frames = wm.decode(tokens); p = wm.success_prob(frames, states)
 
 States and actions enter and leave in their raw units; normalisation happens inside.
@@ -179,19 +179,15 @@ class WorldModel(nn.Module):
         prev_actions: torch.Tensor | None = None,
         action_valid: torch.Tensor | None = None,
         rows: torch.Tensor | None = None,
-        defer: bool = False,
     ) -> None:
         """Append a known frame (tokens + raw state, reached by raw `prev_actions`) to the history.
 
-        `rows` (B,) bool limits the append to some rows (the others keep their history). `defer=True`
-        leaves the frame's trunk pass to the next `generate`, which runs it in the same call as its own
-        first pass (one trunk call fewer per frame; see `HMA.append_frame`).
+        `rows` (B,) bool limits the append to some rows (the others keep their history).
         """
         s = (states.to(self.device).float() - self.state_mean) / self.state_std
         a = None if prev_actions is None else self._norm_action(prev_actions)
         self.dynamics.append_frame(cache, tokens.to(self.device), s, a, self._ids(len(tokens)), action_valid,
-                                   rows=None if rows is None else rows.to(self.device), return_hidden=False,
-                                   defer=defer)
+                                   rows=None if rows is None else rows.to(self.device), return_hidden=False)
 
     @torch.no_grad()
     def generate(

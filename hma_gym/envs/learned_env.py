@@ -18,7 +18,6 @@ from hma_gym.world_model import WorldModel
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 VARIANTS = {"maskgit": "lift", "mar": "lift_mar", "fast": "lift_fast", "fsq15k": "lift_15k"}
-DEFER_MAX_BATCH_CPU = 4  # largest CPU batch whose history pass is deferred (see _LearnedSim.__init__)
 
 
 def default_checkpoint(variant: str = "maskgit") -> Path:
@@ -122,11 +121,6 @@ class _LearnedSim:
         self.bank_size = len(self.bank[self.image_key])
         self.n, self.steps, self.temperature, self.greedy = n, steps, temperature, greedy
         self.cache = self.wm.new_cache(n)
-        # run each frame's history pass inside the next step's first unmasking pass (one trunk call
-        # fewer): a win where calls are overhead-bound (a GPU; a small batch on CPU), a small loss where a
-        # big batch is compute-bound (`python -m benchmarks.defer_ab` on this 2-core CPU: N=1 +12%,
-        # N=4 +4%, N=8 -2% to +6% between runs, N=16 -4%)
-        self.defer = self.wm.device.type != "cpu" or n <= DEFER_MAX_BATCH_CPU
         self.generator = torch.Generator(device=self.wm.device)
         self.obs: dict[str, np.ndarray] | None = None
         self.started = np.zeros(n, dtype=bool)
@@ -184,7 +178,7 @@ class _LearnedSim:
         tokens = codes.new_zeros((self.n, *codes.shape[1:]))
         tokens[index.to(tokens.device)] = codes
         states = torch.from_numpy(self.state_vector(self.obs))
-        self.wm.observe(self.cache, tokens, states, rows=None if bool(mask.all()) else mask, defer=self.defer)
+        self.wm.observe(self.cache, tokens, states, rows=None if bool(mask.all()) else mask)
         self.started[rows] = True
         self.streak[rows] = 0
 
@@ -201,7 +195,7 @@ class _LearnedSim:
         tokens, states = self.wm.generate(self.cache, a, steps=self.steps, temperature=self.temperature,
                                           generator=self.generator, greedy=self.greedy,
                                           diffusion_steps=self.diffusion_steps)
-        self.wm.observe(self.cache, tokens, states, a, defer=self.defer)
+        self.wm.observe(self.cache, tokens, states, a)
         frames = self.wm.decode(tokens)
         prob = self.wm.success_prob(frames, states).cpu().numpy()
         states_np = states.cpu().numpy()

@@ -347,25 +347,6 @@ def attend_past_and_self(
     return p[..., :-1] @ v_past + p[..., -1:] * v  # (..., F, hd)
 
 
-def attend_past_and_frames(
-    q: Tensor, k: Tensor, v: Tensor, k_past: Tensor, v_past: Tensor, past_mask: Tensor, within: Tensor,
-    dropout: float = 0.0,
-) -> Tensor:
-    """The last Fq of F frames attend to the allowed past keys and the allowed frames of this call.
-
-    q: (B, N, H, Fq, hd); k, v: (B, N, H, F, hd); k_past, v_past: (B, N, H, P, hd); past_mask (B, Fq, P)
-    and within (B, Fq, F) bool. One softmax over both score blocks (the cache is not copied into a joint
-    key tensor).
-    """
-    k_past, v_past = k_past.to(q.dtype), v_past.to(q.dtype)
-    P = k_past.shape[-2]
-    s = torch.cat([q @ k_past.transpose(-2, -1), q @ k.transpose(-2, -1)], dim=-1).float()
-    allowed = torch.cat([past_mask, within], dim=-1)[:, None, None]  # (B, 1, 1, Fq, P + F)
-    p = torch.softmax((s * q.shape[-1] ** -0.5).masked_fill(~allowed, float("-inf")), dim=-1).to(q.dtype)
-    p = F.dropout(p, dropout) if dropout > 0 else p
-    return p[..., :P] @ v_past + p[..., P:] @ v
-
-
 class SpatialAttention(nn.Module):
     """Bidirectional attention over the N tokens of each frame."""
 
@@ -409,11 +390,7 @@ class TemporalAttention(nn.Module):
         qkv = qkv.unflatten(-1, (3, self.n_head, -1)).permute(3, 0, 1, 4, 2, 5)  # (3, B, N, H, F, hd)
         q, k = rope(qkv[:2], pos, table).unbind(0)  # one rotation for queries and keys
         v = qkv[2]
-        if past is not None and len(past) == 4:  # frames against the cache and each other
-            k_past, v_past, past_mask, within = past  # masks (B, Fq, W), (B, Fq, F): the last Fq frames query
-            q = q[..., Fr - past_mask.shape[1] :, :]
-            y = attend_past_and_frames(q, k, v, k_past, v_past, past_mask, within, dropout)
-        elif past is not None:
+        if past is not None:
             k_past, v_past, valid = past  # (B, N, H, W, hd), (B, N, H, W, hd), (B, W)
             y = attend_past_and_self(q, k, v, k_past, v_past, valid[:, None, None, None, :], dropout)
         else:
@@ -479,9 +456,6 @@ class Block(nn.Module):
         if kv_only:
             return x, self.temporal.kv(modulate(self.norm2(x), sh2, sc2), pos, table)
         y, kv = self.temporal(modulate(self.norm2(x), sh2, sc2), pos, n_clean, past, table)
-        if y.shape[1] < x.shape[1]:  # only the last frames queried: the others stop at their keys/values
-            n = y.shape[1]
-            x, g2, sh3, sc3, g3 = (t[:, -n:] for t in (x, g2, sh3, sc3, g3))
         x = x + g2 * self.resid_dropout(y)
         x = x + g3 * self.mlp(modulate(self.norm3(x), sh3, sc3))
         return x, kv
@@ -661,11 +635,6 @@ class HMACache:
 
     def __init__(self, k: list[Tensor], v: list[Tensor], pos: Tensor):
         self.k, self.v, self.pos = k, v, pos
-        # a known frame appended with ``defer=True`` whose keys/values are not computed yet: the next
-        # ``generate_frame`` computes them in the same trunk call as its first masked pass (or ``flush``
-        # does, alone). Per row: tokens, state, action, action_valid, embodiment ids, and ``rows`` (which
-        # rows hold one). See ``HMA.append_frame``.
-        self.pending: dict[str, Tensor] | None = None
 
     @property
     def batch_size(self) -> int:
@@ -679,12 +648,6 @@ class HMACache:
     def length(self) -> Tensor:
         """(B,) number of cached frames of each row (at most ``window``)."""
         return self.pos.clamp(max=self.window)
-
-    def frames_seen(self) -> Tensor:
-        """(B,) frames appended to each row since its reset, a deferred (pending) one included."""
-        if self.pending is None:
-            return self.pos.clone()
-        return self.pos + self.pending["rows"].long()
 
     def valid(self) -> Tensor:
         """(B, window) bool: which ring slots hold a frame of the row's current episode."""
@@ -700,14 +663,11 @@ class HMACache:
             self.pos.zero_()
             for t in self.k + self.v:
                 t.zero_()
-            self.pending = None
         else:
             mask = mask.to(self.pos.device, torch.bool)
             self.pos.masked_fill_(mask, 0)
             for t in self.k + self.v:
                 t[mask] = 0
-            if self.pending is not None:  # a reset row's deferred frame belonged to its old episode
-                self.pending["rows"] = self.pending["rows"] & ~mask
 
     def push(self, kv: list[tuple[Tensor, Tensor]], rows: Tensor | None = None) -> None:
         """Store one new frame per row: kv[l] = (k, v), each (B, N, H, 1, hd).
@@ -730,8 +690,6 @@ class HMACache:
 
     def select(self, index: Tensor) -> HMACache:
         """A cache of the rows ``index`` (R,) long only (a copy: pushing to it leaves this one unchanged)."""
-        if self.pending is not None and bool(self.pending["rows"][index].any()):
-            raise ValueError("flush the cache's deferred frame before selecting rows")
         return HMACache([k[index] for k in self.k], [v[index] for v in self.v], self.pos[index])
 
     def nbytes(self) -> int:
@@ -1012,35 +970,19 @@ class HMA(nn.Module):
         return self.latent_in((slots * self.config.latent_scale).to(self.image_mask_emb.dtype))
 
     def _trunk(
-        self, x: Tensor, c: Tensor, pos: Tensor, n_clean: int, cache: HMACache | None = None,
-        kv_only: bool = False, pending_rows: Tensor | None = None,
+        self, x: Tensor, c: Tensor, pos: Tensor, n_clean: int, cache: HMACache | None = None, kv_only: bool = False,
     ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
         """x (B, F, N, D), c (B, F, D), pos (B, F) -> hidden (B, F, N, D) and each layer's temporal (k, v).
         ``kv_only``: the last layer stops at its keys/values, and the hidden returned is not the output.
-        With a cache, F is 1, or 2 for a deferred known frame followed by the next frame (``pending_rows``
-        (B,) bool: the rows whose frame 0 is real; the others' frame 1 ignores it)."""
-        masks = last_masks = ()  # the attention masks each layer gets with the cache
-        if cache is not None and x.shape[1] == 1:
-            masks = last_masks = (cache.valid(),)
-        elif cache is not None and x.shape[1] == 2 and pending_rows is not None:
-            # frame 0: a deferred known frame; frame 1 also sees it (rows that hold one) and no longer sees
-            # the slot it will overwrite. At the last layer frame 0 needs only its keys/values.
-            valid = cache.valid()
-            B, W = valid.shape
-            evicted = (torch.arange(W, device=valid.device) == (cache.pos % W)[:, None]) & pending_rows[:, None]
-            past_mask = torch.stack([valid, valid & ~evicted], dim=1)  # (B, 2, W)
-            within = torch.eye(2, dtype=torch.bool, device=valid.device).repeat(B, 1, 1)  # (B, 2, 2)
-            within[:, 1, 0] = pending_rows
-            masks, last_masks = (past_mask, within), (past_mask[:, 1:], within[:, 1:])
-        elif cache is not None:
-            raise ValueError(f"a cached pass takes 1 frame, or a deferred frame and the next (2, with "
-                             f"pending_rows). Got {x.shape[1]}")
+        With a cache, F is 1: one frame per row against the cached frames."""
+        if cache is not None and x.shape[1] != 1:
+            raise ValueError(f"a cached pass takes 1 frame. Got {x.shape[1]}")
+        valid = None if cache is None else cache.valid()
         kvs = []
         last = len(self.blocks) - 1
         table = rope_table(pos, self.config.d_model // self.config.n_head)
         for layer, block in enumerate(self.blocks):
-            layer_masks = last_masks if layer == last else masks
-            past = None if cache is None else (cache.k[layer], cache.v[layer], *layer_masks)
+            past = None if cache is None else (cache.k[layer], cache.v[layer], valid)
             x, kv = block(x, c, pos, n_clean, past, kv_only=kv_only and layer == last, table=table)
             kvs.append(kv)
         return x, kvs
@@ -1387,33 +1329,19 @@ class HMA(nn.Module):
         embodiment_ids: Tensor,
         action_valid: Tensor | None,
         kv_only: bool = False,
-        pending: dict[str, Tensor] | None = None,
     ) -> tuple[Tensor, list[tuple[Tensor, Tensor]], list[tuple[str, Tensor]]]:
-        """One frame per row against the cache (read only, unless ``pending``).
+        """One frame per row against the cache (read only).
 
         tokens (B, G) (mar: latents (B, G, C)), image_mask (B, G) or None (all known), state (B, S) or None
-        (masked), action
-        a_{t-1} (B, A) or None. Returns hidden (B, N, D) (not the output if ``kv_only``), each layer's (k, v)
-        of this frame and the embodiment groups. ``pending`` (a cache's deferred known frame, taken by
-        ``_take_pending``): that frame runs in the same trunk call, one step earlier, and is pushed to the
-        cache; the outputs are those of this frame, as if the known frame had been appended first.
+        (masked), action a_{t-1} (B, A) or None. Returns hidden (B, N, D) (not the output if ``kv_only``),
+        each layer's (k, v) of this frame and the embodiment groups.
         """
         B = tokens.shape[0]
         if B != cache.batch_size:
             raise ValueError(f"batch size {B} does not match the cache's {cache.batch_size}")
         x, c, groups = self._cached_inputs(tokens, image_mask, state, action, embodiment_ids, action_valid)
-        if pending is None:
-            h, kvs = self._trunk(x, c, cache.pos[:, None], n_clean=0, cache=cache, kv_only=kv_only)
-            return h[:, 0], kvs, groups
-        # one trunk call for the deferred known frame and this one; the known frame's keys/values go to the cache
-        rows = pending["rows"]
-        x0, c0, _ = self._cached_inputs(pending["tokens"], None, pending["state"], pending["action"],
-                                        pending["ids"], pending["valid"])
-        pos = torch.stack([cache.pos, cache.pos + rows.long()], dim=1)  # (B, 2)
-        h, kvs = self._trunk(torch.cat([x0, x], 1), torch.cat([c0, c], 1), pos, n_clean=0, cache=cache,
-                             pending_rows=rows)
-        cache.push([(k[..., :1, :], v[..., :1, :]) for k, v in kvs], None if bool(rows.all()) else rows)
-        return h[:, -1], [(k[..., 1:, :], v[..., 1:, :]) for k, v in kvs], groups
+        h, kvs = self._trunk(x, c, cache.pos[:, None], n_clean=0, cache=cache, kv_only=kv_only)
+        return h[:, 0], kvs, groups
 
     def _action_or_none(
         self, B: int, action: Tensor | None, action_valid: Tensor | None, device: torch.device
@@ -1457,38 +1385,17 @@ class HMA(nn.Module):
         action_valid: Tensor | None = None,
         rows: Tensor | None = None,
         return_hidden: bool = True,
-        defer: bool = False,
     ) -> Tensor | None:
         """Run the clean stream on one known frame per row and store its keys/values (dropping the oldest).
 
-        ``defer=True`` (needs ``return_hidden=False``): only remember the frame; the next ``generate_frame``
-        computes its keys/values in the same trunk call as its own first pass (one call fewer per
-        generated frame, the same result up to float rounding), or ``flush`` does. Any other use of the
-        cache flushes first.
-
         tokens (B, g, g) long (mar: latents (B, g, g, C)); state (B, S) normalised, S >= each row's
-        state_dim; action (B, A) = a_{t-1},
-        the action that led into this frame, or None at the start of an episode; action_valid (B,) bool
-        marks rows whose action is real (e.g. False for rows that just reset); rows (B,) bool: append only
-        to these rows (e.g. the envs of a vector env that just reset). Returns hidden (B, N, D), or None
-        with ``return_hidden=False``, which skips the work after the last layer's keys/values.
+        state_dim; action (B, A) = a_{t-1}, the action that led into this frame, or None at the start of an
+        episode; action_valid (B,) bool marks rows whose action is real (e.g. False for rows that just
+        reset); rows (B,) bool: append only to these rows (e.g. the envs of a vector env that just reset).
+        Returns hidden (B, N, D), or None with ``return_hidden=False``, which skips the work after the last
+        layer's keys/values; then ``rows`` that leave some rows out run the trunk on the chosen rows only.
         """
         tokens = self._flat_tokens(tokens, 1)
-        if defer:
-            if return_hidden:
-                raise ValueError("a deferred append returns no hidden state: pass return_hidden=False")
-            self._defer(cache, tokens, state, action, embodiment_ids, action_valid, rows)
-            return None
-        self.flush(cache)
-        return self._append_now(cache, tokens, state, action, embodiment_ids, action_valid, rows, return_hidden)
-
-    def _append_now(
-        self, cache: HMACache, tokens: Tensor, state: Tensor, action: Tensor | None, embodiment_ids: Tensor,
-        action_valid: Tensor | None, rows: Tensor | None, return_hidden: bool,
-    ) -> Tensor | None:
-        """The clean-stream pass of known frames (tokens (B, G)) and the push of their keys/values.
-        Without ``return_hidden``, ``rows`` that leave some rows out run the trunk on the chosen rows only
-        (e.g. the few envs of a vector env that reset), not on every row."""
         if self.append_rows_only and rows is not None and not return_hidden and not bool(rows.all()):
             index = rows.to(cache.pos.device, torch.bool).nonzero(as_tuple=True)[0]
             if len(index) == 0:
@@ -1502,45 +1409,6 @@ class HMA(nn.Module):
                                       kv_only=not return_hidden)
         cache.push(kvs, rows)
         return h if return_hidden else None
-
-    def _defer(
-        self, cache: HMACache, tokens: Tensor, state: Tensor, action: Tensor | None, embodiment_ids: Tensor,
-        action_valid: Tensor | None, rows: Tensor | None,
-    ) -> None:
-        """Store a known frame as the cache's pending frame for ``rows`` (all if None); see ``append_frame``."""
-        B, device = tokens.shape[0], tokens.device
-        if B != cache.batch_size:
-            raise ValueError(f"batch size {B} does not match the cache's {cache.batch_size}")
-        sel = torch.ones(B, dtype=torch.bool, device=device) if rows is None else rows.to(device, torch.bool)
-        action, action_valid = self._action_or_none(B, action, action_valid, device)
-        new = {"tokens": tokens, "state": F.pad(state, (0, self.max_state_dim - state.shape[-1])),
-               "action": F.pad(action, (0, self.max_action_dim - action.shape[-1])),
-               "valid": action_valid, "ids": embodiment_ids, "rows": sel}
-        old = cache.pending
-        if old is not None and bool((old["rows"] & sel).any()):  # a row can hold one deferred frame
-            self.flush(cache)
-            old = None
-        if old is None or not bool(old["rows"].any()):
-            cache.pending = {k: v.clone() for k, v in new.items()}
-            return
-        for key, value in new.items():  # merge: this call's rows, the earlier call's others
-            m = sel.view(B, *[1] * (value.dim() - 1))
-            old[key] = sel | old["rows"] if key == "rows" else torch.where(m, value.to(old[key].dtype), old[key])
-
-    def _take_pending(self, cache: HMACache) -> dict[str, Tensor] | None:
-        """Remove and return the cache's deferred frame (None when no row holds one)."""
-        pending, cache.pending = cache.pending, None
-        return pending if pending is not None and bool(pending["rows"].any()) else None
-
-    @torch.no_grad()
-    def flush(self, cache: HMACache) -> None:
-        """Compute and store the keys/values of a deferred frame now (a no-op when there is none)."""
-        pending = self._take_pending(cache)
-        if pending is None:
-            return
-        rows = pending["rows"]
-        self._append_now(cache, pending["tokens"], pending["state"], pending["action"], pending["ids"],
-                         pending["valid"], None if bool(rows.all()) else rows, return_hidden=False)
 
     @torch.no_grad()
     def predict_frame(
@@ -1559,7 +1427,6 @@ class HMA(nn.Module):
         """
         if self.config.soft:
             raise ValueError("predict_frame gives logits of discrete tokens; a mar model has none (generate_frame)")
-        self.flush(cache)
         h, _, groups = self._cached_pass(
             cache, self._flat_tokens(tokens, 1), image_mask.flatten(1), None, action, embodiment_ids, action_valid
         )
@@ -1625,9 +1492,8 @@ class HMA(nn.Module):
         drawn from softmax(logits / temperature) and revealed in a random per-row order, both drawn from
         ``generator`` (on the cache's device), so equal inputs and generator state give equal outputs.
         ``greedy=True``: argmax tokens, revealed most-confident first; no randomness at all.
-        Does not modify the cache, except to store a deferred frame (``append_frame(defer=True)``),
-        whose keys/values the first iteration computes alongside its own. Returns tokens (B, g, g) long
-        and the state (B, max_state_dim) predicted at the final iteration (zero beyond each row's state_dim).
+        Does not modify the cache. Returns tokens (B, g, g) long and the state (B, max_state_dim) predicted
+        at the final iteration (zero beyond each row's state_dim).
         """
         if steps < 1:
             raise ValueError(f"steps must be >= 1. Got {steps=}")
@@ -1642,10 +1508,9 @@ class HMA(nn.Module):
         if not greedy:
             order = torch.rand(B, G, device=device, generator=generator).argsort(-1).argsort(-1)  # (B, G)
         n_masked = G
-        pending = self._take_pending(cache)
         for i in range(steps):
             h, _, groups = self._cached_pass(
-                cache, tokens, ~known, None, action, embodiment_ids, action_valid, pending=pending if i == 0 else None
+                cache, tokens, ~known, None, action, embodiment_ids, action_valid
             )  # the masked-stream pass of predict_frame, without the logits of every token
             # cosine schedule: tokens still masked after this iteration; at least one revealed per iteration
             still = math.floor(G * math.cos(0.5 * math.pi * (i + 1) / steps))
@@ -1700,11 +1565,10 @@ class HMA(nn.Module):
         else:
             order = torch.rand(B, S, device=device, generator=generator).argsort(-1).argsort(-1)
         n_masked = S
-        pending = self._take_pending(cache)
         for i in range(steps):
             latents = self._latent_cells(slots) / cfg.latent_scale  # (B, G, C)
             h, _, groups = self._cached_pass(cache, latents, self._slot_to_token_mask(~known), None, action,
-                                             embodiment_ids, action_valid, pending=pending if i == 0 else None)
+                                             embodiment_ids, action_valid)
             still = math.floor(S * math.cos(0.5 * math.pi * (i + 1) / steps))
             n_masked = 0 if i == steps - 1 else max(0, min(still, n_masked - 1))
             reveal = (order < S - n_masked) & ~known
