@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -611,51 +610,6 @@ def test_factorized_greedy_frame_is_the_argmax_code_of_every_token() -> None:
     logp, _ = model.predict_frame(cache, batch["tokens"][:, 2], torch.ones(2, GRID, GRID, dtype=torch.bool), action,
                                   ids)
     assert torch.equal(tokens.flatten(1), logp.argmax(-1))
-
-
-def test_history_noise_moves_codes_one_level_on_one_channel() -> None:
-    """corrupt_codes: a factorised (FSQ) model replaces a code by a lattice neighbour (one channel, one
-    level), a softmax model by any code; the rate is drawn per sample from U(0, max_rate)."""
-    from hma_gym.models.tokenizer import index_to_codes
-
-    gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, VOCAB, (64, MAX_FRAMES, GRID * GRID), generator=gen)
-    model = tiny_model(code_levels=LEVELS)
-    assert torch.equal(model.corrupt_codes(tokens, 0.0, gen), tokens)
-    out = model.corrupt_codes(tokens, 0.6, gen)
-    changed = out != tokens
-    assert 0.2 < changed.float().mean().item() < 0.4  # E[U(0, 0.6)] = 0.3
-    per_sample = changed.flatten(1).float().mean(1)
-    assert per_sample.min() < 0.1 and per_sample.max() > 0.45  # the rate varies between samples
-    moved = (index_to_codes(out, LEVELS) - index_to_codes(tokens, LEVELS)).abs()[changed]  # (K, C)
-    assert torch.equal(moved.sum(-1), torch.ones(len(moved), dtype=moved.dtype))
-    softmax = tiny_model().corrupt_codes(tokens, 0.6, gen)
-    assert softmax.min() >= 0 and softmax.max() < VOCAB and (softmax != tokens).any()
-    with pytest.raises(ValueError, match="history_noise"):
-        model.corrupt_codes(tokens, 1.0)
-    with pytest.raises(ValueError, match="maskgit"):
-        tiny_model(head="mar", latent_dim=2, patch_size=2).corrupt_codes(tokens, 0.1)
-
-
-def test_history_noise_corrupts_the_history_only() -> None:
-    """With batch["history_noise"] the clean stream (the history) sees corrupted codes while the masked
-    stream and the targets keep the true ones; without it the clean stream is the true codes."""
-    model = tiny_model(perturb=True, code_levels=LEVELS)
-    seen = {}
-    trunk = model._two_stream_hidden
-
-    def spy(*args):
-        seen["tokens"], seen["clean"] = args[1], args[-1]
-        return trunk(*args)
-
-    model._two_stream_hidden = spy
-    batch = make_batch([0, 1] * 4)
-    clean_loss = seeded_loss(model, batch)
-    assert seen["clean"] is None
-    noisy_loss = seeded_loss(model, {**batch, "history_noise": 0.5})
-    assert torch.equal(seen["tokens"], batch["tokens"].flatten(2))
-    assert not torch.equal(seen["clean"], seen["tokens"]) and seen["clean"].shape == seen["tokens"].shape
-    assert math.isfinite(noisy_loss) and noisy_loss != clean_loss
 
 
 @pytest.mark.parametrize("masked", [False, True])

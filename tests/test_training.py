@@ -374,16 +374,6 @@ def test_unpack_runs_joins_parts_and_names_the_weights(tmp_path):
         unpack(tmp_path / "src", tmp_path / "other")
 
 
-def test_history_noise_flag_is_checked():
-    from training.dynamics import DynamicsTrainConfig
-
-    assert DynamicsTrainConfig(data="x.hdf5", tokenizer="t", history_noise=0.2).history_noise == 0.2
-    with pytest.raises(ValueError, match=r"\[0, 1\)"):
-        DynamicsTrainConfig(data="x.hdf5", tokenizer="t", history_noise=1.0)
-    with pytest.raises(ValueError, match="maskgit"):
-        DynamicsTrainConfig(data="x.hdf5", tokenizer="t", head="mar", history_noise=0.1)
-
-
 def test_factorized_model_starts_from_a_trained_trunk(dynamics_run, tiny_data, tokenizer_run, tmp_path):
     """train --factorized-head --init-trunk: a model with per-FSQ-channel softmaxes whose trunk, stems,
     heads and statistics start as the source run's and whose image input/output start fresh; it trains
@@ -397,7 +387,7 @@ def test_factorized_model_starts_from_a_trained_trunk(dynamics_run, tiny_data, t
     run = tmp_path / "fact"
     main(["train", "--data", str(tiny_data), "--tokenizer", str(tokenizer_run), "--out", str(run),
           "--factorized-head", "--init-trunk", str(dynamics_run), "--steps", "4", "--eval-every", "4",
-          "--save-every", "4", *DYN_ARGS, "--lr", "1e-9", "--history-noise", "0.1"])  # weights stay (almost) put
+          "--save-every", "4", *DYN_ARGS, "--lr", "1e-9"])  # weights stay (almost) put
     model, meta = load_dynamics(run)
     assert model.config.code_levels == tuple(levels) and model.config.vocab_size == source.config.vocab_size
     assert model.image_head.out_features == model.group * sum(levels)
@@ -410,7 +400,6 @@ def test_factorized_model_starts_from_a_trained_trunk(dynamics_run, tiny_data, t
     for key, value in load_tensors(dynamics_run / "normalization.safetensors").items():
         assert torch.equal(norms[key], value), key
     assert all(np.isfinite(r["loss"]) for r in _log(run) if r.get("event") == "train")
-    assert _log(run)[0]["config"]["history_noise"] == 0.1
 
     from hma_gym.models.hma import make_hma
 

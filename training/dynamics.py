@@ -47,10 +47,6 @@ class DynamicsTrainConfig(LoopConfig, DataConfig):
     """Training window T (the inference context)."""
     prompt_frames: tuple[int, ...] = (1, 4)
     """n_prompt is drawn from these per sample; later frames are predicted from clean history."""
-    history_noise: float = 0.0
-    """maskgit: corrupt the history's image codes at a rate drawn per sample from U(0, this) (an FSQ
-    model with --factorized-head moves a code one level on one channel; otherwise a random code), so the
-    model learns to predict from histories as imperfect as its own rollouts (0: off)."""
     objective_probs: dict[str, float] = field(
         default_factory=lambda: {"forward": 0.8, "full": 0.1, "passive": 0.05, "policy": 0.05})
     """Masking objective mixture (JSON)."""
@@ -135,10 +131,6 @@ class DynamicsTrainConfig(LoopConfig, DataConfig):
         if self.factorized_head and self.init:
             raise ValueError("--init keeps the init model's head; --factorized-head builds a new model "
                              "(use --init-trunk to start its trunk from a trained one)")
-        if not 0 <= self.history_noise < 1:
-            raise ValueError(f"--history-noise must be in [0, 1). Got {self.history_noise}")
-        if self.history_noise and self.head != "maskgit":
-            raise ValueError("--history-noise corrupts image codes: it is for the maskgit head")
         if self.train_only_new and not self.init:
             raise ValueError("--train-only-new needs --init (the model whose trunk stays frozen)")
         if self.init_layers and not self.init:
@@ -322,8 +314,6 @@ def train_dynamics(cfg: DynamicsTrainConfig) -> dict:
     def batch_fn(step: int, rng: np.random.Generator) -> dict:
         batch = mixed_batch(sources, probs, rng, cfg.batch_size, cfg.max_frames, norm_of, ids, widths)
         batch["n_prompt"] = torch.from_numpy(rng.choice(prompts, cfg.batch_size)).long()
-        if cfg.history_noise:
-            batch["history_noise"] = cfg.history_noise
         return batch
 
     def loss_fn(net, batch):

@@ -1078,32 +1078,6 @@ class HMA(nn.Module):
         first = torch.arange(T, device=actions.device) == 0
         return prev, action_valid.to(torch.bool) & ~first
 
-    def corrupt_codes(self, tokens: Tensor, max_rate: float, generator: torch.Generator | None = None) -> Tensor:
-        """Image codes (B, T, G) with each token replaced at a rate drawn per sample from U(0, max_rate).
-
-        A factorised (FSQ) model replaces a code by a neighbour on the lattice: one channel, drawn at
-        random, moves one level up or down (reflected at the ends), the kind of near miss its own
-        predictions make; otherwise a replacement is a code drawn uniformly.
-        """
-        if self.config.soft:
-            raise ValueError("history_noise corrupts image codes: it is for the maskgit head, not mar")
-        if not 0 <= max_rate < 1:
-            raise ValueError(f"history_noise must be in [0, 1). Got {max_rate}")
-        shape, kw = tokens.shape, dict(device=tokens.device, generator=generator)
-        rate = torch.rand(shape[0], *([1] * (tokens.dim() - 1)), **kw) * max_rate  # one rate per sample
-        hit = torch.rand(shape, **kw) < rate
-        if not self.config.factorized:
-            return torch.where(hit, torch.randint(0, self.config.vocab_size, shape, **kw), tokens)
-        levels = torch.tensor(self.config.code_levels, device=tokens.device)
-        digits = index_to_codes(tokens, self.config.code_levels)  # (..., C)
-        channel = torch.randint(0, len(levels), shape, **kw)
-        step = torch.randint(0, 2, shape, **kw) * 2 - 1  # one level down or up
-        d = digits.gather(-1, channel[..., None])[..., 0] + step
-        top = levels[channel] - 1
-        d = torch.where(d < 0, 1, torch.where(d > top, top - 1, d))  # reflect: levels >= 2
-        moved = fsq_codes_to_index(digits.scatter(-1, channel[..., None], d[..., None]), self.config.code_levels)
-        return torch.where(hit, moved, tokens)
-
     def _two_stream_hidden(
         self,
         groups: list[tuple[str, Tensor]],
@@ -1115,21 +1089,18 @@ class HMA(nn.Module):
         image_mask: Tensor,
         state_mask: Tensor,
         t0: int,
-        clean_tokens: Tensor | None = None,
     ) -> Tensor:
         """Clean stream over all T frames + masked stream over frames t0: -> masked hidden (B, T-t0, N, D).
 
         tokens (B, T, G); clean_mode / masked_mode (B, T) action modes; image_mask (B, T, G) and state_mask
         (B, T) apply to the masked stream only. Masked frames never attend to each other, so the masked
-        stream only needs the frames that some sample predicts. ``clean_tokens`` (default ``tokens``): what
-        the clean stream (the history) sees, e.g. corrupted codes (``history_noise``).
+        stream only needs the frames that some sample predicts.
         """
         B, T = tokens.shape[:2]
         act_tok, act_cond = self._embed_actions(groups, prev_actions)  # (B, T, n, D), (B, T, D)
         state_emb = self._embed_states(groups, states)  # (B, T, D)
         nothing = torch.zeros_like(image_mask)
-        history = tokens if clean_tokens is None else clean_tokens
-        xc, cc = self._frame_inputs(history, nothing, act_tok, act_cond, clean_mode, state_emb, nothing[..., 0])
+        xc, cc = self._frame_inputs(tokens, nothing, act_tok, act_cond, clean_mode, state_emb, nothing[..., 0])
         xm, cm = self._frame_inputs(
             tokens[:, t0:], image_mask[:, t0:], act_tok[:, t0:], act_cond[:, t0:],
             masked_mode[:, t0:], state_emb[:, t0:], state_mask[:, t0:],
@@ -1155,10 +1126,7 @@ class HMA(nn.Module):
         - passive: no actions anywhere (video only); predict image tokens and state.
         - policy:  image, state and a_{t-1} all masked; predict a_{t-1} (and image/state).
         The clean stream always holds what inference has for past frames: their true image and state,
-        and their true actions, except under "passive", where the model never sees actions. Optional
-        ``history_noise`` (float in [0, 1)): the clean stream's image codes are corrupted at a rate drawn
-        per sample from U(0, history_noise) (``corrupt_codes``), so the model learns to predict from
-        histories as imperfect as its own generated frames; the targets stay the true codes.
+        and their true actions, except under "passive", where the model never sees actions.
 
         Returns (loss, metrics); metrics are detached 0-dim tensors: loss, ce, state_mse, action_mse and
         accuracy (of the argmax on masked image tokens).
@@ -1203,11 +1171,8 @@ class HMA(nn.Module):
 
         # 3. trunk
         groups = self._groups(ids)
-        noise = float(batch.get("history_noise", 0.0))
-        clean_tokens = self.corrupt_codes(tokens, noise) if noise > 0 else None
         h = self._two_stream_hidden(
-            groups, tokens, prev_actions, states, clean_mode, masked_mode, image_mask, state_mask, n_min,
-            clean_tokens,
+            groups, tokens, prev_actions, states, clean_mode, masked_mode, image_mask, state_mask, n_min
         )  # (B, T', N, D)
 
         # 4. losses on the masked stream's predicted frames
