@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = "0" ] || echo sudo)
 APT_PACKAGES := libegl1 libegl-mesa0 libgl1-mesa-dri libgl1 libglx-mesa0 chromium chromium-driver g++
 export MUJOCO_GL ?= egl
 
-.PHONY: setup demo test lint bench lift-data lift-checkpoint dp-lift lift-mar lift-mar-warm lift-mar-ft lift-fast tokenizer-15k mix-data tokens-15k lift-15k-pack lift-15k-cpu mixture-data mixture-tasks pretraining-study pretraining-study-tasks clean-venv
+.PHONY: setup demo test lint bench interaction-data lift-data lift-checkpoint dp-lift lift-mar lift-mar-warm lift-mar-ft lift-fast tokenizer-15k mix-data tokens-15k lift-15k-pack lift-15k-cpu mixture-data mixture-tasks pretraining-study pretraining-study-tasks clean-venv
 
 setup: $(STAMP)
 
@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q "mujoco==3.3.7" "robosuite==1.5.2"
 	# robomimic 0.3.0 pins mujoco_py/torchvision-era deps: install it alone, use only its dataset utils
 	$(PIP) install -q --no-deps "robomimic==0.3.0"
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[dev,robomimic]"
 	$(PY) -c "import torch, robosuite, robomimic, hma_gym; print('setup ok: torch', torch.__version__)"
 	touch $(STAMP)
 
@@ -39,6 +39,13 @@ lint: setup
 
 bench: setup
 	$(PY) -m benchmarks.env_speed
+
+# robomimic's own training on this project's files: the [robomimic] extra (robomimic 0.3.0 itself comes with
+# setup, without its dependencies), then robomimic's BC trainer for a few steps on a collected and a synthetic file.
+.PHONY: robomimic
+robomimic: setup
+	$(PIP) install -q -e ".[robomimic]"
+	$(PY) -m pytest -q tests/test_robomimic.py
 
 # The recipe of the shipped Lift checkpoint (hma_gym/assets/lift). Order: `make lift-data`, `make dp-lift`
 # (its DP checkpoints are the imperfect policies whose GT rollouts join the world model's data), then
@@ -113,6 +120,24 @@ lift-fast: mix-data
 	  --out benchmarks/results/eval_model_lift_fast.json
 	$(HMA) eval-model --checkpoint hma_gym/assets/lift_fast --data data/lift.hdf5 --stride 16 --random-actions 2 \
 	  --greedy --out benchmarks/results/eval_model_lift_fast_greedy.json
+
+# Issue 25's interaction data: what policies do, not only what experts do (2,000 GT episodes, ~75 min on one core;
+# each file is collected only when missing, and a killed collection resumes where it stopped). Every file records
+# robomimic's `object` key. Seeds 100000-149999: disjoint from every evaluation seed (10000+, 20000+, 900000+).
+MIX_DIR ?= data/mix
+MIX_SEVERITY := '{"missed_grasp": [0, 0.06], "close_early": [0.02, 0.065], "close_late": [0, 0.05], \
+  "release_mid_lift": [0, 0.08], "push": [0, 0.06]}'
+MIX_FAILURES := '{"missed_grasp": 0.2, "close_early": 0.08, "close_late": 0.1, "release_mid_lift": 0.08, \
+  "push": 0.06, "never_close": 0.06, "early_release": 0.06, "hesitation": 0.08}'
+interaction-data: setup
+	mkdir -p $(MIX_DIR)
+	$(HMA) collect --total 1000 --seed 100000 --action-noise 0.05 --failure-probs $(MIX_FAILURES) \
+	  --severity $(MIX_SEVERITY) --out $(MIX_DIR)/expert_failures.hdf5
+	$(HMA) collect --total 300 --seed 110000 --action-noise 0.3 --failure-probs $(MIX_FAILURES) \
+	  --severity $(MIX_SEVERITY) --out $(MIX_DIR)/noisy_expert.hdf5
+	$(HMA) collect --policy random --total 200 --seed 120000 --out $(MIX_DIR)/random.hdf5
+	$(HMA) collect --policy random-smooth --total 300 --seed 130000 --out $(MIX_DIR)/random_smooth.hdf5
+	$(HMA) collect --policy dp-lift --total 200 --seed 140000 --out $(MIX_DIR)/dp_shipped.hdf5
 
 # The 15,360-code FSQ tokenizer (hma_gym/assets/tokenizer_15k; ~40 min on this CPU), scored beside the shipped
 # checkpoints' one on every held-out frame. No shipped world model uses it yet: its codes need a new dynamics model.

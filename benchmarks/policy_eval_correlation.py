@@ -52,6 +52,12 @@ def scatter(rows: list[dict], path, stats: dict) -> None:
     plt.close(fig)
 
 
+def rate_stats(gt_rates: list[float], learned_rates: list[float]) -> dict:
+    """Pearson, Spearman and MMRV between per-policy success rates of the two sims."""
+    return {"pearson": pearson(gt_rates, learned_rates), "spearman": spearman(gt_rates, learned_rates),
+            "mmrv": mmrv(gt_rates, learned_rates)}
+
+
 def episode_confusion(gt: list[dict], learned: list[dict]) -> dict:
     """Per-episode verdicts of the two sims on the same starts: where the learned sim disagrees, and how."""
     pairs = [(a["success"], b["success"]) for a, b in zip(gt, learned, strict=True)]
@@ -128,10 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "learned_mean_length": learned["mean_length"],
                      **episode_confusion(gt["per_episode"], learned["per_episode"])})
         print(rows[-1])
-    gt_rates = [r["gt_success"] for r in rows]
-    learned_rates = [r["learned_success"] for r in rows]
-    stats = {"pearson": pearson(gt_rates, learned_rates), "spearman": spearman(gt_rates, learned_rates),
-             "mmrv": mmrv(gt_rates, learned_rates)}
+    stats = rate_stats([r["gt_success"] for r in rows], [r["learned_success"] for r in rows])
     payload = {**stats, "episodes_per_policy": args.episodes, "seeds": [args.seed, args.seed + args.episodes - 1],
                "bootstrap_ci95": bootstrap(verdicts["gt"], verdicts["learned"], args.bootstrap),
                "checkpoint": learned["checkpoint"], "checkpoint_weights_hash": weights_hash(learned["checkpoint"]),

@@ -46,6 +46,49 @@ class RandomPolicy:
         pass
 
 
+class SmoothRandomPolicy:
+    """Temporally correlated random actions: per env an AR(1) process a_t = rho a_(t-1) + sqrt(1 - rho^2) e_t,
+    e_t ~ N(0, scale^2), clipped to [-1, 1]. rho = 0 is white noise; rho = 0.9 drifts over ~10 steps (0.5 s at
+    20 Hz), the way a poorly trained policy wanders rather than jitters."""
+
+    def __init__(self, action_dim: int = 7, rho: float = 0.9, scale: float = 0.6, seed: int | None = None):
+        if not 0 <= rho < 1:
+            raise ValueError(f"rho must be in [0, 1). Got {rho=}")
+        if scale < 0:
+            raise ValueError(f"scale must be >= 0. Got {scale=}")
+        self.action_dim, self.rho, self.scale = action_dim, rho, scale
+        self.rng = np.random.default_rng(seed)
+        self.state: np.ndarray | None = None
+
+    def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        n = batch_size_of(obs)
+        if self.state is None or len(self.state) != n:
+            self.state = self.rng.normal(0.0, self.scale, (n, self.action_dim))
+        noise = self.rng.normal(0.0, self.scale, (n, self.action_dim))
+        self.state = self.rho * self.state + np.sqrt(1 - self.rho**2) * noise
+        return np.clip(self.state, -1.0, 1.0).astype(np.float32)
+
+    def reset(self, env_ids: Sequence[int] | None = None) -> None:
+        if self.state is None or env_ids is None:
+            self.state = None
+            return
+        for i in env_ids:
+            self.state[i] = self.rng.normal(0.0, self.scale, self.action_dim)
+
+
+class ConstantPolicy:
+    """The same action in every env at every step (zeros by default: the arm holds still)."""
+
+    def __init__(self, action: Sequence[float] | np.ndarray | None = None, action_dim: int = 7):
+        self.action = np.zeros(action_dim, np.float32) if action is None else np.asarray(action, np.float32)
+
+    def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        return np.tile(self.action, (batch_size_of(obs), 1))
+
+    def reset(self, env_ids: Sequence[int] | None = None) -> None:
+        pass
+
+
 class ReplayPolicy:
     """Plays fixed action sequences, one per env (e.g. a recorded episode); zeros after the end."""
 
