@@ -126,7 +126,7 @@ lift-fast: mix-data
 # robomimic's `object` key. Seeds 100000-149999: disjoint from every evaluation seed (10000+, 20000+, 900000+).
 MIX_DIR ?= data/mix
 MIX_SEVERITY := '{"missed_grasp": [0, 0.06], "close_early": [0.02, 0.065], "close_late": [0, 0.05], \
-  "release_mid_lift": [0, 0.08], "push": [0, 0.06]}'
+  "release_mid_lift": [0, 0.04], "push": [0, 0.06]}'
 MIX_FAILURES := '{"missed_grasp": 0.2, "close_early": 0.08, "close_late": 0.1, "release_mid_lift": 0.08, \
   "push": 0.06, "never_close": 0.06, "early_release": 0.06, "hesitation": 0.08}'
 interaction-data: setup

@@ -23,7 +23,7 @@ DEFAULT_SEVERITY: dict[str, tuple[float, float]] = {
     "missed_grasp": (0.035, 0.05),
     "close_early": (0.02, 0.065),
     "close_late": (0.005, 0.04),
-    "release_mid_lift": (0.0, 0.08),
+    "release_mid_lift": (0.0, 0.04),
     "push": (0.0, 0.06),
 }
 
