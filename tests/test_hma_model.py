@@ -356,6 +356,15 @@ def test_config_round_trip() -> None:
         HMAConfig.from_dict({**cfg.to_dict(), "bogus": 1})
 
 
+def test_config_reads_the_keys_of_removed_options_where_they_are_off() -> None:
+    """Older configs (the shipped checkpoints' among them) hold keys of removed options: read where they
+    hold the value that meant "off", refused otherwise."""
+    cfg = HMAConfig(vocab_size=VOCAB, grid=GRID).to_dict()
+    assert HMAConfig.from_dict({**cfg, "latent_in_hidden": 0}) == HMAConfig.from_dict(cfg)
+    with pytest.raises(ValueError, match="latent_in_hidden=32: the MLP latent input was removed"):
+        HMAConfig.from_dict({**cfg, "latent_in_hidden": 32})
+
+
 @pytest.mark.parametrize(
     ("overrides", "field"),
     [

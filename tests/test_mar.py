@@ -213,19 +213,24 @@ def test_variant_mar_loads_the_shipped_checkpoint_or_says_none_ships() -> None:
 
 
 def test_warm_start_from_a_maskgit_run(tiny_data, tokenizer_run, dynamics_run, tmp_path) -> None:
-    """--init-maskgit: the shared weights are the MaskGIT model's, [MASK] embeds alike, the fitted latent input
-    layer predicts the code embeddings, and --freeze-trunk trains the diffusion head alone."""
+    """--init-maskgit --lattice-input: the shared weights are the MaskGIT model's, [MASK] embeds alike, a
+    rounded latent embeds exactly as MaskGIT embeds its code, and --freeze-trunk trains the diffusion head
+    alone."""
     import numpy as np
 
     from hma_gym.cli import main
     from hma_gym.world_model import load_dynamics, load_tokenizer
     from tests.conftest import DYN_ARGS, read_log
     from training.data import DataConfig, load_episodes
-    from training.warmstart import IMAGE_IO, code_embedding_pairs, fit_latent_in, mar_from_maskgit
+    from training.dynamics import DynamicsTrainConfig
+    from training.warmstart import IMAGE_IO, mar_from_maskgit
 
     maskgit, _ = load_dynamics(dynamics_run)
     tok = load_tokenizer(tokenizer_run)
-    mar = mar_from_maskgit(maskgit, len(tok.cfg.levels), latent_in_hidden=32, diff_width=32, diff_depth=1)
+    levels = tok.cfg.levels
+    with pytest.raises(ValueError, match="latent_levels"):
+        mar_from_maskgit(maskgit, len(levels), diff_width=32, diff_depth=1)
+    mar = mar_from_maskgit(maskgit, len(levels), latent_levels=levels, diff_width=32, diff_depth=1)
     shared = {k: v for k, v in maskgit.state_dict().items() if not k.startswith(IMAGE_IO)}
     assert shared and all(torch.equal(v, mar.state_dict()[k]) for k, v in shared.items())
     # a fully masked frame enters both trunks as the same rows
@@ -235,51 +240,48 @@ def test_warm_start_from_a_maskgit_run(tiny_data, tokenizer_run, dynamics_run, t
     all_masked, no_state = torch.ones(B, 1, G, dtype=torch.bool), torch.ones(B, 1, dtype=torch.bool)
     x_mg, _ = maskgit._frame_inputs(torch.zeros(B, 1, G, dtype=torch.long), all_masked, act, cond, mode, state,
                                     no_state)
-    x_mar, _ = mar._frame_inputs(torch.randn(B, 1, G, len(tok.cfg.levels)), all_masked, act, cond, mode, state,
-                                 no_state)
+    x_mar, _ = mar._frame_inputs(torch.randn(B, 1, G, len(levels)), all_masked, act, cond, mode, state, no_state)
     torch.testing.assert_close(x_mar, x_mg)
 
+    # a frame's latents, rounded, embed as MaskGIT embeds the frame's codes (the rounded latents)
     frames = np.concatenate([e.frames for e in load_episodes(DataConfig(data=str(tiny_data), image_size=16),
                                                               "train")])
-    x, y = code_embedding_pairs(maskgit, tok, frames)
-    assert x.shape == (len(frames), G, len(tok.cfg.levels)) and y.shape == (len(frames), mar.n_slots, D)
-    fit = fit_latent_in(mar, x, y, steps=300)
-    assert fit["latent_in_r2"] > max(0.5, fit["latent_in_r2_before"])
-
-    # the lattice input embeds a rounded latent exactly as MaskGIT embeds its code, and needs no fit
-    lattice = mar_from_maskgit(maskgit, len(tok.cfg.levels), latent_levels=tok.cfg.levels, diff_width=32,
-                               diff_depth=1)
+    with torch.no_grad():
+        latent = tok.encode_latent(torch.from_numpy(frames))  # (B, C, g, g)
+        codes = tok.quantize(latent)[1].flatten(1)  # (B, G)
+        x = latent.permute(0, 2, 3, 1).flatten(1, 2)  # (B, G, C)
+        offset = torch.arange(maskgit.group) * (maskgit.config.vocab_size + 1)
+        y = maskgit.tok_emb(maskgit._to_slots(codes) + offset).sum(-2)  # (B, S, D)
     rounded = torch.round(x)
-    torch.testing.assert_close(lattice._embed_latents(rounded), y)
+    torch.testing.assert_close(mar._embed_latents(rounded), y)
     # linear along a lattice edge: halfway between two neighbouring codes embeds as their mean
-    top = tok.cfg.levels[0] - 1 - tok.cfg.levels[0] // 2  # the largest latent value of channel 0
+    top = levels[0] - 1 - levels[0] // 2  # the largest latent value of channel 0
     step = torch.zeros_like(rounded)
     step[..., 0] = torch.where(rounded[..., 0] < top, 1.0, -1.0)
-    ends = lattice._embed_latents(rounded), lattice._embed_latents(rounded + step)
-    torch.testing.assert_close(lattice._embed_latents(rounded + 0.5 * step), (ends[0] + ends[1]) / 2)
+    ends = mar._embed_latents(rounded), mar._embed_latents(rounded + step)
+    torch.testing.assert_close(mar._embed_latents(rounded + 0.5 * step), (ends[0] + ends[1]) / 2)
     assert not torch.allclose(ends[0], ends[1])
-    fit = fit_latent_in(lattice, x, y)
-    assert fit["fit_steps"] == 0 and fit["latent_in_r2"] == fit["latent_in_r2_before"] < 1
-    rounding = mar_from_maskgit(maskgit, len(tok.cfg.levels), latent_levels=tok.cfg.levels, round_latent_input=True,
+    rounding = mar_from_maskgit(maskgit, len(levels), latent_levels=levels, round_latent_input=True,
                                 diff_width=32, diff_depth=1)
     torch.testing.assert_close(rounding._embed_latents(x), y)  # the MaskGIT trunk's inputs, exactly
 
     run = tmp_path / "warm"
     main(["train", "--data", str(tiny_data), "--tokenizer", str(tokenizer_run), "--out", str(run), "--steps", "12",
           "--eval-every", "12", "--save-every", "12", "--head", "mar", "--diff-width", "32", "--diff-depth", "1",
-          "--diff-sample-steps", "3", "--latent-in-hidden", "32", "--init-maskgit", str(dynamics_run),
+          "--diff-sample-steps", "3", "--lattice-input", "--round-input", "--init-maskgit", str(dynamics_run),
           "--freeze-trunk", *DYN_ARGS])
     trained, meta = load_dynamics(run)
-    assert meta["init_maskgit"]["latent_in_r2"] > 0.5 and trained.config.latent_in_hidden == 32
+    assert meta["init_maskgit"]["dir"] == str(dynamics_run) and trained.config.latent_levels == tuple(levels)
     after = trained.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in shared.items()), "--freeze-trunk changed a shared weight"
+    assert torch.equal(after["latent_in.table.weight"], rounding.state_dict()["latent_in.table.weight"])
     assert not torch.equal(after["diff_head.out.weight"], torch.zeros_like(after["diff_head.out.weight"]))
     train = [r for r in read_log(run) if r["event"] == "train"]
     assert np.mean([r["diff_mse"] for r in train[-2:]]) < np.mean([r["diff_mse"] for r in train[:2]])
-    from training.dynamics import DynamicsTrainConfig
-
     with pytest.raises(ValueError, match="--head mar"):
         DynamicsTrainConfig(data=str(tiny_data), init_maskgit=str(dynamics_run))
+    with pytest.raises(ValueError, match="--lattice-input"):
+        DynamicsTrainConfig(data=str(tiny_data), head="mar", init_maskgit=str(dynamics_run))
 
 
 def test_model_speed_times_the_shipped_checkpoints(tmp_path, monkeypatch) -> None:

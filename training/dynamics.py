@@ -17,7 +17,7 @@ from training.evaluate import eval_windows, fidelity_report, tokenize_episodes
 from training.loop import LoopConfig, train_loop
 from training.mixture import Source, fit_normalizers, load_sources, mixed_batch, read_mixture, sampling_weights
 from training.tokens import TokenCacheError, load_token_cache
-from training.warmstart import code_embedding_pairs, copy_trunk, fit_latent_in, keep_layers, mar_from_maskgit
+from training.warmstart import copy_trunk, keep_layers, mar_from_maskgit
 
 
 @dataclass
@@ -95,20 +95,16 @@ class DynamicsTrainConfig(LoopConfig, DataConfig):
     """mar: DDIM steps per token at generation (the checkpoint's default)."""
     diff_batch_mul: int = 4
     """mar: noise draws per masked token per step."""
-    latent_in_hidden: int = 0
-    """mar: hidden width of the MLP that embeds a trunk token's latents (0: one linear layer)."""
     lattice_input: bool = False
     """mar: embed latents by interpolating a table over the tokenizer's FSQ lattice (exact at the codes;
-    with --init-maskgit the table is that model's code embedding) instead of --latent-in-hidden's layers."""
+    with --init-maskgit the table is that model's code embedding) instead of one linear layer."""
     round_input: bool = False
     """mar with --lattice-input: the trunk sees the latents rounded to the lattice (exactly a MaskGIT trunk's
     inputs); the diffusion head still predicts continuous latents."""
     init_maskgit: str = ""
-    """mar: start from a trained MaskGIT `train` run: its trunk, stems, heads and statistics; the latent
-    input layer is fitted to its code embeddings and the diffusion head starts fresh (training/warmstart.py).
-    Size flags are ignored."""
-    warm_start_frames: int = 3000
-    """With --init-maskgit: training frames whose latents fit the input layer."""
+    """mar with --lattice-input: start from a trained MaskGIT `train` run: its trunk, stems, heads and
+    statistics, and its code embedding as the lattice input's table; the diffusion head starts fresh
+    (training/warmstart.py). Size flags are ignored."""
     freeze_trunk: bool = False
     """mar: train only the diffusion head; everything else keeps its initial (e.g. --init-maskgit) weights."""
 
@@ -122,6 +118,9 @@ class DynamicsTrainConfig(LoopConfig, DataConfig):
                              "(leave out --tokens)")
         if (self.init_maskgit or self.freeze_trunk) and self.head != "mar":
             raise ValueError("--init-maskgit and --freeze-trunk train a mar model: add --head mar")
+        if self.init_maskgit and not self.lattice_input:
+            raise ValueError("--init-maskgit needs --lattice-input (the mar model then embeds a latent as the "
+                             "maskgit model embeds its code)")
         if self.round_input and not self.lattice_input:
             raise ValueError("--round-input needs --lattice-input")
         if sum(map(bool, (self.init, self.init_maskgit, self.init_trunk))) > 1:
@@ -149,8 +148,8 @@ class DynamicsTrainConfig(LoopConfig, DataConfig):
 def mar_fields(cfg: DynamicsTrainConfig, levels: tuple[int, ...]) -> dict:
     """The HMAConfig fields of a mar model that the training config sets (``levels``: the tokenizer's)."""
     return dict(diff_width=cfg.diff_width, diff_depth=cfg.diff_depth, diff_sample_steps=cfg.diff_sample_steps,
-                diff_batch_mul=cfg.diff_batch_mul, latent_in_hidden=cfg.latent_in_hidden,
-                latent_levels=tuple(levels) if cfg.lattice_input else (), round_latent_input=cfg.round_input)
+                diff_batch_mul=cfg.diff_batch_mul, latent_levels=tuple(levels) if cfg.lattice_input else (),
+                round_latent_input=cfg.round_input)
 
 
 def build_model(cfg: DynamicsTrainConfig, vocab_size: int, grid: int, embodiments: dict[str, EmbodimentSpec],
@@ -233,17 +232,8 @@ def _warm_start_mar(cfg: DynamicsTrainConfig, tokenizer, sources: list[Source]):
     if unknown:
         raise CheckpointError(f"{cfg.init_maskgit} has no stem for {unknown} (it has {maskgit.embodiment_names})")
     model = mar_from_maskgit(maskgit, len(tokenizer.cfg.levels), **mar_fields(cfg, tokenizer.cfg.levels))
-    lengths = [len(e.frames) for e in sources[0].train]
-    pick = np.sort(np.random.default_rng(cfg.seed).permutation(sum(lengths))[: cfg.warm_start_frames])
-    ep = np.searchsorted(np.cumsum(lengths), pick, side="right")  # each picked frame's episode ...
-    first = np.cumsum([0, *lengths[:-1]])  # ... and its index there: no copy of every training frame
-    frames = np.stack([sources[0].train[e].frames[i - first[e]] for e, i in zip(ep, pick, strict=True)])
-    x, y = code_embedding_pairs(maskgit, tokenizer, frames)
-    fit = fit_latent_in(model, x, y, seed=cfg.seed)
-    print(f"warm start from {cfg.init_maskgit}: latent input embeddings vs the codes' embeddings, R^2 "
-          f"{fit['latent_in_r2']:.3f} on held-out frames ({fit['frames']} frames)")
     norm_tensors = load_tensors(Path(cfg.init_maskgit) / "normalization.safetensors")
-    return model.train(), norm_tensors, {"dir": cfg.init_maskgit, "trained_steps": meta.get("trained_steps"), **fit}
+    return model.train(), norm_tensors, {"dir": cfg.init_maskgit, "trained_steps": meta.get("trained_steps")}
 
 
 def train_dynamics(cfg: DynamicsTrainConfig) -> dict:

@@ -8,19 +8,17 @@ Only the image input and output differ. A MaskGIT trunk token embeds its patch's
 code embeddings); a MAR trunk token embeds the same patch's continuous latents (``latent_in``). The warm
 start copies every shared weight, sets MAR's [MASK] vector to what a fully masked MaskGIT patch embeds
 to, and makes a patch's latents embed like its codes (the codes are the rounded latents, FSQ): exactly
-at the codes with a ``LatticeEmbedding`` whose table is MaskGIT's code embedding (``latent_levels``),
-or approximately by fitting ``latent_in``'s layers by regression. The diffusion head is left to training.
+at the codes with a ``LatticeEmbedding`` whose table is MaskGIT's code embedding (``latent_levels``).
+The diffusion head is left to training.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 
-import numpy as np
 import torch
 
 from hma_gym.models.hma import HMA
-from hma_gym.models.tokenizer import ImageTokenizer
 
 IMAGE_IO = ("tok_emb.", "image_head.")  # MaskGIT-only weights
 MAR_IO = ("latent_in.", "image_mask_emb", "diff_head.")  # MAR-only weights
@@ -72,8 +70,11 @@ def copy_trunk(model: HMA, source: HMA) -> dict[str, list[str]]:
 
 def mar_from_maskgit(maskgit: HMA, latent_dim: int, **mar_config) -> HMA:
     """A MAR model with ``maskgit``'s architecture and every weight the variants share; ``mar_config``:
-    the MAR fields of HMAConfig (diff_width, latent_in_hidden, ...). ``latent_in`` is left at its
-    initialisation (see ``fit_latent_in``)."""
+    the MAR fields of HMAConfig (latent_levels, the tokenizer's FSQ levels, and diff_width, ...). Its
+    lattice input's table is ``maskgit``'s code embedding."""
+    if not mar_config.get("latent_levels"):
+        raise ValueError("the mar warm start needs latent_levels (the tokenizer's FSQ levels): the mar model "
+                         "then embeds a latent as the maskgit model embeds its code")
     if maskgit.config.soft:
         raise ValueError("the source model is already a mar model")
     if maskgit.config.factorized:
@@ -90,58 +91,9 @@ def mar_from_maskgit(maskgit: HMA, latent_dim: int, **mar_config) -> HMA:
     with torch.no_grad():  # a patch whose every code is [MASK] (index V of each position's table)
         mask_rows = torch.arange(group) * (V + 1) + V
         mar.image_mask_emb.copy_(maskgit.tok_emb.weight[mask_rows].sum(0))
-        if config.latent_levels:  # the lattice table is the code embedding without its [MASK] rows
-            if mar.latent_in.n_codes != V:
-                raise ValueError(f"latent_levels {config.latent_levels} make {mar.latent_in.n_codes} codes; the "
-                                 f"MaskGIT model has {V}")
-            codes = maskgit.tok_emb.weight.view(group, V + 1, -1)[:, :V]
-            mar.latent_in.table.weight.copy_(codes.reshape(group * V, -1))
+        if mar.latent_in.n_codes != V:  # the lattice table is the code embedding without its [MASK] rows
+            raise ValueError(f"latent_levels {config.latent_levels} make {mar.latent_in.n_codes} codes; the "
+                             f"MaskGIT model has {V}")
+        codes = maskgit.tok_emb.weight.view(group, V + 1, -1)[:, :V]
+        mar.latent_in.table.weight.copy_(codes.reshape(group * V, -1))
     return mar
-
-
-def code_embedding_pairs(maskgit: HMA, tokenizer: ImageTokenizer, frames: np.ndarray,
-                         batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Regression pairs from uint8 frames (B, H, W, 3): each frame's latents (B, G, C) in level units, and
-    the embedding MaskGIT gives each trunk token's codes (the rounded latents) (B, S, D)."""
-    xs, ys = [], []
-    V, group = maskgit.config.vocab_size, maskgit.group
-    offset = torch.arange(group) * (V + 1)
-    with torch.no_grad():
-        for i in range(0, len(frames), batch):
-            latent = tokenizer.encode_latent(torch.from_numpy(frames[i : i + batch]))  # (B, C, g, g)
-            _, codes = tokenizer.quantize(latent)  # (B, g, g)
-            xs.append(latent.permute(0, 2, 3, 1).flatten(1, 2))  # (B, G, C)
-            ys.append(maskgit.tok_emb(maskgit._to_slots(codes.flatten(1)) + offset).sum(-2))  # (B, S, D)
-    return torch.cat(xs), torch.cat(ys)
-
-
-def fit_latent_in(mar: HMA, x: torch.Tensor, y: torch.Tensor, steps: int = 2000, batch: int = 64,
-                  lr: float = 3e-3, seed: int = 0) -> dict[str, float]:
-    """Fit ``mar.latent_in`` so that frames' latents x (N, G, C) embed as y (N, S, D) (MSE, Adam; 1/5 of the
-    frames held out); a lattice embedding (exact at the codes) is not trained. Returns the held-out R^2
-    before and after."""
-    gen = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(x), generator=gen)
-    n = max(1, len(x) * 4 // 5)
-    tr, te = perm[:n], perm[n:] if len(x) > n else perm
-
-    def r2() -> float:
-        with torch.no_grad():
-            target = y[te]
-            res = target - mar._embed_latents(x[te])
-            return float(1 - res.pow(2).sum() / (target - target.flatten(0, 1).mean(0)).pow(2).sum())
-
-    before = r2()
-    if mar.config.latent_levels:
-        steps = 0
-    else:
-        opt = torch.optim.Adam(mar.latent_in.parameters(), lr=lr)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-        for _ in range(steps):
-            idx = tr[torch.randint(0, n, (batch,), generator=gen)]
-            loss = (mar._embed_latents(x[idx]) - y[idx]).pow(2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    return {"latent_in_r2_before": before, "latent_in_r2": r2(), "frames": len(x), "fit_steps": steps}

@@ -126,12 +126,10 @@ class HMAConfig:
     patch_size**2 cells."""
     latent_scale: float = 0.5
     """mar: latents are multiplied by this before the diffusion head (about unit variance)."""
-    latent_in_hidden: int = 0
-    """mar: hidden width of an MLP that embeds a trunk token's latents (0: one linear layer)."""
     latent_levels: tuple[int, ...] = ()
     """mar: the tokenizer's FSQ levels, to embed latents by interpolating a table over the FSQ lattice
-    (``LatticeEmbedding``: a rounded latent embeds exactly as a code would) instead of ``latent_in_hidden``'s
-    layers; empty: those layers."""
+    (``LatticeEmbedding``: a rounded latent embeds exactly as a code would) instead of one linear layer;
+    empty: that layer."""
     round_latent_input: bool = False
     """mar with latent_levels: the trunk embeds the latents rounded to the FSQ lattice, i.e. exactly as a
     MaskGIT trunk embeds their codes; the head still predicts (and the env still decodes) continuous latents."""
@@ -200,8 +198,6 @@ class HMAConfig:
                              "diff_batch_mul must be >= 1")
         if self.latent_scale <= 0:
             raise ValueError(f"latent_scale must be positive. Got {self.latent_scale=}")
-        if self.latent_in_hidden < 0:
-            raise ValueError(f"latent_in_hidden must be >= 0. Got {self.latent_in_hidden=}")
         self.latent_levels = tuple(int(v) for v in self.latent_levels)
         if self.round_latent_input and not self.latent_levels:
             raise ValueError("round_latent_input needs latent_levels (the lattice embedding)")
@@ -246,6 +242,13 @@ class HMAConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> HMAConfig:
+        d = dict(d)
+        # keys of removed options, still in older configs (the shipped checkpoints' among them): read
+        # where they hold the value that meant "off", refused otherwise
+        hidden = d.pop("latent_in_hidden", 0)
+        if hidden:
+            raise ValueError(f"latent_in_hidden={hidden}: the MLP latent input was removed (issue 27; no shipped "
+                             "model used it). A mar model embeds latents with one linear layer or latent_levels")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -717,13 +720,10 @@ class HMA(nn.Module):
         # which a trunk compiled with dynamic=False needs; see WorldModel.compile_inference)
         self.append_rows_only = True
         if config.soft:  # a trunk token embeds its patch's latents; [MASK] is a learned vector
-            d_in, hidden = self.group * config.latent_dim, config.latent_in_hidden
             if config.latent_levels:
                 self.latent_in = LatticeEmbedding(config.latent_levels, self.group, D)
-            elif hidden:
-                self.latent_in = nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, D))
             else:
-                self.latent_in = nn.Linear(d_in, D)
+                self.latent_in = nn.Linear(self.group * config.latent_dim, D)
             self.image_mask_emb = nn.Parameter(torch.zeros(D))
         else:  # one table per position inside a patch group; code head_classes of each table is [MASK]
             # (factorised: the table holds one row per (channel, level), and a code sums its channels' rows)
