@@ -201,7 +201,7 @@ lift-mar: setup
 # (runs/gpu/dp, `make lift-checkpoint`), its trunk frozen, the diffusion head trained on this CPU (~60 min)
 lift-mar-warm: setup
 	$(HMA) train --data data/lift.hdf5 --extra-data data/dp_a.hdf5 data/dp_b.hdf5 --tokenizer runs/tokenizer \
-	  --out runs/mar_warm --head mar --init-maskgit runs/gpu/dp --lattice-input --round-input --freeze-trunk \
+	  --out runs/mar_warm --head mar --init-maskgit runs/gpu/dp --lattice-input --freeze-trunk \
 	  --steps 1200 --batch-size 16 --lr 1e-3 --warmup 50 --min-lr-ratio 0.1 --diff-batch-mul 2 --eval-every 400 \
 	  --save-every 50 --log-every 10 --eval-windows 24 --prompt-frames 1 --threads 2
 	rm -rf hma_gym/assets/lift_mar

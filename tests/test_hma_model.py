@@ -363,6 +363,11 @@ def test_config_reads_the_keys_of_removed_options_where_they_are_off() -> None:
     assert HMAConfig.from_dict({**cfg, "latent_in_hidden": 0}) == HMAConfig.from_dict(cfg)
     with pytest.raises(ValueError, match="latent_in_hidden=32: the MLP latent input was removed"):
         HMAConfig.from_dict({**cfg, "latent_in_hidden": 32})
+    mar = HMAConfig(head="mar", latent_dim=2, latent_levels=(3, 4), patch_size=2, grid=GRID).to_dict()
+    assert HMAConfig.from_dict({**mar, "round_latent_input": True}) == HMAConfig.from_dict(mar)
+    assert HMAConfig.from_dict({**cfg, "round_latent_input": False}) == HMAConfig.from_dict(cfg)
+    with pytest.raises(ValueError, match="interpolating lattice input was removed"):
+        HMAConfig.from_dict({**mar, "round_latent_input": False})
 
 
 @pytest.mark.parametrize(

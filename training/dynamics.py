@@ -96,11 +96,9 @@ class DynamicsTrainConfig(LoopConfig, DataConfig):
     diff_batch_mul: int = 4
     """mar: noise draws per masked token per step."""
     lattice_input: bool = False
-    """mar: embed latents by interpolating a table over the tokenizer's FSQ lattice (exact at the codes;
-    with --init-maskgit the table is that model's code embedding) instead of one linear layer."""
-    round_input: bool = False
-    """mar with --lattice-input: the trunk sees the latents rounded to the lattice (exactly a MaskGIT trunk's
-    inputs); the diffusion head still predicts continuous latents."""
+    """mar: the trunk embeds the latents rounded to the tokenizer's FSQ lattice, as the codes they round to
+    (exactly a MaskGIT trunk's inputs; with --init-maskgit the table is that model's code embedding)
+    instead of by one linear layer; the diffusion head still predicts continuous latents."""
     init_maskgit: str = ""
     """mar with --lattice-input: start from a trained MaskGIT `train` run: its trunk, stems, heads and
     statistics, and its code embedding as the lattice input's table; the diffusion head starts fresh
@@ -121,8 +119,6 @@ class DynamicsTrainConfig(LoopConfig, DataConfig):
         if self.init_maskgit and not self.lattice_input:
             raise ValueError("--init-maskgit needs --lattice-input (the mar model then embeds a latent as the "
                              "maskgit model embeds its code)")
-        if self.round_input and not self.lattice_input:
-            raise ValueError("--round-input needs --lattice-input")
         if sum(map(bool, (self.init, self.init_maskgit, self.init_trunk))) > 1:
             raise ValueError("give one of --init, --init-maskgit and --init-trunk")
         if (self.factorized_head or self.init_trunk) and self.head != "maskgit":
@@ -148,8 +144,7 @@ class DynamicsTrainConfig(LoopConfig, DataConfig):
 def mar_fields(cfg: DynamicsTrainConfig, levels: tuple[int, ...]) -> dict:
     """The HMAConfig fields of a mar model that the training config sets (``levels``: the tokenizer's)."""
     return dict(diff_width=cfg.diff_width, diff_depth=cfg.diff_depth, diff_sample_steps=cfg.diff_sample_steps,
-                diff_batch_mul=cfg.diff_batch_mul, latent_levels=tuple(levels) if cfg.lattice_input else (),
-                round_latent_input=cfg.round_input)
+                diff_batch_mul=cfg.diff_batch_mul, latent_levels=tuple(levels) if cfg.lattice_input else ())
 
 
 def build_model(cfg: DynamicsTrainConfig, vocab_size: int, grid: int, embodiments: dict[str, EmbodimentSpec],

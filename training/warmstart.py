@@ -8,7 +8,8 @@ Only the image input and output differ. A MaskGIT trunk token embeds its patch's
 code embeddings); a MAR trunk token embeds the same patch's continuous latents (``latent_in``). The warm
 start copies every shared weight, sets MAR's [MASK] vector to what a fully masked MaskGIT patch embeds
 to, and makes a patch's latents embed like its codes (the codes are the rounded latents, FSQ): exactly
-at the codes with a ``LatticeEmbedding`` whose table is MaskGIT's code embedding (``latent_levels``).
+with a ``LatticeTable`` (``latent_levels``: a latent embeds as the code it rounds to) whose table is MaskGIT's
+code embedding.
 The diffusion head is left to training.
 """
 

@@ -127,12 +127,9 @@ class HMAConfig:
     latent_scale: float = 0.5
     """mar: latents are multiplied by this before the diffusion head (about unit variance)."""
     latent_levels: tuple[int, ...] = ()
-    """mar: the tokenizer's FSQ levels, to embed latents by interpolating a table over the FSQ lattice
-    (``LatticeEmbedding``: a rounded latent embeds exactly as a code would) instead of one linear layer;
-    empty: that layer."""
-    round_latent_input: bool = False
-    """mar with latent_levels: the trunk embeds the latents rounded to the FSQ lattice, i.e. exactly as a
-    MaskGIT trunk embeds their codes; the head still predicts (and the env still decodes) continuous latents."""
+    """mar: the tokenizer's FSQ levels: the trunk embeds latents rounded to the FSQ lattice, as the codes
+    they round to (``LatticeTable``, exactly as a MaskGIT trunk embeds codes); the head still predicts
+    (and the env still decodes) continuous latents. Empty: one linear layer embeds the latents."""
     diff_width: int = 256
     """mar: width of the diffusion MLP."""
     diff_depth: int = 3
@@ -199,8 +196,6 @@ class HMAConfig:
         if self.latent_scale <= 0:
             raise ValueError(f"latent_scale must be positive. Got {self.latent_scale=}")
         self.latent_levels = tuple(int(v) for v in self.latent_levels)
-        if self.round_latent_input and not self.latent_levels:
-            raise ValueError("round_latent_input needs latent_levels (the lattice embedding)")
         self.code_levels = tuple(int(v) for v in self.code_levels)
         if self.code_levels:
             if self.head != "maskgit":
@@ -249,6 +244,9 @@ class HMAConfig:
         if hidden:
             raise ValueError(f"latent_in_hidden={hidden}: the MLP latent input was removed (issue 27; no shipped "
                              "model used it). A mar model embeds latents with one linear layer or latent_levels")
+        if not d.pop("round_latent_input", True) and d.get("latent_levels"):
+            raise ValueError("latent_levels with round_latent_input false: the interpolating lattice input was "
+                             "removed (issue 27; no shipped model used it). latent_levels now always rounds")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -550,44 +548,27 @@ class DiffusionMLP(nn.Module):
         return self.out(modulate(self.final_norm(h), shift, scale))
 
 
-class LatticeEmbedding(nn.Module):
-    """A continuous embedding of FSQ latents. Each position in a patch has a table with one row per point of
-    the FSQ lattice (per code, like MaskGIT's code embedding); a latent reads it by multilinear
-    interpolation between the 2^C lattice points around it, so a rounded latent embeds exactly as its code
-    and the embedding is continuous in between. A patch embeds as the sum over its positions.
-    Table row ``j * prod(levels) + code`` for position j; codes in the tokenizer's order
-    (``fsq_codes_to_index``: first channel least significant)."""
+class LatticeTable(nn.Module):
+    """FSQ latents embedded as the code they round to: one table row per (position in a patch, code), a
+    patch embedding the sum of its positions' rows, exactly as a MaskGIT trunk embeds a patch of codes.
+    Row ``j * prod(levels) + code`` for position j; codes in the tokenizer's order (``fsq_codes_to_index``)."""
 
     def __init__(self, levels: tuple[int, ...], group: int, d_model: int):
         super().__init__()
         self.levels, self.group = tuple(levels), group
         self.n_codes = math.prod(levels)
         self.table = nn.Embedding(group * self.n_codes, d_model)
-        C = len(levels)
         lv = torch.tensor(levels)
-        strides = torch.cumprod(torch.cat([torch.ones(1, dtype=torch.long), lv[:-1]]), 0)  # (C,)
-        bits = (torch.arange(2**C)[:, None] >> torch.arange(C)) & 1  # (2^C, C) corner offsets
-        self.register_buffer("levels_t", lv.float(), persistent=False)
         self.register_buffer("zero_digit", torch.div(lv, 2, rounding_mode="floor").float(), persistent=False)
+        self.register_buffer("top_digit", (lv - 1).float(), persistent=False)
         self.register_buffer("position_offset", torch.arange(group) * self.n_codes, persistent=False)  # (group,)
-        self.register_buffer("strides", strides, persistent=False)
-        self.register_buffer("bits", bits.bool(), persistent=False)
-        self.register_buffer("corner_offset", (bits * strides).sum(-1), persistent=False)  # (2^C,)
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., group, C) latents in level units (FSQ: digit = latent + levels // 2) -> (..., D)."""
-        L = self.levels_t
-        d = (x.float() + self.zero_digit).clamp(min=torch.zeros_like(L), max=L - 1)
-        lo = d.floor().clamp(max=L - 2)  # the lower corner; the upper one stays inside the lattice
-        frac = d - lo  # (..., group, C) in [0, 1]
-        base = (lo.long() * self.strides).sum(-1) + self.position_offset  # (..., group)
-        idx = base[..., None] + self.corner_offset  # (..., group, 2^C)
-        w = torch.where(self.bits, frac[..., None, :], 1 - frac[..., None, :]).prod(-1)  # (..., group, 2^C)
-        lead = x.shape[:-2]
-        out = F.embedding_bag(idx.reshape(-1, idx.shape[-2] * idx.shape[-1]), self.table.weight,
-                              per_sample_weights=w.reshape(-1, w.shape[-2] * w.shape[-1]).to(self.table.weight.dtype),
-                              mode="sum")  # (prod(lead), D)
-        return out.view(*lead, -1)
+        digits = (torch.round(x.float()) + self.zero_digit).clamp(min=torch.zeros_like(self.top_digit),
+                                                                    max=self.top_digit)
+        rows = fsq_codes_to_index(digits, self.levels) + self.position_offset  # (..., group)
+        return self.table(rows).sum(-2)
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -721,7 +702,7 @@ class HMA(nn.Module):
         self.append_rows_only = True
         if config.soft:  # a trunk token embeds its patch's latents; [MASK] is a learned vector
             if config.latent_levels:
-                self.latent_in = LatticeEmbedding(config.latent_levels, self.group, D)
+                self.latent_in = LatticeTable(config.latent_levels, self.group, D)
             else:
                 self.latent_in = nn.Linear(self.group * config.latent_dim, D)
             self.image_mask_emb = nn.Parameter(torch.zeros(D))
@@ -962,8 +943,6 @@ class HMA(nn.Module):
 
     def _embed_latents(self, latents: Tensor) -> Tensor:
         """mar: latents (..., G, C) in level units -> one embedding per trunk token (..., S, D)."""
-        if self.config.round_latent_input:
-            latents = torch.round(latents.float())
         slots = self._latent_slots(latents)  # (..., S, p*p*C)
         if self.config.latent_levels:
             return self.latent_in(slots.unflatten(-1, (self.group, -1))).to(self.image_mask_emb.dtype)
