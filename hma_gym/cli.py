@@ -10,7 +10,13 @@ import argparse
 import importlib
 import sys
 
+from hma_gym.checkpoint import CheckpointError
 from hma_gym.config import add_dataclass_args, dataclass_from_args
+from hma_gym.data.hdf5 import DatasetError
+
+# errors that are about the user's input, not a bug: one line, no traceback. FloatingPointError covers the
+# trainers' NonFiniteError; OSError a file that is missing, unreadable or locked.
+USER_ERRORS = (DatasetError, CheckpointError, FloatingPointError, OSError)
 
 # name -> (module, config class, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
@@ -58,7 +64,17 @@ def build_parser(load: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Run one command. From the command line (`argv` None), an error in what the user gave (a malformed or
+    missing data file or checkpoint, training that went non-finite) prints one line and returns 1; called
+    with `argv` (tests, scripts), it raises."""
+    if argv is None:
+        try:
+            return main(sys.argv[1:])
+        except USER_ERRORS as e:
+            command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
+            print(f"hma-gym {command}: error: {' '.join(str(e).split())}", file=sys.stderr)
+            return 1
+    argv = list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(load=command if command in COMMANDS else None)
     args = parser.parse_args(argv)

@@ -1,7 +1,6 @@
 """robomimic-layout writer/reader: round trip, validation, crash safety, robomimic compatibility."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -108,8 +107,7 @@ def test_killed_collection_reopens_and_appends(tmp_path):
     path = str(tmp_path / "kill.hdf5")
     cmd = [sys.executable, "-m", "hma_gym.cli", "collect", "--out", path, "--episodes", "50",
            "--image-size", "16", "--no-progress", "--failure-probs", json.dumps({})]
-    env = {**os.environ, "HDF5_USE_FILE_LOCKING": "FALSE"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # polled by lock-free reads
     deadline = time.time() + 300
     try:
         while _demos_or_zero(path) < 2 and time.time() < deadline:
@@ -120,8 +118,7 @@ def test_killed_collection_reopens_and_appends(tmp_path):
         proc.wait()
     info = validate_file(path)
     assert 2 <= info["demos"] < 50
-    subprocess.run([*cmd[:7], "1", *cmd[8:]], check=True, env=env, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
+    subprocess.run([*cmd[:7], "1", *cmd[8:]], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     after = validate_file(path)
     assert after["demos"] == info["demos"] + 1
     assert list_demos(path) == [f"demo_{i}" for i in range(after["demos"])]

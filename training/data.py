@@ -79,9 +79,10 @@ def load_episodes(cfg: DataConfig, split: str | None, progress: bool = False) ->
     Demos of `cfg.extra_data` files follow those of `cfg.data`, named `file:demo_N`; `max_demos`
     applies per file.
     """
+    file_key = {k: cfg.key_map.get(k, k) for k in (cfg.image_key, *cfg.proprio_keys)}
     sources = []
     for i, path in enumerate((cfg.data, *cfg.extra_data)):
-        validate_file(path)
+        validate_file(path, image_key=file_key[cfg.image_key], obs_keys=[file_key[k] for k in cfg.proprio_keys])
         names = list_demos(path, split)
         if cfg.max_demos:
             names = names[: cfg.max_demos]
@@ -89,14 +90,10 @@ def load_episodes(cfg: DataConfig, split: str | None, progress: bool = False) ->
     if not sources:
         files = ", ".join((cfg.data, *cfg.extra_data))
         raise DatasetError(f"{files}: no demos in split {split!r}")
-    file_key = {k: cfg.key_map.get(k, k) for k in (cfg.image_key, *cfg.proprio_keys)}
     episodes = []
     for path, name, label in tqdm(sources, desc=f"load {split or 'all'}", disable=not progress):
         demo = read_demo(path, name, keys=list(file_key.values()), next_obs=True)
         obs, nxt = demo["obs"], demo["next_obs"]
-        for key, fk in file_key.items():
-            if fk not in obs or fk not in nxt:
-                raise DatasetError(f"{path}/{name}: no observation {fk!r} (for {key!r}); set key_map")
         frames = np.concatenate([obs[file_key[cfg.image_key]], nxt[file_key[cfg.image_key]][-1:]])
         states = np.concatenate(
             [np.concatenate([obs[file_key[k]], nxt[file_key[k]][-1:]]).reshape(len(frames), -1)

@@ -7,7 +7,8 @@ resumes from it exactly: an interrupted run continued gives the same weights as 
 With `ema` on, the loop also keeps an exponential moving average of the weights (in train_state.pt too);
 `eval_fn` and `export_fn` then get the averaged model, so evaluation and the exported weights use it.
 Under `torchrun` each rank samples its own batches and gradients are averaged by DDP; rank 0 logs and
-saves.
+saves. A non-finite loss or gradient norm stops the run with `NonFiniteError` (naming the step and the
+loss terms that are not finite) before the optimizer applies it, and no save writes non-finite weights.
 """
 
 from __future__ import annotations
@@ -90,6 +91,25 @@ class LoopConfig:
             raise ValueError(f"ema_power must be in (0, 1]. Got {self.ema_power=}")
         if not 0 <= self.ema_max_decay < 1:
             raise ValueError(f"ema_max_decay must be in [0, 1). Got {self.ema_max_decay=}")
+
+
+class NonFiniteError(FloatingPointError):
+    """Training produced a NaN or infinite loss, gradient or weight; nothing non-finite was saved."""
+
+
+def nonfinite_terms(metrics: dict) -> list[str]:
+    """Names of the tensor or float metrics that hold a NaN or infinity."""
+    return [k for k, v in metrics.items()
+            if (torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v.detach()).all()))
+            or (isinstance(v, float) and not math.isfinite(v))]
+
+
+def check_finite_weights(module: nn.Module, what: str) -> None:
+    """Raise `NonFiniteError` naming the first parameter or buffer of `module` that holds a NaN or infinity."""
+    for name, t in (*module.named_parameters(), *module.named_buffers()):
+        if t.is_floating_point() and not bool(torch.isfinite(t.detach()).all()):
+            bad = int((~torch.isfinite(t.detach())).sum())
+            raise NonFiniteError(f"{what}: {name} holds {bad} of {t.numel()} non-finite values; not saved")
 
 
 def lr_at(step: int, cfg: LoopConfig) -> float:
@@ -261,6 +281,7 @@ def train_loop(
     def save(step: int) -> None:
         if not dist_info.is_main:
             return
+        check_finite_weights(module, f"{desc} at step {step}")
         state = {
             "model": module.state_dict(),
             "optimizer": optimizer.state_dict(),
@@ -299,10 +320,18 @@ def train_loop(
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         with autocast:
             loss, metrics = loss_fn(net, batch)
+        if not bool(torch.isfinite(loss.detach()).all()):
+            terms = [k for k in nonfinite_terms(metrics) if k != "loss"]
+            detail = f" (non-finite terms: {', '.join(terms)})" if terms else ""
+            raise NonFiniteError(f"{desc}: non-finite loss {_scalar(loss)} at step {step + 1}{detail}; stopped before "
+                                 f"updating the weights (check the data's values and the learning rate)")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if not bool(torch.isfinite(grad_norm)):
+                raise NonFiniteError(f"{desc}: non-finite gradient norm ({float(grad_norm)}) at step {step + 1} "
+                                     f"(loss {_scalar(loss):.4g})")
             metrics = {**metrics, "grad_norm": grad_norm}
         optimizer.step()
         step += 1

@@ -28,16 +28,15 @@ import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 import torch.nn as nn
 
 from hma_gym.checkpoint import save_json
 from hma_gym.config import to_jsonable
-from hma_gym.data.hdf5 import DatasetError
+from hma_gym.data.hdf5 import DatasetError, open_for_reading, validate_file
 from policies.diffusion.config import DiffusionPolicyArch, DiffusionPolicyConfig
-from training.loop import LoopConfig, train_loop
+from training.loop import LoopConfig, check_finite_weights, train_loop
 
 
 @dataclass
@@ -117,6 +116,8 @@ def _windows_class() -> type:
       the file on every `__getitem__`, and `"all"` pre-computes every window (horizon x images per time
       step: ~3 GB for 200 Lift demos), so this class caches the raw per-demo arrays of every key
       (~160 MB for the same file) and reads windows from them.
+    - the file is opened without HDF5's lock (`open_for_reading`), so a collection appending to it meanwhile
+      is not blocked.
     """
     from robomimic.utils.dataset import SequenceDataset
 
@@ -133,6 +134,12 @@ def _windows_class() -> type:
                     names = list(self.hdf5_file["data"].keys())
                 demos = sorted(names, key=lambda n: int(n[5:]))[: self.max_demos]
             super().load_demo_info(filter_by_attribute=filter_by_attribute, demos=demos)
+
+        @property
+        def hdf5_file(self):
+            if self._hdf5_file is None:
+                self._hdf5_file = open_for_reading(self.hdf5_path)
+            return self._hdf5_file
 
         def load_dataset_in_memory(self, demo_list, hdf5_file, obs_keys, dataset_keys, load_next_obs):
             self.obs_keys_in_memory = list(self.obs_keys)
@@ -199,7 +206,7 @@ def count_demos(ds) -> int:
 
 
 def has_demos(path: str | os.PathLike, key: str) -> bool:
-    with h5py.File(path, "r") as f:
+    with open_for_reading(path) as f:
         return bool(key) and f"mask/{key}" in f and len(f[f"mask/{key}"]) > 0
 
 
@@ -211,8 +218,8 @@ def train_policy(cfg: PolicyTrainConfig) -> dict:
     from policies.diffusion.model import DiffusionModel
     from policies.diffusion.policy import save_policy
 
-    if not Path(cfg.data).is_file():
-        raise DatasetError(f"{cfg.data}: file does not exist")
+    for path in (cfg.data, *cfg.extra_data):  # states are never read: synthetic files train too
+        validate_file(path, require_states=False, image_key=cfg.image_key, obs_keys=cfg.proprio_keys)
     filter_key = cfg.filter_key or None
     if filter_key is not None and not has_demos(cfg.data, filter_key):
         raise DatasetError(f"{cfg.data}: no demos under mask/{filter_key} (--filter-key)")
@@ -220,8 +227,6 @@ def train_policy(cfg: PolicyTrainConfig) -> dict:
     extra_key = cfg.extra_filter_key or None
     extras = []
     for path in cfg.extra_data:
-        if not Path(path).is_file():
-            raise DatasetError(f"{path}: file does not exist (--extra-data)")
         if extra_key is not None and not has_demos(path, extra_key):
             raise DatasetError(f"{path}: no demos under mask/{extra_key} (--extra-filter-key)")
         extras.append(open_windows(path, cfg, extra_key, cfg.extra_max_demos))
@@ -258,6 +263,7 @@ def train_policy(cfg: PolicyTrainConfig) -> dict:
     def on_step(m: nn.Module, step: int) -> None:
         """The save_at exports (of the EMA model when --ema is on, as every export)."""
         if is_main and step in cfg.save_at:
+            check_finite_weights(m, f"policy at step {step}")
             save_policy(out / f"iter_{step}", m, policy_cfg, {**info, "step": step})
 
     def batch_fn(step: int, rng: np.random.Generator) -> dict:

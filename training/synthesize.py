@@ -16,14 +16,22 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from importlib.metadata import version
 
 import gymnasium as gym
-import h5py
 import numpy as np
 
 import hma_gym
 from hma_gym.checkpoint import weights_hash
-from hma_gym.data.hdf5 import RobomimicWriter, list_demos, read_demo, read_env_args, validate_file
+from hma_gym.data.hdf5 import (
+    DatasetError,
+    RobomimicWriter,
+    list_demos,
+    open_for_reading,
+    read_demo,
+    read_env_args,
+    validate_file,
+)
 from policies.base import ReplayPolicy
 from policies.registry import load_policy
 
@@ -73,12 +81,14 @@ class SynthesizeConfig:
 def _done_sources(path: str) -> set[str]:
     if not os.path.exists(path):
         return set()
-    with h5py.File(path, "r") as f:
+    with open_for_reading(path) as f:
         return {str(g.attrs["source_demo"]) for name, g in f["data"].items()
                 if name.startswith("demo_") and "source_demo" in g.attrs and "num_samples" in g.attrs}
 
 
 def synthesize(cfg: SynthesizeConfig) -> dict:
+    if cfg.actions:  # before the (slow) env is built; its keys are checked once it is
+        validate_file(cfg.actions, require_states=False)
     kwargs = {"checkpoint": cfg.checkpoint} if cfg.checkpoint else {}
     env = gym.make_vec(LEARNED_ID, num_envs=cfg.num_envs, vectorization_mode="vector_entry_point",
                        terminate_on_success=False, **kwargs)
@@ -88,6 +98,7 @@ def synthesize(cfg: SynthesizeConfig) -> dict:
         "env_name": source_args.get("env_name", sim.env_config.get("task")),
         "type": source_args.get("type", 1),
         "env_kwargs": source_args.get("env_kwargs", {}),
+        "env_version": source_args.get("env_version", version("robosuite")),
         "env_id": LEARNED_ID,
         "synthetic": True,
         "checkpoint": str(sim.checkpoint),
@@ -112,7 +123,7 @@ def synthesize(cfg: SynthesizeConfig) -> dict:
         demos = {n: read_demo(cfg.actions, n, keys=list(sim.observation_space.spaces)) for n in names}
         for key in sim.observation_space.spaces:
             if names and key not in demos[names[0]]["obs"]:
-                raise ValueError(f"{cfg.actions}: demos lack observation {key!r} that the learned env needs")
+                raise DatasetError(f"{cfg.actions}: demos lack observation {key!r} that the learned env needs")
         starts = []
         for n in names:
             start = {k: v[0] for k, v in demos[n]["obs"].items()}

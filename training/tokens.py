@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from hma_gym.checkpoint import weights_hash
+from hma_gym.data.hdf5 import DatasetError
 from hma_gym.world_model import load_tokenizer
 from training.data import DataConfig, Episode, load_episodes
 from training.evaluate import tokenize_episodes
@@ -28,8 +29,8 @@ SPLITS = ("train", "valid")
 FIELDS = ("tokens", "states", "actions", "success")
 
 
-class TokenCacheError(ValueError):
-    pass
+class TokenCacheError(DatasetError):
+    """A token cache is missing, malformed or made by another tokenizer."""
 
 
 @dataclass
