@@ -326,4 +326,6 @@ class RobosuiteEnv(gym.Env):
             camera_widths=self.image_size,
             use_camera_obs=self.use_camera,
         )
-        return {"env_name": self.task, "type": 1, "env_kwargs": kwargs}
+        import robosuite  # env_version: robomimic warns when a file does not name it
+
+        return {"env_name": self.task, "type": 1, "env_version": robosuite.__version__, "env_kwargs": kwargs}
