@@ -11,6 +11,7 @@ import functools
 import glob
 import importlib.util
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,7 @@ NOT_RESULTS = {"config.json", "policy.json", "detector.json", "tokenizer.json"}
 MAX_README_LINES = 200
 
 FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.M | re.S)
-INLINE = re.compile(r"`([^`\n]+)`")
+INLINE = re.compile(r"`((?:[^`\n]|\n(?!\s*\n))+)`")  # a code span may wrap a line, not a paragraph
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 HEADING = re.compile(r"^#{1,6}\s+(.*)$", re.M)
 SEGMENT_END = re.compile(r"\s(?:->|;|\||&&|#)\s|\n")
@@ -39,7 +40,7 @@ SEGMENT_END = re.compile(r"\s(?:->|;|\||&&|#)\s|\n")
 def code_of(text: str) -> list[str]:
     """Fenced blocks (continuation lines joined) and inline code spans outside them."""
     blocks = [b.replace("\\\n", " ") for b in FENCE.findall(text)]
-    return blocks + INLINE.findall(FENCE.sub("", text))
+    return blocks + [" ".join(span.split()) for span in INLINE.findall(FENCE.sub("", text))]
 
 
 def expand(pattern: str) -> list[str]:
@@ -51,7 +52,8 @@ def expand(pattern: str) -> list[str]:
 
 
 def exists(path: Path) -> bool:
-    return any(glob.glob(str(path))) if "*" in str(path) else path.exists()
+    """A file or directory, a glob that matches, or the stem of files (`--out DIR/name` -> name.json, name.png)."""
+    return any(glob.glob(str(path))) if "*" in str(path) else path.exists() or any(glob.glob(f"{path}.*"))
 
 
 @functools.cache
@@ -160,6 +162,18 @@ def test_named_paths_exist(doc: Path) -> None:
 def test_readme_is_short() -> None:
     lines = len((ROOT / "README.md").read_text().splitlines())
     assert lines < MAX_README_LINES, f"README.md has {lines} lines; move detail to docs/"
+
+
+def test_layout_lists_every_top_level_directory() -> None:
+    """The README's Layout block names exactly the repository's tracked top-level directories (not dot ones)."""
+    try:
+        tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    dirs = {line.split("/")[0] for line in tracked.splitlines() if "/" in line and not line.startswith(".")}
+    readme = (ROOT / "README.md").read_text()
+    layout = FENCE.findall(readme[readme.index("## Layout"):])[0]
+    assert set(re.findall(r"^(\S+)/\s", layout, re.M)) == dirs
 
 
 def test_checker_reports_what_is_missing() -> None:
