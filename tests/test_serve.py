@@ -24,14 +24,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from aiohttp import ClientSession, WSMsgType, web
+from aiohttp import ClientSession, WSMsgType, WSServerHandshakeError, web
+from aiohttp.test_utils import make_mocked_request
 from PIL import Image
 
 from hma_gym.action_log import ActionLog
-from hma_gym.cli import main
+from hma_gym.cli import build_parser, main
+from hma_gym.config import dataclass_from_args
 from hma_gym.play import make_pair, replay
 from hma_gym.serve import ServeConfig, make_app
-from hma_gym.serve.app import SESSIONS
+from hma_gym.serve.app import SESSIONS, origin_refusal
 from hma_gym.serve.protocol import MAX_MESSAGE_CHARS, BadMessage, TokenBucket, parse_message
 from hma_gym.serve.session import Session, SessionSettings
 
@@ -121,6 +123,41 @@ def test_serve_config_rejects_bad_settings():
     with pytest.raises(ValueError, match="queue_size"):
         ServeConfig(queue_size=0)
     assert ServeConfig().host == "127.0.0.1"
+    for bad in ("localhost:3000", "ftp://localhost", "http://localhost:3000/page", "http://", "http://a:99999"):
+        with pytest.raises(ValueError, match="allow_origin .* is not a web origin"):
+            ServeConfig(allow_origin=[bad])
+
+
+@pytest.mark.parametrize("host, origin, allowed, ok", [
+    ("127.0.0.1:8000", "http://127.0.0.1:8000", [], True),  # the served page itself
+    ("localhost:8000", "http://LOCALHOST:8000", [], True),
+    ("127.0.0.1:80", "http://127.0.0.1", [], True),  # default port
+    ("127.0.0.1:8000", None, [], True),  # not a browser page (scripts, curl, aiohttp): no Origin to check
+    ("127.0.0.1:8000", "https://evil.example", [], False),  # any other site's page
+    ("127.0.0.1:8000", "http://127.0.0.1:9000", [], False),  # another port is another origin
+    ("127.0.0.1:8000", "https://127.0.0.1:8000", [], False),  # and so is another scheme
+    ("127.0.0.1:8000", "http://localhost:8000", [], False),
+    ("127.0.0.1:8000", "null", [], False),  # sandboxed iframes, file:// pages
+    ("evil.example:8000", "http://evil.example:8000", [], False),  # DNS rebinding: Origin = Host, not this machine
+    ("127.0.0.1:8000", "http://localhost:3000", ["http://localhost:3000"], True),
+    ("127.0.0.1:8000", "http://localhost:3001", ["http://localhost:3000"], False),
+    ("127.0.0.1:8000", "https://evil.example", ["*"], True),
+    ("box.lan:8000", "http://box.lan:8000", ["http://box.lan:8000"], True),
+])
+def test_origin_policy(host, origin, allowed, ok):
+    headers = {"Host": host, **({"Origin": origin} if origin else {})}
+    reason = origin_refusal(make_mocked_request("GET", "/ws", headers=headers), allowed, loopback_only=True)
+    assert (reason is None) == ok, reason
+    if not ok:
+        assert "--allow-origin" in reason
+
+
+def test_origin_policy_off_loopback_checks_origin_against_host():
+    """Bound to a LAN address, any Host name is this machine's, so only the Origin is compared with it."""
+    request = make_mocked_request("GET", "/ws", headers={"Host": "box.lan:8000", "Origin": "http://box.lan:8000"})
+    assert origin_refusal(request, [], loopback_only=False) is None
+    request = make_mocked_request("GET", "/ws", headers={"Host": "box.lan:8000", "Origin": "http://evil.example"})
+    assert "is not this server's (http://box.lan:8000)" in origin_refusal(request, [], loopback_only=False)
 
 
 # ---------------------------------------------------------------- the app over real sockets
@@ -255,6 +292,36 @@ def test_sessions_are_independent_bad_input_is_survived_and_closed_sessions_are_
             assert (fb["seed"], fb["step"]) == (4, 1)
             await b.close()
             await wait_for(lambda: len(sessions) == 0)
+
+    with running_app(cfg) as (app, url):
+        asyncio.run(scenario(app, url))
+
+
+def test_foreign_origins_are_refused_before_a_session_opens():
+    """A WebSocket from another site's page gets HTTP 403 and no session; the page's own origin and an origin
+    named with --allow-origin (parsed by the real CLI) get a session."""
+    args = build_parser(load="serve").parse_args(["serve", "--allow-origin", "http://localhost:3000"])
+    cfg = dataclass_from_args(ServeConfig, args)
+    assert cfg.allow_origin == ["http://localhost:3000"]
+
+    async def scenario(app, url):
+        sessions = app[SESSIONS]
+        async with ClientSession() as http:
+            for origin in ("https://evil.example", "http://localhost:3001", url.replace("http:", "https:")):
+                with pytest.raises(WSServerHandshakeError) as refused:
+                    await http.ws_connect(url + "/ws", origin=origin)
+                assert refused.value.status == 403 and not sessions, origin
+            response = await http.get(url + "/api/sessions", headers={"Origin": "https://evil.example"})
+            assert response.status == 403 and "--allow-origin" in await response.text()
+            rebound = url.replace("127.0.0.1", "evil.example")
+            with pytest.raises(WSServerHandshakeError) as refused:
+                await http.ws_connect(url + "/ws", origin=rebound, headers={"Host": rebound.split("//")[1]})
+            assert refused.value.status == 403 and not sessions
+            for origin in (url, "http://localhost:3000"):
+                ws = await http.ws_connect(url + "/ws", origin=origin)
+                assert (await receive_until(ws, "hello"))["session"] in sessions
+                await ws.close()
+                await wait_for(lambda: not sessions)
 
     with running_app(cfg) as (app, url):
         asyncio.run(scenario(app, url))

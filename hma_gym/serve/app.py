@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
+from urllib.parse import urlsplit
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
@@ -55,6 +57,9 @@ class ServeConfig:
     """Actions queued per session while the model works; beyond it the oldest are dropped."""
     messages_per_s: float = 60.0
     """Sustained rate of page messages a session accepts (bursts of twice that); the excess is dropped."""
+    allow_origin: list[str] = field(default_factory=list)
+    """Web origins besides the page's own that may open sessions (e.g. http://localhost:3000), or * for any;
+    by default only the served page itself (and clients that send no Origin, i.e. not a browser) may."""
 
     def __post_init__(self):
         checks = {"port": 0 <= self.port <= 65535, "threads": self.threads >= 1, "max_sessions": self.max_sessions >= 1,
@@ -63,6 +68,10 @@ class ServeConfig:
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"invalid serve settings: {', '.join(f'{n}={getattr(self, n)!r}' for n in bad)}")
+        for origin in self.allow_origin:
+            if origin != "*" and parse_origin(origin) is None:
+                raise ValueError(f"allow_origin {origin!r} is not a web origin: give scheme://host[:port] "
+                                 "(e.g. http://localhost:3000, no path) or *")
 
     def env_kwargs(self) -> dict:
         """The learned env's arguments, as the action log records them for `play`."""
@@ -78,6 +87,58 @@ class ServeConfig:
         if self.device != "cpu":
             kwargs["device"] = self.device
         return kwargs
+
+
+def parse_origin(origin: str, default_scheme: str = "") -> tuple[str, str, int] | None:
+    """`scheme://host[:port]` -> (scheme, host, port), ports defaulted by scheme; None if it is not an origin."""
+    try:
+        parts = urlsplit(origin if "://" in origin else f"{default_scheme}://{origin}")
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/") or parts.query \
+            or parts.fragment or parts.username or parts.password:
+        return None
+    return scheme, parts.hostname, port if port is not None else {"http": 80, "https": 443}[scheme]
+
+
+def _is_loopback(host: str | None) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host or "").is_loopback
+    except ValueError:
+        return False
+
+
+def origin_refusal(request: web.Request, allowed: list[str], loopback_only: bool) -> str | None:
+    """Why a request may not be served, or None: the cross-site check behind every route.
+
+    A browser puts the page's origin on every WebSocket handshake (and on script requests to other origins), and
+    a page cannot change or drop it, so a handshake whose Origin is neither this server's (the Host it was sent
+    to) nor an allowed one comes from another site's page: refused, or any page the user visits could open
+    sessions. No Origin means a client that is not a browser page (a script, curl, a test): it acts with the
+    user's own rights anyway, so it is served. When the server listens on a loopback address, the Host must
+    name this machine too, so a site whose name was re-pointed at 127.0.0.1 (DNS rebinding: its Origin and Host
+    then agree) is refused as well.
+    """
+    if "*" in allowed:
+        return None
+    admitted = {parse_origin(a) for a in allowed}
+    host = parse_origin(request.host, request.scheme)
+    if loopback_only and (host is None or not _is_loopback(host[1])) and not any(
+            host is not None and host[1:] == a[1:] for a in admitted):
+        return (f"Host {request.host!r} is not this machine: the server listens on a loopback address "
+                "(--allow-origin ORIGIN admits another name)")
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return None
+    parsed = parse_origin(origin)
+    if parsed is not None and (parsed == host or parsed in admitted):
+        return None
+    return (f"Origin {origin!r} is not this server's ({request.scheme}://{request.host}): cross-site requests are "
+            "refused; start the server with --allow-origin ORIGIN to admit another origin")
 
 
 class _Throttle:
@@ -212,7 +273,17 @@ def make_app(cfg: ServeConfig) -> web.Application:
         from hma_gym.checkpoint import check_checkpoint_dir
 
         check_checkpoint_dir(cfg.checkpoint)  # fail at start, not in the first tab
-    app = web.Application()
+    allowed, loopback_only = list(cfg.allow_origin), _is_loopback(cfg.host)
+
+    @web.middleware
+    async def same_origin_only(request: web.Request, handler):
+        reason = origin_refusal(request, allowed, loopback_only)
+        if reason:
+            log.warning("refused %s %s: %s", request.method, request.path, reason)
+            raise web.HTTPForbidden(text=reason)
+        return await handler(request)
+
+    app = web.Application(middlewares=[same_origin_only])
     app[CONFIG] = cfg
     app[SESSIONS] = {}
     app[SOCKETS] = weakref.WeakSet()
