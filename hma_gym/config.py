@@ -67,7 +67,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif origin in (tuple, list):
             args = [a for a in typing.get_args(tp) if a is not Ellipsis]
-            kwargs.update(nargs="+", type=args[0] if args else str)
+            kwargs.update(nargs="+", type=args[0] if args else str, action="extend")  # repeats add up
         elif origin is dict or tp is dict:
             kwargs["type"] = json.loads
         elif isinstance(tp, type) and tp in (int, float, str):

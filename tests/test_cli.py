@@ -48,3 +48,13 @@ def test_demo_runs(tiny_checkpoint, tmp_path):
     assert report["episodes"] == 1 and (tmp_path / "demo.mp4").stat().st_size > 1000
     assert report["gt_success_rate"] == 1.0 and 0.0 <= report["learned_success_rate"] <= 1.0
     assert report["gt_steps_per_s"] > 0 and report["learned_steps_per_s"] > 0
+
+
+def test_repeated_list_flags_add_up():
+    """`--allow-origin A --allow-origin B C` keeps all three (argparse's default keeps the last repeat only)."""
+    from hma_gym.cli import build_parser
+
+    args = build_parser(load="serve").parse_args(
+        ["serve", "--allow-origin", "http://a:1", "--allow-origin", "http://b:2", "http://c:3"])
+    assert args.allow_origin == ["http://a:1", "http://b:2", "http://c:3"]
+    assert not hasattr(build_parser(load="serve").parse_args(["serve"]), "allow_origin")  # the default stays
