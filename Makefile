@@ -115,7 +115,7 @@ lift-fast: mix-data
 	rm -rf hma_gym/assets/lift_fast
 	$(HMA) pack --out hma_gym/assets/lift_fast --tokenizer hma_gym/assets/lift --dynamics runs/fast3 \
 	  --detector hma_gym/assets/lift --data data/lift.hdf5 --bank-size 180 --success-rule-from hma_gym/assets/lift \
-	  --recipe "README.md, 'The shipped fast checkpoint': make lift-fast"
+	  --recipe "docs/checkpoints.md, fast: make lift-fast"
 	$(HMA) eval-model --checkpoint hma_gym/assets/lift_fast --data data/lift.hdf5 --stride 16 --random-actions 2 \
 	  --out benchmarks/results/eval_model_lift_fast.json
 	$(HMA) eval-model --checkpoint hma_gym/assets/lift_fast --data data/lift.hdf5 --stride 16 --random-actions 2 \
@@ -183,7 +183,7 @@ lift-15k-pack: setup
 	rm -rf runs/lift_15k
 	$(HMA) pack --out runs/lift_15k --tokenizer hma_gym/assets/tokenizer_15k --dynamics $(RUN) \
 	  --detector hma_gym/assets/lift --data data/lift.hdf5 --bank-size 180 --success-rule-from hma_gym/assets/lift \
-	  --recipe "README.md: $(RECIPE)"
+	  --recipe "docs/checkpoints.md: $(RECIPE)"
 	$(HMA) eval-model --checkpoint runs/lift_15k --data data/lift.hdf5 --stride 16 --random-actions 2 \
 	  --out outputs/eval_model_lift_15k.json
 	$(HMA) eval-model --checkpoint runs/lift_15k --data data/lift.hdf5 --stride 16 --random-actions 2 --greedy \
@@ -207,7 +207,7 @@ lift-mar-warm: setup
 	rm -rf hma_gym/assets/lift_mar
 	$(HMA) pack --out hma_gym/assets/lift_mar --tokenizer runs/tokenizer --dynamics runs/mar_warm \
 	  --detector runs/detector --data data/lift.hdf5 --bank-size 180 --success-rule-from hma_gym/assets/lift \
-	  --recipe "README.md, 'The shipped MAR checkpoint': make lift-mar-warm"
+	  --recipe "docs/checkpoints.md, mar: make lift-mar-warm"
 	$(HMA) eval-model --checkpoint hma_gym/assets/lift_mar --data data/lift.hdf5 --stride 16 --random-actions 2 \
 	  --out outputs/eval_model_lift_mar_warm.json
 
@@ -219,7 +219,7 @@ lift-mar-ft: setup
 	  --diff-batch-mul 2 --eval-every 300 --save-every 50 --log-every 10 --eval-windows 24 --prompt-frames 1 --threads 2
 	$(HMA) pack --out runs/lift_mar_ft --tokenizer hma_gym/assets/lift --dynamics runs/mar_ft \
 	  --detector hma_gym/assets/lift --data data/lift.hdf5 --bank-size 180 --success-rule-from hma_gym/assets/lift \
-	  --greedy --recipe "README.md, 'The shipped MAR checkpoint': make lift-mar-warm, then make lift-mar-ft"
+	  --greedy --recipe "docs/checkpoints.md, mar: make lift-mar-warm, then make lift-mar-ft"
 	rm -rf hma_gym/assets/lift_mar && mv runs/lift_mar_ft hma_gym/assets/lift_mar
 	$(HMA) eval-model --checkpoint hma_gym/assets/lift_mar --data data/lift.hdf5 --stride 16 --random-actions 2 \
 	  --greedy --out benchmarks/results/eval_model_lift_mar.json

@@ -39,7 +39,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "synthesize": ("training.synthesize", "SynthesizeConfig", "synthesize",
                    "generate a synthetic robomimic file with the learned simulator (replayed actions or a policy)"),
     "evaluate": ("policies.evaluate", "EvaluateConfig", "evaluate",
-                 "success rate (95%% interval), length and speed of a policy in a GT or learned env"),
+                 "success rate (95 percent interval), length and speed of a policy in a GT or learned env"),
     "play": ("hma_gym.play", "PlayConfig", "play",
              "replay an action log in the learned env beside the GT env, as an mp4"),
     "serve": ("hma_gym.serve", "ServeConfig", "serve",

@@ -1,6 +1,6 @@
 #!/bin/bash
 # The GPU recipe of the Lift world models (one H100, ~9 minutes): three `hma-gym train` runs side by side
-# from the token cache that `hma-gym tokenize` made here (see README, "Shipped weights"), then the learned
+# from the token cache that `hma-gym tokenize` made here (see docs/checkpoints.md), then the learned
 # env's speed on the GPU. Writes everything under $1 (default: outputs/gpu).
 #   dp        shipped size (d=160, 4 layers), expert demos + GT rollouts of 8 imperfect DP checkpoints
 #   expert    shipped size, expert demos only (the data ablation)

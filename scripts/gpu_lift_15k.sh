@@ -4,7 +4,7 @@
 # `hma-gym train` runs side by side on one GPU from the token cache that `make tokens-15k` makes here
 # (data/lift_mix_tokens_15k.safetensors, 23 MB: carry it to the GPU machine). Writes runs.tar.part* under
 # $1 (default: outputs/gpu15k); `python scripts/unpack_runs.py OUT runs/gpu15k` unpacks them here, then
-# `make lift-15k-pack RUN=runs/gpu15k/d160` packs and evaluates one (see README, "Shipped weights").
+# `make lift-15k-pack RUN=runs/gpu15k/d160` packs and evaluates one (see docs/checkpoints.md).
 #   d160   the shipped checkpoint's size (d=160, 4 layers, 4 heads)
 #   d256   d=256, 8 layers, 8 heads
 # BUDGET (seconds of training, default 330), BATCH (default 64) and TRAIN_FLAGS (default: bf16 on cuda)

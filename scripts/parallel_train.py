@@ -1,6 +1,6 @@
 """Train several `hma-gym train` runs side by side on one machine within a wall-clock budget.
 
-Used for the GPU-trained Lift checkpoints (see README, "Shipped weights"): the runs share one GPU, so
+Used for the GPU-trained Lift checkpoints (see docs/checkpoints.md): the runs share one GPU, so
 each one's speed is measured first with a short probe of all runs together; then every run gets the
 number of steps it can finish in `--budget` seconds (rounded down to 100), so its cosine schedule ends
 on time. Each run's weights are written as fp16 beside its config, statistics and log, and packed into
