@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +13,17 @@ import torch
 from gymnasium import spaces
 from gymnasium.vector.utils import batch_space
 
-from hma_gym.checkpoint import CheckpointError, load_json, load_tensors
-from hma_gym.envs.robosuite_env import RobosuiteEnv
+from hma_gym.checkpoint import CheckpointError, check_finite, load_json, load_tensors, max_generation_steps
+from hma_gym.envs.robosuite_env import RobosuiteEnv, check_reset_options
 from hma_gym.world_model import WorldModel
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 VARIANTS = {"maskgit": "lift", "mar": "lift_mar", "fast": "lift_fast", "fsq15k": "lift_15k"}
+# A start's low-dimensional values must lie within this many state std of the checkpoint's state mean: far
+# beyond any real start (the shipped banks lie within 3; training floors std at 0.01, so every unit quaternion
+# passes), near enough to refuse the absurd values (1e30) that turn the model's keys and values into NaN.
+START_STD_LIMIT = 200.0
+_IMPORTED_IN = os.getpid()  # a forked child inherits it: see _LearnedSim.__init__
 
 
 def default_checkpoint(variant: str = "maskgit") -> Path:
@@ -80,6 +86,11 @@ class _LearnedSim:
                  diffusion_steps: int | None = None):
         path = Path(checkpoint) if checkpoint is not None else default_checkpoint(variant)
         self.checkpoint = path
+        if os.getpid() != _IMPORTED_IN:
+            # a process forked from one that imported this module (gymnasium's async vector env forks its
+            # workers after building an env in the parent): the parent's OpenMP threads do not exist here, and a
+            # multi-threaded torch call would wait for them forever. One thread per worker process.
+            torch.set_num_threads(1)
         self.wm = WorldModel.from_checkpoint(path, device=device)
         if compile:
             self.wm.compile_inference()
@@ -89,8 +100,9 @@ class _LearnedSim:
         steps = int(generation.get("steps", 2)) if steps is None else steps
         temperature = float(generation.get("temperature", 1.0)) if temperature is None else temperature
         greedy = bool(generation.get("greedy", False)) if greedy is None else greedy
-        if steps < 1:
-            raise ValueError(f"steps (MaskGIT unmasking steps) must be >= 1. Got {steps=}")
+        if not 1 <= steps <= max_generation_steps(self.config):
+            raise ValueError(f"steps (MaskGIT unmasking steps) must be in [1, {max_generation_steps(self.config)}] "
+                             f"(the tokens of a frame). Got {steps=}")
         if not greedy and temperature <= 0:
             raise ValueError(f"temperature must be > 0 (or greedy=True). Got {temperature=}")
         if diffusion_steps is not None and (not self.wm.soft or int(diffusion_steps) < 1):
@@ -113,17 +125,54 @@ class _LearnedSim:
         self.observation_space, self.action_space = env_spaces(self.env_config)
         self.image_key = self.env_config["image_key"]
         self.proprio = [(k, int(d)) for k, d in self.env_config["proprio"]]
-        bank = load_tensors(path / "init_bank.safetensors")
-        missing = set(self.observation_space.spaces) - set(bank)
-        if missing:
-            raise CheckpointError(f"{path / 'init_bank.safetensors'} lacks observation keys {sorted(missing)}")
-        self.bank = {k: v.numpy() for k, v in bank.items() if k in self.observation_space.spaces}
+        # the range a start's state may take (see START_STD_LIMIT), in the order of `state_vector`
+        mean, std = self.wm.state_mean.cpu().numpy(), self.wm.state_std.cpu().numpy()
+        self.state_low, self.state_high = mean - START_STD_LIMIT * std, mean + START_STD_LIMIT * std
+        self.bank = self.load_bank(path / "init_bank.safetensors")
         self.bank_size = len(self.bank[self.image_key])
         self.n, self.steps, self.temperature, self.greedy = n, steps, temperature, greedy
         self.cache = self.wm.new_cache(n)
         self.generator = torch.Generator(device=self.wm.device)
         self.obs: dict[str, np.ndarray] | None = None
         self.started = np.zeros(n, dtype=bool)
+
+    def load_bank(self, path: Path) -> dict[str, np.ndarray]:
+        """The initial-observation bank: every observation key, one or more entries, finite and in range."""
+        bank = load_tensors(path)
+        missing = set(self.observation_space.spaces) - set(bank)
+        if missing:
+            raise CheckpointError(f"{path} lacks observation keys {sorted(missing)}")
+        check_finite(bank, path)
+        out = {k: bank[k].numpy() for k in self.observation_space.spaces}
+        n = len(out[self.image_key])
+        if n == 0:
+            raise CheckpointError(f"{path} holds no initial observation (reset(seed=...) draws one from it)")
+        for key, space in self.observation_space.spaces.items():
+            kind_ok = out[key].dtype == np.uint8 if space.dtype == np.uint8 else out[key].dtype.kind == "f"
+            if out[key].shape != (n, *space.shape) or not kind_ok:
+                raise CheckpointError(f"{path}: {key!r} has shape {out[key].shape} {out[key].dtype}, config.json's "
+                                      f"env section asks for ({n}, *{space.shape}) {space.dtype}")
+            out[key] = out[key].astype(space.dtype, copy=False)
+            why = self.out_of_range(key, out[key])
+            if why:
+                raise CheckpointError(f"{path}: {why}")
+        return out
+
+    def out_of_range(self, key: str, values: np.ndarray) -> str | None:
+        """Why the low-dimensional `values` (..., dim) of `key` lie outside the range a start may take, or None."""
+        offset = 0
+        for name, dim in self.proprio:
+            if name == key:
+                low, high = self.state_low[offset : offset + dim], self.state_high[offset : offset + dim]
+                flat = np.asarray(values, np.float64).reshape(-1, dim)
+                bad = (flat < low) | (flat > high)
+                if not bad.any():
+                    return None
+                row, i = np.argwhere(bad)[0]
+                return (f"{key}[{i}] = {flat[row, i]:g} is outside [{low[i]:g}, {high[i]:g}] (the checkpoint's "
+                        f"state mean +- {START_STD_LIMIT:g} std: the model has never seen a value near it)")
+            offset += dim
+        return None
 
     # ------------------------------------------------------------------ conversions
     def state_vector(self, obs: dict[str, np.ndarray]) -> np.ndarray:
@@ -155,6 +204,9 @@ class _LearnedSim:
                 raise ValueError(f"initial_observation[{key!r}] must be uint8, got {value.dtype}")
             if not np.all(np.isfinite(value)):
                 raise ValueError(f"initial_observation[{key!r}] holds NaN/inf")
+            why = self.out_of_range(key, value)
+            if why:
+                raise ValueError(f"initial_observation: {why}")
             out[key] = value.astype(space.dtype)
         return out
 
@@ -202,6 +254,21 @@ class _LearnedSim:
         self.obs = {self.image_key: frames.cpu().numpy(), **self.split_state(states_np)}
         self.streak = np.where(prob >= self.success_threshold, self.streak + 1, 0)
         return self.obs, self.streak >= self.success_frames, prob
+
+
+def _opened(sim: _LearnedSim | None, call: str) -> _LearnedSim:
+    if sim is None:
+        raise RuntimeError(f"{call}() called on a closed env; reset() opens it again")
+    return sim
+
+
+def _vector_info(**values: np.ndarray) -> dict[str, np.ndarray]:
+    """A vector env's info as gymnasium's SyncVectorEnv builds it from single envs: each key with its `_key`
+    mask (True: that env reported the key; every env does here)."""
+    info: dict[str, np.ndarray] = {}
+    for key, value in values.items():
+        info[key], info[f"_{key}"] = value, np.ones(len(value), dtype=bool)
+    return info
 
 
 def _validate_actions(actions, n: int, dim: int) -> np.ndarray:
@@ -264,8 +331,10 @@ class HMAEnv(gym.Env):
                  diffusion_steps: int | None = None):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be None or 'rgb_array'. Got {render_mode=}")
-        self.sim = _LearnedSim(checkpoint, 1, steps, temperature, greedy, device, variant, success_frames,
-                               success_threshold, compile, diffusion_steps)
+        self._open_sim = partial(_LearnedSim, checkpoint, 1, steps, temperature, greedy, device, variant,
+                                 success_frames, success_threshold, compile, diffusion_steps)
+        self.sim: _LearnedSim | None = self._open_sim()
+        self._checkpoint = self.sim.checkpoint
         self.observation_space, self.action_space = self.sim.observation_space, self.sim.action_space
         self.metadata = {**self.metadata, "render_fps": int(self.sim.env_config.get("control_freq", 20))}
         self.render_mode = render_mode
@@ -273,14 +342,13 @@ class HMAEnv(gym.Env):
 
     @property
     def checkpoint(self) -> Path:
-        return self.sim.checkpoint
+        return self._checkpoint
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
+        options = check_reset_options(options, ("initial_observation",))
         super().reset(seed=seed)
-        options = options or {}
-        unknown = set(options) - {"initial_observation"}
-        if unknown:
-            raise ValueError(f"unknown reset options {sorted(unknown)}; supported: initial_observation")
+        if self.sim is None:  # closed: load the model again
+            self.sim = self._open_sim()
         if "initial_observation" in options:
             start = self.sim.check_observation(options["initial_observation"])
         else:
@@ -290,7 +358,7 @@ class HMAEnv(gym.Env):
         return self._obs(), {"is_success": False, "success_prob": 0.0}
 
     def step(self, action):
-        if not self.sim.started[0]:
+        if not _opened(self.sim, "step").started[0]:
             raise RuntimeError("step() called before reset()")
         action = RobosuiteEnv.validate_action(action, self.action_space.shape[0])
         _, success, prob = self.sim.step(action[None])
@@ -301,9 +369,15 @@ class HMAEnv(gym.Env):
     def render(self):
         if self.render_mode != "rgb_array":
             return None
-        if self.sim.obs is None:
+        if _opened(self.sim, "render").obs is None:
             raise RuntimeError("render() called before reset()")
         return self.sim.obs[self.sim.image_key][0].copy()
+
+    def close(self):
+        """Release the model (weights, key/value cache, bank): a closed env that is still referenced holds no
+        model memory. `reset()` loads it again."""
+        self.sim = None
+        super().close()
 
     def _obs(self) -> dict[str, np.ndarray]:
         return {k: v[0].copy() for k, v in self.sim.obs.items()}
@@ -315,7 +389,9 @@ class HMAVectorEnv(gym.vector.VectorEnv):
     Gymnasium's default next-step autoreset: the step after an episode ends returns that env's new
     initial observation (reward 0, not terminated). `reset(seed=[...], options={"initial_observation":
     batched_obs})` seeds and starts each env; `options={"reset_mask": mask}` resets only some envs.
-    Truncation after `max_episode_steps` (the registered id's) is handled here.
+    Truncation after `max_episode_steps` (the registered id's) is handled here. `info` holds `is_success`
+    (bool) and `success_prob` (float64) per env, each with its `_is_success` / `_success_prob` mask, as
+    gymnasium's `SyncVectorEnv` gives them for the same env.
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 20, "autoreset_mode": gym.vector.AutoresetMode.NEXT_STEP}
@@ -330,8 +406,9 @@ class HMAVectorEnv(gym.vector.VectorEnv):
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1. Got {num_envs=}")
         self.num_envs = num_envs
-        self.sim = _LearnedSim(checkpoint, num_envs, steps, temperature, greedy, device, variant, success_frames,
-                               success_threshold, compile, diffusion_steps)
+        self._open_sim = partial(_LearnedSim, checkpoint, num_envs, steps, temperature, greedy, device, variant,
+                                 success_frames, success_threshold, compile, diffusion_steps)
+        self.sim: _LearnedSim | None = self._open_sim()
         self.single_observation_space = self.sim.observation_space
         self.single_action_space = self.sim.action_space
         self.observation_space = batch_space(self.single_observation_space, num_envs)
@@ -345,15 +422,14 @@ class HMAVectorEnv(gym.vector.VectorEnv):
         self.rngs = [np.random.default_rng() for _ in range(num_envs)]
 
     def reset(self, *, seed: int | list[int] | None = None, options: dict | None = None):
-        options = dict(options or {})
+        options = dict(check_reset_options(options, ("initial_observation", "reset_mask")))
+        if self.sim is None:  # closed: load the model again
+            self.sim, self.closed = self._open_sim(), False
         mask = np.asarray(options.pop("reset_mask", np.ones(self.num_envs, bool)), dtype=bool)
         if mask.shape != (self.num_envs,):
             raise ValueError(f"reset_mask must have shape ({self.num_envs},), got {mask.shape}")
         if not self.sim.started.all() and not mask.all():
             raise RuntimeError("the first reset() must reset every env")
-        unknown = set(options) - {"initial_observation"}
-        if unknown:
-            raise ValueError(f"unknown reset options {sorted(unknown)}; supported: initial_observation, reset_mask")
         if seed is not None:
             seeds = [seed + i for i in range(self.num_envs)] if isinstance(seed, (int, np.integer)) else list(seed)
             if len(seeds) != self.num_envs:
@@ -373,11 +449,11 @@ class HMAVectorEnv(gym.vector.VectorEnv):
         self.sim.reset_rows(rows, starts)
         self.elapsed[rows] = 0
         self.needs_reset[rows] = False
-        info = {"is_success": np.zeros(self.num_envs, bool), "success_prob": np.zeros(self.num_envs, np.float32)}
+        info = _vector_info(is_success=np.zeros(self.num_envs, bool), success_prob=np.zeros(self.num_envs))
         return {k: v.copy() for k, v in self.sim.obs.items()}, info
 
     def step(self, actions):
-        if not self.sim.started.all():
+        if not _opened(self.sim, "step").started.all():
             raise RuntimeError("step() called before reset()")
         actions = _validate_actions(actions, self.num_envs, self.single_action_space.shape[0])
         autoreset = self.needs_reset.copy()
@@ -396,10 +472,14 @@ class HMAVectorEnv(gym.vector.VectorEnv):
             self.elapsed[rows] = 0
             reward[rows], terminated[rows], truncated[rows], success[rows], prob[rows] = 0.0, False, False, False, 0.0
         self.needs_reset = terminated | truncated
-        info = {"is_success": success, "success_prob": prob.astype(np.float32)}
+        info = _vector_info(is_success=success, success_prob=prob.astype(np.float64))
         return obs, reward, terminated, truncated, info
 
     def render(self):
-        if self.sim.obs is None:
+        if _opened(self.sim, "render").obs is None:
             raise RuntimeError("render() called before reset()")
         return tuple(self.sim.obs[self.sim.image_key].copy())
+
+    def close_extras(self, **kwargs):
+        """Release the model, as `HMAEnv.close` does; `reset()` loads it again."""
+        self.sim = None

@@ -16,6 +16,16 @@ from hma_gym.tasks import OBJECT_KEY, object_task
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 DEFAULT_PROPRIO_KEYS = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos")
+# The process in which an env of this module started Mesa (MuJoCo's offscreen renderer); a forked child
+# inherits the value. Mesa's threads do not survive a fork: a child that starts a renderer of its own
+# after its parent did waits forever (see RobosuiteEnv._render_context).
+_RENDERER_STARTED_IN: int | None = None
+FORKED_RENDERER_ERROR = (
+    "this process was forked from one that had started MuJoCo's offscreen renderer (Mesa), whose threads do "
+    "not survive a fork, so rendering here would hang. Start worker processes with 'spawn' or 'forkserver' "
+    "(gymnasium: gym.make_vec(..., vectorization_mode='async', vector_kwargs={'context': 'spawn'})), or "
+    "create the async vector env before rendering anything in the parent."
+)
 # robomimic's key names for robosuite observations that robosuite names otherwise
 ROBOSUITE_ALIASES = {OBJECT_KEY: "object-state"}
 
@@ -25,6 +35,18 @@ def _quiet_robosuite() -> None:
     logging.getLogger("robosuite").setLevel(logging.ERROR)
     for handler in logging.getLogger("robosuite").handlers:
         handler.setLevel(logging.ERROR)
+
+
+def check_reset_options(options: Any, supported: tuple[str, ...]) -> dict:
+    """`reset(options=...)`: None or a dict of supported keys; returns the dict (empty for None)."""
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise ValueError(f"reset options must be a dict or None, got {type(options).__name__}")
+    unknown = sorted(set(options) - set(supported))
+    if unknown:
+        raise ValueError(f"unknown reset options {unknown}; supported: {', '.join(supported) or 'none'}")
+    return options
 
 
 def make_controller_config(robot: str, controller: str) -> dict:
@@ -73,6 +95,14 @@ class RobosuiteEnv(gym.Env):
     ## Starting state
     robosuite's placement sampler (cube position and yaw) and robot joint noise, drawn from a
     generator seeded by `reset(seed=...)`: the same seed gives the same scene and observation.
+    `reset` takes no options: a MuJoCo scene cannot be rebuilt from an observation, so
+    `options={"initial_observation": ...}` (the learned env's paired start) is refused; reset with a seed
+    and hand its observation to the learned env, or restore a recorded MuJoCo state with `set_state`.
+    After `close()`, `reset()` builds the scene again.
+
+    The offscreen renderer starts at the first frame, not in `__init__`: an env built only to read its
+    spaces (gymnasium's async vector env builds one in the parent before forking its workers) leaves
+    the parent free of Mesa, whose threads a forked child cannot use.
 
     ## Arguments
     `task`, `robot`, `controller` (robosuite names), `camera`, `image_size`, `control_freq`,
@@ -113,9 +143,6 @@ class RobosuiteEnv(gym.Env):
         if render_mode == "rgb_array" and not use_camera:
             raise ValueError("render_mode='rgb_array' needs use_camera=True")
 
-        _quiet_robosuite()
-        import robosuite as suite
-
         self.task, self.robot, self.controller = task, robot, controller
         self.camera, self.image_size, self.control_freq = camera, int(image_size), int(control_freq)
         self.terminate_on_success = terminate_on_success
@@ -142,9 +169,7 @@ class RobosuiteEnv(gym.Env):
             # across instances and processes (the per-episode randomness is reseeded in `reset`)
             seed=int(scene_seed),
         )
-        self._rs = suite.make(task, **self.env_kwargs)
-        if use_camera and fast_render:
-            self._set_fast_rendering()
+        self._rs = self._open()
 
         self.action_space = spaces.Box(-1.0, 1.0, shape=(self._rs.action_dim,), dtype=np.float32)
         obs = self._rs.reset()
@@ -174,22 +199,43 @@ class RobosuiteEnv(gym.Env):
         self._last_obs: dict[str, np.ndarray] | None = None
         self._needs_reset = True
 
-    # ------------------------------------------------------------------ rendering
-    def _set_fast_rendering(self) -> None:
-        import mujoco
+    def _open(self):
+        """The robosuite env, without its offscreen renderer: `_render_context` starts that at the first frame."""
+        _quiet_robosuite()
+        import robosuite as suite
 
+        return suite.make(self.task, **{**self.env_kwargs, "has_offscreen_renderer": False})
+
+    # ------------------------------------------------------------------ rendering
+    def _render_context(self):
+        """The offscreen render context, started on first use (robosuite would start it in `suite.make`)."""
+        global _RENDERER_STARTED_IN
+        if self._rs is None:
+            raise RuntimeError("render() called on a closed env; reset() opens it again")
         ctx = self._rs.sim._render_context_offscreen
-        ctx.gl_ctx.make_current()
-        self._rs.sim.model._model.vis.quality.offsamples = 0  # no MSAA buffer
-        ctx.con.free()
-        ctx._set_mujoco_context_and_buffers()
-        for flag in (mujoco.mjtRndFlag.mjRND_SHADOW, mujoco.mjtRndFlag.mjRND_REFLECTION,
-                     mujoco.mjtRndFlag.mjRND_SKYBOX):
-            ctx.scn.flags[flag] = 0
+        if ctx is not None:
+            return ctx
+        if _RENDERER_STARTED_IN not in (None, os.getpid()):
+            raise RuntimeError(FORKED_RENDERER_ERROR)
+        import mujoco
+        from robosuite.utils.binding_utils import MjRenderContextOffscreen
+
+        sim = self._rs.sim
+        if self.fast_render:
+            sim.model._model.vis.quality.offsamples = 0  # no MSAA buffer
+        ctx = MjRenderContextOffscreen(sim, device_id=self._rs.render_gpu_device_id)  # registers itself in sim
+        ctx.vopt.geomgroup[0] = int(self._rs.render_collision_mesh)  # as robosuite's _reset_internal sets them
+        ctx.vopt.geomgroup[1] = int(self._rs.render_visual_mesh)
+        if self.fast_render:
+            for flag in (mujoco.mjtRndFlag.mjRND_SHADOW, mujoco.mjtRndFlag.mjRND_REFLECTION,
+                         mujoco.mjtRndFlag.mjRND_SKYBOX):
+                ctx.scn.flags[flag] = 0
+        _RENDERER_STARTED_IN = os.getpid()
+        return ctx
 
     def _render(self, size: int | None = None) -> np.ndarray:
         size = size or self.image_size
-        ctx = self._rs.sim._render_context_offscreen
+        ctx = self._render_context()
         # robosuite never makes its GL context current again after creating it; with several envs in
         # one process the last one created would otherwise receive every draw call.
         ctx.gl_ctx.make_current()
@@ -231,7 +277,16 @@ class RobosuiteEnv(gym.Env):
 
     # ------------------------------------------------------------------ gym API
     def reset(self, *, seed: int | None = None, options: dict | None = None):
+        if isinstance(options, dict) and "initial_observation" in options:
+            raise ValueError(
+                "the ground-truth env cannot start from a given observation (options['initial_observation']): a "
+                "MuJoCo scene is not determined by its image and proprio. Reset it with a seed and pass its "
+                "observation to the learned env, or restore a recorded MuJoCo state with set_state()"
+            )
+        check_reset_options(options, ())
         super().reset(seed=seed)
+        if self._rs is None:  # closed: build the scene again
+            self._rs = self._open()
         self._seed_robosuite()
         rs_obs = self._rs.reset()
         self._last_obs = self._make_obs(rs_obs)
@@ -239,6 +294,8 @@ class RobosuiteEnv(gym.Env):
         return self._copy_obs(), {"is_success": self._success()}
 
     def step(self, action):
+        if self._rs is None:
+            raise RuntimeError("step() called on a closed env; reset() opens it again")
         if self._needs_reset:
             raise RuntimeError("step() called before reset()")
         action = self.validate_action(action, self.action_space.shape[0])
@@ -272,6 +329,7 @@ class RobosuiteEnv(gym.Env):
         if getattr(self, "_rs", None) is not None:
             self._rs.close()
             self._rs = None
+        self._needs_reset = True
 
     def _copy_obs(self) -> dict[str, np.ndarray]:
         assert self._last_obs is not None
