@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
                    "batch": args.batch, "unmasking_steps": args.steps, "timed_frames": n * args.batch}
             if variant == "mar":
                 row["diffusion_steps"] = args.diffusion_steps or model.config.diff_sample_steps
-                row["diffusion_head_params_m"] = round(sum(q.numel() for q in model.diff_head.parameters()) / 1e6, 2)
+                row["diffusion_head_params_m"] = round(sum(q.numel() for q in model.image.net.parameters()) / 1e6, 2)
             rows.append(row)
             print(f"{variant:8s} {preset:6s} {row['params_m']:8.2f} M params  {fps:8.2f} frames/s", flush=True)
             del model

@@ -131,8 +131,7 @@ class WorldModel(nn.Module):
         Needs a C++ compiler on CPU (inductor).
         """
         if not self.compiled:
-            self.dynamics._trunk = torch.compile(self.dynamics._trunk, dynamic=False)
-            self.dynamics.append_rows_only = False  # a reset of k rows would compile a graph for batch k
+            self.dynamics.compile_trunk()
             self.tokenizer.decoder.compile(dynamic=False)
             if self.detector is not None:
                 self.detector.compile(dynamic=False)

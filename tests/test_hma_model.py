@@ -1,4 +1,4 @@
-"""Unit tests of the HMA world model (hma_gym/models/hma.py) on tiny configs."""
+"""Unit tests of the HMA world model (hma_gym/models/hma/) on tiny configs."""
 
 from __future__ import annotations
 
@@ -64,6 +64,11 @@ def make_batch(embodiment_ids: list[int], T: int = MAX_FRAMES, seed: int = 0) ->
         "embodiment_ids": ids,
         "n_prompt": torch.randint(1, T, (B,), generator=gen),
     }
+
+
+def code_logits(model: HMA, h: torch.Tensor) -> torch.Tensor:
+    """The code logits of image-slot outputs h (..., S, D), as predict_frame gives them."""
+    return model.image.code_logits(model.image_norm(h))
 
 
 def seeded_loss(model: HMA, batch: dict[str, torch.Tensor], seed: int = 123) -> float:
@@ -162,7 +167,7 @@ def test_blocks_start_as_identity() -> None:
     model = tiny_model()
     batch = make_batch([0, 1])
     h = model.forward_clean(batch["tokens"], batch["actions"], batch["states"], batch["embodiment_ids"])
-    x = model.tok_emb(batch["tokens"].flatten(2)) + model.pos_emb[: GRID * GRID]  # patch_size 1: one table
+    x = model.embed_image(batch["tokens"].flatten(2)) + model.pos_emb[: GRID * GRID]  # patch_size 1: one table
     torch.testing.assert_close(h[:, :, : GRID * GRID], x)
 
 
@@ -213,7 +218,7 @@ def test_cache_matches_uncached_clean_stream(patch_size: int, head: str) -> None
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-4)
     image = slice(0, model.n_slots)  # the image slots of each frame
     torch.testing.assert_close(
-        model._image_logits(cached[..., image, :]), model._image_logits(full[..., image, :]), atol=1e-5, rtol=1e-4
+        code_logits(model, cached[..., image, :]), code_logits(model, full[..., image, :]), atol=1e-5, rtol=1e-4
     )
     assert cache.pos.tolist() == [MAX_FRAMES] * 3
 
@@ -229,7 +234,7 @@ def test_cached_prediction_matches_training_masked_stream(patch_size: int, head:
     prev_actions, has_action = model._shift_actions(batch["actions"], None)
     mode = has_action.long()  # ACTION_VISIBLE where there is an incoming action, else ACTION_NONE
     image_mask = sample_image_mask((B, T), G, 0.2, generator=torch.Generator().manual_seed(1))[0]
-    groups = model._groups(batch["embodiment_ids"])
+    groups = model.embodiments.groups(batch["embodiment_ids"])
     h = model._two_stream_hidden(
         groups,
         tokens,
@@ -248,7 +253,7 @@ def test_cached_prediction_matches_training_masked_stream(patch_size: int, head:
             cache, batch["tokens"][:, t], image_mask[:, t].view(B, GRID, GRID), batch["actions"][:, t - 1],
             batch["embodiment_ids"],
         )  # fmt: skip
-        torch.testing.assert_close(logits, model._image_logits(h[:, t - t0, : model.n_slots]), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(logits, code_logits(model, h[:, t - t0, : model.n_slots]), atol=1e-5, rtol=1e-4)
         append_all(model, cache, batch, range(t, t + 1))
 
 
@@ -409,10 +414,10 @@ def test_patch_grouping_round_trip() -> None:
     """Grouping image tokens 2x2 into trunk tokens and back restores row-major token order."""
     model = tiny_model(patch_size=2)
     tokens = torch.arange(GRID * GRID).view(1, GRID * GRID)
-    slots = model._to_slots(tokens)  # (1, 4, 4)
+    slots = model.image.grid.to_slots(tokens)  # (1, 4, 4)
     assert slots.shape == (1, (GRID // 2) ** 2, 4)
     assert slots[0, 0].tolist() == [0, 1, GRID, GRID + 1]  # the top-left 2x2 group
-    back = model._from_slots(slots[..., None].float())[..., 0].long()
+    back = model.image.grid.from_slots(slots[..., None].float())[..., 0].long()
     assert torch.equal(back, tokens)
     assert model.config.tokens_per_frame == (GRID // 2) ** 2 + 2 + 1
 
@@ -502,7 +507,7 @@ def test_token_logits_match_the_full_head(patch_size: int, head: str) -> None:
     full, _ = model.predict_frame(cache, tokens.view(2, g, g), mask.view(2, g, g), batch["actions"][:, 1],
                                   batch["embodiment_ids"])
     rows, cols = mask.nonzero(as_tuple=True)
-    logits, rows_out, cols_out, order = model._token_logits(h, rows, cols)
+    logits, rows_out, cols_out, order = model.image.token_logits(model.image_norm(h[:, : model.n_slots]), rows, cols)
     if patch_size == 1:
         assert order is None
     else:  # rows come back grouped by sub-position; order says which token each is
@@ -511,7 +516,7 @@ def test_token_logits_match_the_full_head(patch_size: int, head: str) -> None:
     assert torch.equal(rows_out, rows) and torch.equal(cols_out, cols)
     if model.config.factorized:
         assert logits.shape == (len(rows), sum(LEVELS))
-        logits = model._factorized_log_probs(logits)
+        logits = model.image.log_probs(logits)
     torch.testing.assert_close(logits, full[rows, cols], atol=1e-5, rtol=1e-5)
 
 
@@ -568,9 +573,9 @@ def test_factorized_head_is_small_and_its_code_probabilities_are_the_channel_pro
 
     plain = tiny_model(patch_size=2)
     model = tiny_model(perturb=True, patch_size=2, code_levels=LEVELS)
-    assert model.image_head.out_features == 4 * sum(LEVELS) and plain.image_head.out_features == 4 * VOCAB
+    assert model.image.proj.out_features == 4 * sum(LEVELS) and plain.image.proj.out_features == 4 * VOCAB
     logits = torch.randn(5, sum(LEVELS), generator=torch.Generator().manual_seed(0))
-    logp = model._factorized_log_probs(logits)  # (5, VOCAB)
+    logp = model.image.log_probs(logits)  # (5, VOCAB)
     torch.testing.assert_close(logp.exp().sum(-1), torch.ones(5))
     parts = logits.split(list(LEVELS), -1)
     for code in (0, 1, 7, 13, 15):
@@ -578,7 +583,7 @@ def test_factorized_head_is_small_and_its_code_probabilities_are_the_channel_pro
         by_hand = sum(p.log_softmax(-1)[:, d] for p, d in zip(parts, digits, strict=True))
         torch.testing.assert_close(logp[:, code], by_hand)
     target = torch.tensor([3, 15, 0, 8, 6])
-    ce, accuracy = model._factorized_ce(logits, target)
+    ce, accuracy = model.image.cross_entropy(logits, target)
     torch.testing.assert_close(ce, torch.nn.functional.cross_entropy(logp, target))
     assert accuracy == (logp.argmax(-1) == target).float().mean()
 
@@ -590,8 +595,8 @@ def test_factorized_embedding_sums_channel_rows_and_masks_whole_codes() -> None:
     tokens = torch.randint(0, VOCAB, (1, 1, GRID * GRID), generator=torch.Generator().manual_seed(0))
     mask = torch.zeros_like(tokens, dtype=torch.bool)
     mask[0, 0, 3] = True
-    emb = model._embed_factorized(tokens, mask)[0, 0]  # (G, D)
-    L, table = sum(LEVELS), model.tok_emb.weight
+    emb = model.embed_image(tokens, mask)[0, 0]  # (G, D)
+    L, table = sum(LEVELS), model.image.tok_emb.weight
     digits = index_to_codes(tokens[0, 0, 0], LEVELS)
     torch.testing.assert_close(emb[0], table[digits[0]] + table[4 + digits[1]] + table[6 + digits[2]])
     torch.testing.assert_close(emb[3], table[L])  # [MASK]: the mask row alone, whatever the code under it
@@ -602,14 +607,14 @@ def test_factorized_sampling_follows_the_code_distribution() -> None:
     most likely code; a seeded generator repeats its draws."""
     model = tiny_model(code_levels=LEVELS)
     logits = (2 * torch.randn(1, sum(LEVELS), generator=torch.Generator().manual_seed(3))).repeat(40000, 1)
-    codes, logp = model._factorized_sample(logits, 1.0, torch.Generator().manual_seed(0), None, False)
-    expected = model._factorized_log_probs(logits[:1])[0]
+    codes, logp = model.image.draw(logits, 1.0, torch.Generator().manual_seed(0), None, False)
+    expected = model.image.log_probs(logits[:1])[0]
     torch.testing.assert_close(logp, expected[codes])
     freq = torch.bincount(codes, minlength=VOCAB).float() / len(codes)
     torch.testing.assert_close(freq, expected.exp(), atol=0.012, rtol=0)
-    again, _ = model._factorized_sample(logits, 1.0, torch.Generator().manual_seed(0), None, False)
+    again, _ = model.image.draw(logits, 1.0, torch.Generator().manual_seed(0), None, False)
     assert torch.equal(codes, again)
-    best, best_logp = model._factorized_sample(logits[:1], 1.0, None, None, True)
+    best, best_logp = model.image.draw(logits[:1], 1.0, None, None, True)
     assert best.item() == expected.argmax().item() and best_logp.item() == pytest.approx(expected.max().item())
 
 
@@ -644,3 +649,25 @@ def test_reset_clears_the_keys_and_values_of_the_rows_it_resets(masked: bool) ->
     hidden = model.append_frame(cache, batch["tokens"][:, 0], batch["states"][:, 0], None, batch["embodiment_ids"])
     tokens, state = model.generate_frame(cache, batch["actions"][:, 0], batch["embodiment_ids"], greedy=True)
     assert torch.isfinite(hidden).all() and torch.isfinite(state).all()
+
+
+@pytest.mark.parametrize("head", ["softmax", "factorized", "mar"])
+def test_weights_named_as_before_the_image_head_module_load(head: str) -> None:
+    """Checkpoints written before the image head was a module of its own (every shipped one) name its
+    weights as the model's (tok_emb, image_head, latent_in, image_mask_emb, diff_head): they load, strictly,
+    into the same tensors."""
+    from hma_gym.models.hma.model import LEGACY_KEYS
+
+    mar = dict(head="mar", latent_dim=3, patch_size=2, diff_width=16, diff_depth=1, latent_levels=(3, 3, 2))
+    overrides = {"mar": mar, **HEADS}[head]
+    model = tiny_model(perturb=True, **overrides)
+    legacy = {}
+    for key, value in model.state_dict().items():
+        old = next((o + key[len(n):] for o, n in LEGACY_KEYS if key.startswith(n)), key)
+        legacy[old] = value
+    assert not any(k.startswith("image.") for k in legacy)
+    assert ("latent_in.table.weight" in legacy) == (head == "mar") and ("tok_emb.weight" in legacy) != (head == "mar")
+    fresh = tiny_model(seed=1, **overrides)
+    fresh.load_state_dict(legacy)  # strict
+    for key, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key

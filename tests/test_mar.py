@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hma_gym.models.hma import HMA, HMAConfig, make_hma
+from hma_gym.models.hma import HMA, DiffusionHead, HMAConfig, make_hma
 from tests.test_hma_model import EMBODIMENTS, GRID, MAX_FRAMES, make_batch, seeded_loss
 
 C = 3  # latent channels
@@ -45,7 +45,7 @@ def test_config_and_shapes() -> None:
     cfg = tiny_mar().config
     assert cfg.soft and HMAConfig.from_dict(cfg.to_dict()) == cfg
     model = tiny_mar()
-    assert not hasattr(model, "image_head") and hasattr(model, "diff_head")
+    assert isinstance(model.image, DiffusionHead) and model.image.units == model.n_slots
     with pytest.raises(ValueError, match="latents must be"):
         model(make_batch([0, 1]))  # integer codes instead of latents (B, T, g, g, C)
 
@@ -53,14 +53,15 @@ def test_config_and_shapes() -> None:
 def test_latent_slot_round_trip() -> None:
     model = tiny_mar()
     x = torch.randn(2, GRID * GRID, C)
-    slots = model._latent_slots(x)
+    patches = model.image.grid
+    slots = patches.cells_to_slots(x)
     assert slots.shape == (2, model.n_slots, 4 * C)
-    assert torch.equal(model._latent_cells(slots), x)
+    assert torch.equal(patches.slots_to_cells(slots), x)
     # a slot holds the 2x2 cells of one patch: cell (0, 1) and (1, 0) of the grid are in slot 0
     grid = x.view(2, GRID, GRID, C)
     assert torch.equal(slots[:, 0].view(2, 4, C)[:, 1], grid[:, 0, 1])
     assert torch.equal(slots[:, 0].view(2, 4, C)[:, 2], grid[:, 1, 0])
-    mask = model._slot_to_token_mask(torch.tensor([[True, False, False, False]]))
+    mask = patches.slot_to_token_mask(torch.tensor([[True, False, False, False]]))
     assert mask.view(GRID, GRID)[:2, :2].all() and mask.sum() == 4
 
 
@@ -250,10 +251,9 @@ def test_warm_start_from_a_maskgit_run(tiny_data, tokenizer_run, dynamics_run, t
         latent = tok.encode_latent(torch.from_numpy(frames))  # (B, C, g, g)
         codes = tok.quantize(latent)[1].flatten(1)  # (B, G)
         x = latent.permute(0, 2, 3, 1).flatten(1, 2)  # (B, G, C)
-        offset = torch.arange(maskgit.group) * (maskgit.config.vocab_size + 1)
-        y = maskgit.tok_emb(maskgit._to_slots(codes) + offset).sum(-2)  # (B, S, D)
-    assert torch.equal(mar._embed_latents(x), y)  # the MaskGIT trunk's inputs, exactly
-    assert not torch.equal(mar._embed_latents(x + 0.7), y)  # another code
+        y = maskgit.embed_image(codes)  # (B, S, D)
+        assert torch.equal(mar.embed_image(x), y)  # the MaskGIT trunk's inputs, exactly
+        assert not torch.equal(mar.embed_image(x + 0.7), y)  # another code
 
     run = tmp_path / "warm"
     main(["train", "--data", str(tiny_data), "--tokenizer", str(tokenizer_run), "--out", str(run), "--steps", "12",
@@ -264,8 +264,8 @@ def test_warm_start_from_a_maskgit_run(tiny_data, tokenizer_run, dynamics_run, t
     assert meta["init_maskgit"]["dir"] == str(dynamics_run) and trained.config.latent_levels == tuple(levels)
     after = trained.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in shared.items()), "--freeze-trunk changed a shared weight"
-    assert torch.equal(after["latent_in.table.weight"], mar.state_dict()["latent_in.table.weight"])
-    assert not torch.equal(after["diff_head.out.weight"], torch.zeros_like(after["diff_head.out.weight"]))
+    assert torch.equal(after["image.latent_in.table.weight"], mar.state_dict()["image.latent_in.table.weight"])
+    assert not torch.equal(after["image.net.out.weight"], torch.zeros_like(after["image.net.out.weight"]))
     train = [r for r in read_log(run) if r["event"] == "train"]
     assert np.mean([r["diff_mse"] for r in train[-2:]]) < np.mean([r["diff_mse"] for r in train[:2]])
     with pytest.raises(ValueError, match="--head mar"):

@@ -390,8 +390,8 @@ def test_factorized_model_starts_from_a_trained_trunk(dynamics_run, tiny_data, t
           "--save-every", "4", *DYN_ARGS, "--lr", "1e-9"])  # weights stay (almost) put
     model, meta = load_dynamics(run)
     assert model.config.code_levels == tuple(levels) and model.config.vocab_size == source.config.vocab_size
-    assert model.image_head.out_features == model.group * sum(levels)
-    assert meta["init_trunk"]["left_out"] == ["tok_emb.weight", "image_head.weight", "image_head.bias"]
+    assert model.image.proj.out_features == model.group * sum(levels)
+    assert meta["init_trunk"]["left_out"] == ["image.tok_emb.weight", "image.proj.weight", "image.proj.bias"]
     src = source.state_dict()
     for key, value in model.state_dict().items():
         if not key.startswith(IMAGE_IO):

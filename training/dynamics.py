@@ -279,7 +279,7 @@ def train_dynamics(cfg: DynamicsTrainConfig) -> dict:
             print(f"trunk from {cfg.init_trunk}: {len(copied['copied'])} tensors copied; new: "
                   f"{', '.join(copied['left_out'])}")
     if cfg.freeze_trunk:
-        trainable = list(model.diff_head.parameters())
+        trainable = list(model.image.net.parameters())  # the diffusion MLP
         keep = {id(p) for p in trainable}
         for p in model.parameters():
             p.requires_grad_(id(p) in keep)

@@ -4,8 +4,9 @@ and a MAR (soft-token) HMA from a trained MaskGIT HMA.
 
 A MAR HMA and a MaskGIT HMA share the trunk, stems and heads.
 
-Only the image input and output differ. A MaskGIT trunk token embeds its patch's codes (a sum of learned
-code embeddings); a MAR trunk token embeds the same patch's continuous latents (``latent_in``). The warm
+Only the image head differs (``HMA.image``: the image input and output). A MaskGIT trunk token embeds its
+patch's codes (a sum of learned code embeddings); a MAR trunk token embeds the same patch's continuous
+latents (the diffusion head's ``latent_in``). The warm
 start copies every shared weight, sets MAR's [MASK] vector to what a fully masked MaskGIT patch embeds
 to, and makes a patch's latents embed like its codes (the codes are the rounded latents, FSQ): exactly
 with a ``LatticeTable`` (``latent_levels``: a latent embeds as the code it rounds to) whose table is MaskGIT's
@@ -21,8 +22,7 @@ import torch
 
 from hma_gym.models.hma import HMA
 
-IMAGE_IO = ("tok_emb.", "image_head.")  # MaskGIT-only weights
-MAR_IO = ("latent_in.", "image_mask_emb", "diff_head.")  # MAR-only weights
+IMAGE_IO = ("image.",)  # the image head's weights: the rest is shared by every HMA of the same trunk
 
 
 def keep_layers(model: HMA, layers: tuple[int, ...] | list[int]) -> HMA:
@@ -85,16 +85,14 @@ def mar_from_maskgit(maskgit: HMA, latent_dim: int, **mar_config) -> HMA:
     mar = HMA(config)
     shared = {k: v for k, v in maskgit.state_dict().items() if not k.startswith(IMAGE_IO)}
     missing, unexpected = mar.load_state_dict(shared, strict=False)
-    stray = [k for k in missing if not k.startswith(MAR_IO)]
+    stray = [k for k in missing if not k.startswith(IMAGE_IO)]
     if unexpected or stray:
         raise RuntimeError(f"warm start: unexpected weights {unexpected}, missing shared weights {stray}")
-    V, group = maskgit.config.vocab_size, maskgit.group
-    with torch.no_grad():  # a patch whose every code is [MASK] (index V of each position's table)
-        mask_rows = torch.arange(group) * (V + 1) + V
-        mar.image_mask_emb.copy_(maskgit.tok_emb.weight[mask_rows].sum(0))
-        if mar.latent_in.n_codes != V:  # the lattice table is the code embedding without its [MASK] rows
-            raise ValueError(f"latent_levels {config.latent_levels} make {mar.latent_in.n_codes} codes; the "
-                             f"MaskGIT model has {V}")
-        codes = maskgit.tok_emb.weight.view(group, V + 1, -1)[:, :V]
-        mar.latent_in.table.weight.copy_(codes.reshape(group * V, -1))
+    V, group, table = maskgit.config.vocab_size, maskgit.group, mar.image.latent_in
+    if table.n_codes != V:
+        raise ValueError(f"latent_levels {config.latent_levels} make {table.n_codes} codes; the MaskGIT model has {V}")
+    with torch.no_grad():
+        mar.image.mask_emb.copy_(maskgit.image.mask_embedding())  # a patch whose every code is [MASK]
+        codes = maskgit.image.tok_emb.weight.view(group, V + 1, -1)[:, :V]  # each position's table less [MASK]
+        table.table.weight.copy_(codes.reshape(group * V, -1))
     return mar
