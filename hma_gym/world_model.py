@@ -23,6 +23,7 @@ import torch.nn as nn
 from hma_gym.checkpoint import (
     CheckpointError,
     check_checkpoint_dir,
+    check_statistics,
     load_module_weights,
     load_tensors,
     packed_config,
@@ -117,7 +118,14 @@ class WorldModel(nn.Module):
         tokenizer, dynamics = load_tokenizer(directory), load_dynamics(directory)[0]
         detector, threshold, det_norm = load_detector(directory)
         norm = load_tensors(directory / "normalization.safetensors")
-        model = cls(tokenizer, dynamics, norm, config["env"]["embodiment"], detector, det_norm, threshold)
+        embodiment = config["env"]["embodiment"]
+        spec = dynamics.config.embodiments[embodiment]  # check_checkpoint_dir: the env's embodiment is the model's
+        sizes = {"state_mean": spec.state_dim, "state_std": spec.state_dim,
+                 "action_mean": spec.action_dim, "action_std": spec.action_dim}
+        check_statistics({name: norm.get(f"{embodiment}/{name}", norm.get(name)) for name in sizes},
+                         directory / "normalization.safetensors", sizes)
+        check_statistics(det_norm, directory / "detector_normalization.safetensors")
+        model = cls(tokenizer, dynamics, norm, embodiment, detector, det_norm, threshold)
         return model.to(device).eval()
 
     def compile_inference(self) -> WorldModel:
