@@ -206,13 +206,16 @@ class WorldModel(nn.Module):
         generator: torch.Generator | None = None,
         greedy: bool = False,
         diffusion_steps: int | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sample the frame that raw `actions` (B, A) lead to: tokens (B, g, g) and raw states (B, S)."""
-        tokens, s = self.dynamics.generate_frame(
+        return_uncertainty: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Sample the frame that raw `actions` (B, A) lead to: tokens (B, g, g) and raw states (B, S); with
+        `return_uncertainty`, also the (B,) entropies of `HMA.generate_frame`."""
+        out = self.dynamics.generate_frame(
             cache, self._norm_action(actions), self._ids(len(actions)), steps=steps, temperature=temperature,
-            generator=generator, greedy=greedy, diffusion_steps=diffusion_steps,
+            generator=generator, greedy=greedy, diffusion_steps=diffusion_steps, return_uncertainty=return_uncertainty,
         )
-        return tokens, s[:, : self.state_dim].float() * self.state_std + self.state_mean
+        states = out[1][:, : self.state_dim].float() * self.state_std + self.state_mean
+        return (out[0], states, *out[2:])
 
     # ------------------------------------------------------------------ success
     @torch.no_grad()

@@ -15,6 +15,7 @@ from gymnasium.vector.utils import batch_space
 
 from hma_gym.checkpoint import CheckpointError, check_finite, load_json, load_tensors, max_generation_steps
 from hma_gym.envs.robosuite_env import RobosuiteEnv, check_reset_options
+from hma_gym.tasks import OBJECT_KEY, object_task
 from hma_gym.world_model import WorldModel
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -83,7 +84,8 @@ class _LearnedSim:
     def __init__(self, checkpoint: str | os.PathLike | None, n: int, steps: int | None, temperature: float | None,
                  greedy: bool | None, device: str, variant: str = "maskgit", success_frames: int | None = None,
                  success_threshold: float | None = None, compile: bool = False,
-                 diffusion_steps: int | None = None):
+                 diffusion_steps: int | None = None, obs_keys: tuple[str, ...] | None = None,
+                 uncertainty_limit: float | None = None, end_unjudged: bool = False):
         path = Path(checkpoint) if checkpoint is not None else default_checkpoint(variant)
         self.checkpoint = path
         if os.getpid() != _IMPORTED_IN:
@@ -109,8 +111,16 @@ class _LearnedSim:
             raise ValueError("diffusion_steps (DDIM steps per token) needs a mar checkpoint and must be >= 1. "
                              f"Got {diffusion_steps=} for a {self.wm.dynamics.config.head} model")
         self.diffusion_steps = None if diffusion_steps is None else int(diffusion_steps)
-        # success: the detector's probability at least `success_threshold` on `success_frames` frames in a row
-        success_frames = int(generation.get("success_frames", 1)) if success_frames is None else success_frames
+        self.env_config = self.config["env"]
+        self.proprio = [(k, int(d)) for k, d in self.env_config["proprio"]]
+        # success: the task's own predicate on the predicted object state where the model predicts it (one
+        # frame is enough: the state is a committed draw); else the detector's probability at least
+        # `success_threshold` on `success_frames` frames in a row
+        self.object_task = object_task(self.env_config.get("task", ""))
+        if OBJECT_KEY not in dict(self.proprio):
+            self.object_task = None
+        default_frames = 1 if self.object_task else int(generation.get("success_frames", 1))
+        success_frames = default_frames if success_frames is None else success_frames
         if success_threshold is None:
             success_threshold = float(generation.get("success_threshold", self.wm.threshold))
         if success_frames < 1:
@@ -119,12 +129,26 @@ class _LearnedSim:
             raise ValueError(f"success_threshold must be in (0, 1). Got {success_threshold=}")
         self.success_frames, self.success_threshold = success_frames, float(success_threshold)
         self.streak = np.zeros(n, dtype=np.int64)
-        self.env_config = self.config["env"]
         if int(self.env_config.get("action_stride", 1)) != 1:
             raise CheckpointError(f"{path}: the env steps one control action per frame; action_stride must be 1")
-        self.observation_space, self.action_space = env_spaces(self.env_config)
+        # the model's own observation (image + its whole state), and the keys the env returns: the GT env's
+        # defaults unless `obs_keys` asks for others (e.g. robomimic's `object`)
+        self.model_space, self.action_space = env_spaces(self.env_config)
         self.image_key = self.env_config["image_key"]
-        self.proprio = [(k, int(d)) for k, d in self.env_config["proprio"]]
+        if obs_keys is None:
+            obs_keys = tuple(k for k in self.model_space.spaces if k != OBJECT_KEY)
+        unknown = sorted(set(obs_keys) - set(self.model_space.spaces))
+        if unknown:
+            raise ValueError(f"obs_keys {unknown}: {path} predicts only {sorted(self.model_space.spaces)}"
+                             + (" (its world model has no object state)" if OBJECT_KEY in unknown else ""))
+        self.obs_keys = tuple(obs_keys)
+        self.observation_space = spaces.Dict({k: self.model_space[k] for k in self.obs_keys})
+        # competence: a step whose uncertainty (see `step`) passes this limit is outside what the model knows
+        limit = generation.get("uncertainty_limit") if uncertainty_limit is None else uncertainty_limit
+        self.uncertainty_limit = None if limit is None else float(limit)
+        if end_unjudged and self.uncertainty_limit is None:
+            raise ValueError(f"end_unjudged needs an uncertainty_limit ({path} has no calibrated one)")
+        self.end_unjudged = end_unjudged
         # the range a start's state may take (see START_STD_LIMIT), in the order of `state_vector`
         mean, std = self.wm.state_mean.cpu().numpy(), self.wm.state_std.cpu().numpy()
         self.state_low, self.state_high = mean - START_STD_LIMIT * std, mean + START_STD_LIMIT * std
@@ -135,19 +159,20 @@ class _LearnedSim:
         self.generator = torch.Generator(device=self.wm.device)
         self.obs: dict[str, np.ndarray] | None = None
         self.started = np.zeros(n, dtype=bool)
+        self.unjudged = np.zeros(n, dtype=bool)
 
     def load_bank(self, path: Path) -> dict[str, np.ndarray]:
         """The initial-observation bank: every observation key, one or more entries, finite and in range."""
         bank = load_tensors(path)
-        missing = set(self.observation_space.spaces) - set(bank)
+        missing = set(self.model_space.spaces) - set(bank)
         if missing:
             raise CheckpointError(f"{path} lacks observation keys {sorted(missing)}")
         check_finite(bank, path)
-        out = {k: bank[k].numpy() for k in self.observation_space.spaces}
+        out = {k: bank[k].numpy() for k in self.model_space.spaces}
         n = len(out[self.image_key])
         if n == 0:
             raise CheckpointError(f"{path} holds no initial observation (reset(seed=...) draws one from it)")
-        for key, space in self.observation_space.spaces.items():
+        for key, space in self.model_space.spaces.items():
             kind_ok = out[key].dtype == np.uint8 if space.dtype == np.uint8 else out[key].dtype.kind == "f"
             if out[key].shape != (n, *space.shape) or not kind_ok:
                 raise CheckpointError(f"{path}: {key!r} has shape {out[key].shape} {out[key].dtype}, config.json's "
@@ -194,9 +219,11 @@ class _LearnedSim:
         if not isinstance(obs, dict):
             raise ValueError(f"initial_observation must be a dict of arrays, got {type(obs).__name__}")
         out = {}
-        for key, space in self.observation_space.spaces.items():
+        for key, space in self.model_space.spaces.items():
             if key not in obs:
-                raise ValueError(f"initial_observation lacks {key!r} (needs {sorted(self.observation_space.spaces)})")
+                hint = (" (the world model's state includes it: make the GT env with obs_keys including "
+                        f"{OBJECT_KEY!r})") if key == OBJECT_KEY else ""
+                raise ValueError(f"initial_observation lacks {key!r} (needs {sorted(self.model_space.spaces)}){hint}")
             value = np.asarray(obs[key])
             if value.shape != space.shape:
                 raise ValueError(f"initial_observation[{key!r}] has shape {value.shape}, expected {space.shape}")
@@ -214,7 +241,7 @@ class _LearnedSim:
     def reset_rows(self, rows: np.ndarray, starts: list[dict[str, np.ndarray]]) -> None:
         """Start episodes in the given rows from the given initial observations."""
         if self.obs is None:
-            self.obs = {k: np.zeros((self.n, *s.shape), s.dtype) for k, s in self.observation_space.spaces.items()}
+            self.obs = {k: np.zeros((self.n, *s.shape), s.dtype) for k, s in self.model_space.spaces.items()}
         if len(rows) == 0:
             return
         for row, start in zip(rows, starts, strict=True):
@@ -233,27 +260,45 @@ class _LearnedSim:
         self.wm.observe(self.cache, tokens, states, rows=None if bool(mask.all()) else mask)
         self.started[rows] = True
         self.streak[rows] = 0
+        self.unjudged[rows] = False
+
+    def observation(self, rows: slice | np.ndarray | int = slice(None)) -> dict[str, np.ndarray]:
+        """Copies of the returned keys (`obs_keys`) of the given rows."""
+        return {k: self.obs[k][rows].copy() for k in self.obs_keys}
 
     def draw_start(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
         i = int(rng.integers(self.bank_size))
         return {k: v[i].copy() for k, v in self.bank.items()}
 
-    def step(self, actions: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-        """Advance every row by one frame. Returns observations, success and success probability.
+    def step(self, actions: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
+        """Advance every row by one frame. Returns observations, success, success probability and uncertainty.
 
-        Success: the detector's probability reached `success_threshold` on the last `success_frames`
-        frames of the row's episode."""
+        Success: the task's predicate (`hma_gym.tasks`) on the predicted object state, where the model
+        predicts one (probability 0 or 1: the state is one committed draw), else the detector's probability
+        reached `success_threshold`; on the last `success_frames` frames of the row's episode. Uncertainty:
+        the mean of the model's normalised entropies of this frame's image tokens and binned state values
+        (`HMA.generate_frame`), 0 = certain, 1 = uniform. A row whose uncertainty passed `uncertainty_limit`
+        is marked in `self.unjudged` for the rest of its episode."""
         a = torch.from_numpy(np.ascontiguousarray(actions, dtype=np.float32))
-        tokens, states = self.wm.generate(self.cache, a, steps=self.steps, temperature=self.temperature,
-                                          generator=self.generator, greedy=self.greedy,
-                                          diffusion_steps=self.diffusion_steps)
+        tokens, states, entropy = self.wm.generate(
+            self.cache, a, steps=self.steps, temperature=self.temperature, generator=self.generator,
+            greedy=self.greedy, diffusion_steps=self.diffusion_steps, return_uncertainty=True)
         self.wm.observe(self.cache, tokens, states, a)
         frames = self.wm.decode(tokens)
-        prob = self.wm.success_prob(frames, states).cpu().numpy()
-        states_np = states.cpu().numpy()
-        self.obs = {self.image_key: frames.cpu().numpy(), **self.split_state(states_np)}
+        self.obs = {self.image_key: frames.cpu().numpy(), **self.split_state(states.cpu().numpy())}
+        if self.object_task is not None:
+            prob = self.object_task.success(self.obs[OBJECT_KEY]).astype(np.float64)
+            parts = [entropy["image"], entropy["state"]]
+        else:
+            prob = self.wm.success_prob(frames, states).cpu().numpy()
+            parts = [entropy["image"]]
+        values = torch.stack(parts).cpu().numpy()  # (parts, n); a mar model's image part is NaN
+        known = ~np.isnan(values)
+        uncertainty = np.where(known.any(0), np.where(known, values, 0).sum(0) / np.maximum(known.sum(0), 1), np.nan)
+        if self.uncertainty_limit is not None:
+            self.unjudged |= uncertainty > self.uncertainty_limit
         self.streak = np.where(prob >= self.success_threshold, self.streak + 1, 0)
-        return self.obs, self.streak >= self.success_frames, prob
+        return self.obs, self.streak >= self.success_frames, prob, uncertainty
 
 
 def _opened(sim: _LearnedSim | None, call: str) -> _LearnedSim:
@@ -328,11 +373,13 @@ class HMAEnv(gym.Env):
                  steps: int | None = None, temperature: float | None = None, greedy: bool | None = None,
                  device: str = "cpu", terminate_on_success: bool = True, render_mode: str | None = None,
                  success_frames: int | None = None, success_threshold: float | None = None, compile: bool = False,
-                 diffusion_steps: int | None = None):
+                 diffusion_steps: int | None = None, obs_keys: tuple[str, ...] | None = None,
+                 uncertainty_limit: float | None = None, end_unjudged: bool = False):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be None or 'rgb_array'. Got {render_mode=}")
         self._open_sim = partial(_LearnedSim, checkpoint, 1, steps, temperature, greedy, device, variant,
-                                 success_frames, success_threshold, compile, diffusion_steps)
+                                 success_frames, success_threshold, compile, diffusion_steps, obs_keys,
+                                 uncertainty_limit, end_unjudged)
         self.sim: _LearnedSim | None = self._open_sim()
         self._checkpoint = self.sim.checkpoint
         self.observation_space, self.action_space = self.sim.observation_space, self.sim.action_space
@@ -355,16 +402,20 @@ class HMAEnv(gym.Env):
             start = self.sim.draw_start(self.np_random)
         self.sim.generator.manual_seed(int(self.np_random.integers(2**62)))
         self.sim.reset_rows(np.array([0]), [start])
-        return self._obs(), {"is_success": False, "success_prob": 0.0}
+        return self._obs(), {"is_success": False, "success_prob": 0.0, "uncertainty": 0.0, "unjudged": False}
 
     def step(self, action):
         if not _opened(self.sim, "step").started[0]:
             raise RuntimeError("step() called before reset()")
         action = RobosuiteEnv.validate_action(action, self.action_space.shape[0])
-        _, success, prob = self.sim.step(action[None])
-        success = bool(success[0])
-        return (self._obs(), 1.0 if success else 0.0, success and self.terminate_on_success, False,
-                {"is_success": success, "success_prob": float(prob[0])})
+        _, success, prob, uncertainty = self.sim.step(action[None])
+        unjudged = bool(self.sim.unjudged[0])
+        # an episode the model has lost track of ends unscored when asked (`end_unjudged`)
+        stop = unjudged and self.sim.end_unjudged
+        success = bool(success[0]) and not stop
+        return (self._obs(), 1.0 if success else 0.0, success and self.terminate_on_success, stop,
+                {"is_success": success, "success_prob": float(prob[0]), "uncertainty": float(uncertainty[0]),
+                 "unjudged": unjudged})
 
     def render(self):
         if self.render_mode != "rgb_array":
@@ -380,7 +431,7 @@ class HMAEnv(gym.Env):
         super().close()
 
     def _obs(self) -> dict[str, np.ndarray]:
-        return {k: v[0].copy() for k, v in self.sim.obs.items()}
+        return self.sim.observation(0)
 
 
 class HMAVectorEnv(gym.vector.VectorEnv):
@@ -402,12 +453,14 @@ class HMAVectorEnv(gym.vector.VectorEnv):
                  terminate_on_success: bool = True, max_episode_steps: int | None = None,
                  render_mode: str | None = None, success_frames: int | None = None,
                  success_threshold: float | None = None, compile: bool = False,
-                 diffusion_steps: int | None = None):
+                 diffusion_steps: int | None = None, obs_keys: tuple[str, ...] | None = None,
+                 uncertainty_limit: float | None = None, end_unjudged: bool = False):
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1. Got {num_envs=}")
         self.num_envs = num_envs
         self._open_sim = partial(_LearnedSim, checkpoint, num_envs, steps, temperature, greedy, device, variant,
-                                 success_frames, success_threshold, compile, diffusion_steps)
+                                 success_frames, success_threshold, compile, diffusion_steps, obs_keys,
+                                 uncertainty_limit, end_unjudged)
         self.sim: _LearnedSim | None = self._open_sim()
         self.single_observation_space = self.sim.observation_space
         self.single_action_space = self.sim.action_space
@@ -449,21 +502,26 @@ class HMAVectorEnv(gym.vector.VectorEnv):
         self.sim.reset_rows(rows, starts)
         self.elapsed[rows] = 0
         self.needs_reset[rows] = False
-        info = _vector_info(is_success=np.zeros(self.num_envs, bool), success_prob=np.zeros(self.num_envs))
-        return {k: v.copy() for k, v in self.sim.obs.items()}, info
+        n = self.num_envs
+        info = _vector_info(is_success=np.zeros(n, bool), success_prob=np.zeros(n), uncertainty=np.zeros(n),
+                            unjudged=np.zeros(n, bool))
+        return self.sim.observation(), info
 
     def step(self, actions):
         if not _opened(self.sim, "step").started.all():
             raise RuntimeError("step() called before reset()")
         actions = _validate_actions(actions, self.num_envs, self.single_action_space.shape[0])
         autoreset = self.needs_reset.copy()
-        obs, success, prob = self.sim.step(actions)
-        obs = {k: v.copy() for k, v in obs.items()}
+        _, success, prob, uncertainty = self.sim.step(actions)
+        obs = self.sim.observation()
+        unjudged = self.sim.unjudged.copy()
+        stop = unjudged & self.sim.end_unjudged  # episodes the model lost track of end unscored when asked
+        success &= ~stop
         self.elapsed += 1
         reward = success.astype(np.float64)
         terminated = success & self.terminate_on_success
         truncated = (self.elapsed >= self.max_episode_steps) if self.max_episode_steps else np.zeros_like(success)
-        truncated &= ~terminated
+        truncated = (truncated | stop) & ~terminated
         if autoreset.any():
             rows = np.flatnonzero(autoreset)
             self.sim.reset_rows(rows, [self.sim.draw_start(self.rngs[i]) for i in rows])
@@ -471,8 +529,10 @@ class HMAVectorEnv(gym.vector.VectorEnv):
                 obs[key][rows] = self.sim.obs[key][rows]
             self.elapsed[rows] = 0
             reward[rows], terminated[rows], truncated[rows], success[rows], prob[rows] = 0.0, False, False, False, 0.0
+            uncertainty[rows], unjudged[rows] = 0.0, False
         self.needs_reset = terminated | truncated
-        info = _vector_info(is_success=success, success_prob=prob.astype(np.float64))
+        info = _vector_info(is_success=success, success_prob=prob.astype(np.float64),
+                            uncertainty=uncertainty.astype(np.float64), unjudged=unjudged)
         return obs, reward, terminated, truncated, info
 
     def render(self):

@@ -20,6 +20,11 @@ class EmbodimentSpec:
 
     action_dim: int
     state_dim: int
+    state_bins: tuple[tuple[int, tuple[float, ...]], ...] = ()
+    """(state index, increasing edges in normalised units) of the state values that are also predicted as
+    a category: which interval between the edges (or beyond them) the value falls in. Generation samples
+    the interval and keeps the regressed value inside it, so an outcome that hinges on a threshold (a cube
+    lifted past the success margin or not) is one committed draw, not an average of the two."""
 
     def __post_init__(self) -> None:
         if int(self.action_dim) < 1:
@@ -27,6 +32,15 @@ class EmbodimentSpec:
         if int(self.state_dim) < 1:
             raise ValueError(f"state_dim must be >= 1. Got {self.state_dim=}")
         self.action_dim, self.state_dim = int(self.action_dim), int(self.state_dim)
+        bins = tuple((int(i), tuple(float(e) for e in edges)) for i, edges in self.state_bins)
+        for i, edges in bins:
+            if not 0 <= i < self.state_dim:
+                raise ValueError(f"state_bins index {i} is outside the state (state_dim {self.state_dim})")
+            if not edges or any(b <= a for a, b in zip(edges, edges[1:], strict=False)):
+                raise ValueError(f"state_bins edges of index {i} must be one or more increasing values. Got {edges}")
+        if len({i for i, _ in bins}) != len(bins):
+            raise ValueError(f"state_bins names an index twice. Got {[i for i, _ in bins]}")
+        self.state_bins = bins
 
 
 def _default_objective_probs() -> dict[str, float]:

@@ -161,6 +161,12 @@ class ImageHead(nn.Module):
         """(B, units) bool per unit -> (B, G) bool per image token."""
         return unknown
 
+    def entropy(self, z: Tensor) -> Tensor | None:
+        """z (B, S, D) -> (B,): the mean entropy of the image tokens' predicted distributions over their codes,
+        as a fraction of the most a token can have (log of the codebook size): 0 = certain, 1 = uniform. None
+        where the head has no distribution over codes (diffusion)."""
+        return None
+
     def sample(
         self, z: Tensor, frame: Tensor, known: Tensor, n_known: tuple[int, int], order: Tensor | None,
         temperature: float, generator: torch.Generator | None, greedy: bool, diffusion_steps: int | None = None,
@@ -229,6 +235,9 @@ class CodeHead(ImageHead):
     def cross_entropy(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         """logits (M, classes), target codes (M,) -> (cross-entropy, accuracy of the argmax code)."""
         return F.cross_entropy(logits, target), (logits.argmax(-1) == target).float().mean()
+
+    def entropy(self, z: Tensor) -> Tensor:
+        return _entropy(self.logits(z), self.vocab_size)
 
     def draw(self, logits: Tensor, temperature: float, generator: torch.Generator | None, order: Tensor | None,
              greedy: bool) -> tuple[Tensor, Tensor | None]:
@@ -329,6 +338,11 @@ class FactorizedHead(CodeHead):
             out = lp if out is None else out + lp
         return out.flatten(-len(self.levels))  # the last channel varies slowest: index = d0 + L0 * (d1 + ...)
 
+    def entropy(self, z: Tensor) -> Tensor:
+        # a product distribution's entropy is the sum of its factors'
+        parts = self.logits(z).split(list(self.levels), dim=-1)
+        return sum(_entropy(p, self.vocab_size) for p in parts)
+
     def cross_entropy(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         """The code's cross-entropy (the sum of the channels'), and the accuracy of the per-channel argmax."""
         digits = index_to_codes(target, self.levels)  # (M, C)
@@ -352,6 +366,12 @@ class FactorizedHead(CodeHead):
             digits.append(d)
             logp = logp + lp.gather(1, d[:, None])[:, 0]
         return fsq_codes_to_index(torch.stack(digits, dim=-1), self.levels), logp
+
+
+def _entropy(logits: Tensor, vocab_size: int) -> Tensor:
+    """logits (B, G, K) -> (B,): mean over G of each softmax's entropy, divided by log(vocab_size)."""
+    logp = logits.float().log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1).mean(-1) / math.log(vocab_size)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:

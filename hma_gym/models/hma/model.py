@@ -236,7 +236,8 @@ class HMA(nn.Module):
         and their true actions, except under "passive", where the model never sees actions.
 
         Returns (loss, metrics); metrics are detached 0-dim tensors: loss, the image head's (ce and
-        accuracy of the argmax on masked tokens, or diff_mse), state_mse, action_mse.
+        accuracy of the argmax on masked tokens, or diff_mse), state_mse, state_bin_ce (the cross-entropy of
+        the binned state values' intervals, 0 without ``state_bins``), action_mse.
         """
         cfg = self.config
         tokens = self._flat_tokens(batch["tokens"], 2)  # (B, T, G) codes, mar: (B, T, G, C) latents
@@ -279,13 +280,15 @@ class HMA(nn.Module):
         pred_states = self.embodiments.predict_states(groups, h[:, :, -1], width)  # (B, T', S_max)
         w = predicted[:, sl, None] & self.embodiments.dim_mask(ids, "state_dim", width)[:, None]
         state_mse = _masked_mse(pred_states, states[:, sl], w)
+        state_bin_ce = self.embodiments.state_bin_loss(groups, h[:, :, -1], states[:, sl], predicted[:, sl])
         width = actions.shape[-1]
         pred_actions = self.embodiments.predict_actions(groups, h[:, :, S : S + cfg.n_action_tokens], width)
         w = action_target[:, sl, None] & self.embodiments.dim_mask(ids, "action_dim", width)[:, None]
         action_mse = _masked_mse(pred_actions, prev_actions[:, sl], w)  # (B, T', A_max) against a_{t-1}
 
-        loss = image_loss + cfg.state_loss_weight * state_mse + cfg.action_loss_weight * action_mse
-        metrics = {"loss": loss, **image_metrics, "state_mse": state_mse, "action_mse": action_mse}
+        loss = image_loss + cfg.state_loss_weight * (state_mse + state_bin_ce) + cfg.action_loss_weight * action_mse
+        metrics = {"loss": loss, **image_metrics, "state_mse": state_mse, "state_bin_ce": state_bin_ce,
+                   "action_mse": action_mse}
         return loss, {k: v.detach() for k, v in metrics.items()}
 
     def _two_stream_hidden(
@@ -419,8 +422,8 @@ class HMA(nn.Module):
     def generate_frame(
         self, cache: HMACache, action: Tensor | None, embodiment_ids: Tensor, steps: int = 2,
         temperature: float = 1.0, generator: torch.Generator | None = None, greedy: bool = False,
-        action_valid: Tensor | None = None, diffusion_steps: int | None = None,
-    ) -> tuple[Tensor, Tensor]:
+        action_valid: Tensor | None = None, diffusion_steps: int | None = None, return_uncertainty: bool = False,
+    ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, dict[str, Tensor]]:
         """Sample the next frame of every row given its cached history and action a_{t-1} (B, A):
         ``steps`` unmasking passes, each revealing what the image head samples.
 
@@ -432,7 +435,10 @@ class HMA(nn.Module):
         equal inputs and generator state give equal outputs. ``greedy=True``: no randomness at all (argmax
         codes revealed most-confident first; noise-free DDIM in slot order). Does not modify the cache.
         Returns tokens (B, g, g) long (mar: latents (B, g, g, C)) and the state (B, max_state_dim) predicted
-        at the last pass (zero beyond each row's state_dim).
+        at the last pass (zero beyond each row's state_dim), its binned values (``state_bins``) drawn like the
+        image. ``return_uncertainty``: also a dict of (B,) fractions in [0, 1]: ``image``, the mean entropy of
+        the image tokens' code distributions at the first pass (all masked; NaN for a mar model) over
+        log(vocab_size), and ``state``, the mean entropy of the state intervals over log(intervals).
         """
         if steps < 1:
             raise ValueError(f"steps must be >= 1. Got {steps=}")
@@ -444,16 +450,26 @@ class HMA(nn.Module):
         order = None  # the rank at which each unit is revealed (B, units): a random permutation per row
         if not greedy:
             order = torch.rand(B, head.units, device=device, generator=generator).argsort(-1).argsort(-1)
-        n_known = 0
+        n_known, image_entropy = 0, None
         for n_next in unmask_schedule(head.units, steps):
             h, _, groups = self._cached_pass(cache, frame, head.token_mask(~known), None, action, embodiment_ids,
                                              action_valid)  # (B, N, D)
-            frame, reveal = head.sample(self.image_norm(h[:, : self.n_slots]), frame, known, (n_known, n_next), order,
-                                        temperature, generator, greedy, diffusion_steps)
+            z = self.image_norm(h[:, : self.n_slots])
+            if return_uncertainty and image_entropy is None:
+                image_entropy = head.entropy(z)
+            frame, reveal = head.sample(z, frame, known, (n_known, n_next), order, temperature, generator, greedy,
+                                        diffusion_steps)
             known, n_known = known | reveal, n_next
         state = self.embodiments.predict_states(groups, h[:, None, -1], self.max_state_dim)[:, 0]  # (B, S)
+        state, state_entropy = self.embodiments.sample_state_bins(groups, h[:, -1], state, temperature, generator,
+                                                                   greedy)
         g = self.config.grid
-        return frame.view(B, g, g, *head.token_shape), state
+        frame = frame.view(B, g, g, *head.token_shape)
+        if not return_uncertainty:
+            return frame, state
+        if image_entropy is None:  # a diffusion head has no distribution over codes
+            image_entropy = torch.full((B,), math.nan, device=device)
+        return frame, state, {"image": image_entropy.float(), "state": state_entropy}
 
 
 def unmask_schedule(units: int, steps: int) -> list[int]:

@@ -1,0 +1,127 @@
+"""Binned state values (EmbodimentSpec.state_bins): trained as a category, generated as one committed draw; and the
+model's uncertainty (entropies of its token and state distributions)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hma_gym.models.hma import EmbodimentSpec, HMAConfig, make_hma
+
+EDGES = (-0.5, 0.0, 0.5)  # 4 intervals of state value 2: (-inf, -0.5], (-0.5, 0], (0, 0.5], (0.5, inf)
+SPECS = {"arm": EmbodimentSpec(action_dim=3, state_dim=4, state_bins=((2, EDGES),)),
+         "hand": EmbodimentSpec(action_dim=2, state_dim=3)}  # a robot without bins in the same batch
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(seed: int = 0):
+    torch.manual_seed(seed)
+    return make_hma("tiny", grid=4, vocab_size=16, n_action_tokens=2, max_frames=4, embodiments=SPECS)
+
+
+def batch(B: int = 4, T: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.arange(B) % 2
+    states = torch.randn(B, T, 4, generator=g)
+    states[ids == 1, :, 3:] = 0
+    return {"tokens": torch.randint(0, 16, (B, T, 4, 4), generator=g), "actions": torch.randn(B, T, 3, generator=g),
+            "states": states, "embodiment_ids": ids, "n_prompt": torch.ones(B, dtype=torch.long)}
+
+
+def test_spec_validation_and_round_trip():
+    with pytest.raises(ValueError, match="outside the state"):
+        EmbodimentSpec(action_dim=1, state_dim=2, state_bins=((2, (0.0,)),))
+    with pytest.raises(ValueError, match="increasing"):
+        EmbodimentSpec(action_dim=1, state_dim=3, state_bins=((1, (0.5, 0.5)),))
+    cfg = tiny().config
+    again = HMAConfig.from_dict(cfg.to_dict())
+    assert again.embodiments["arm"].state_bins == ((2, EDGES),)
+
+
+def test_bin_loss_trains_the_bin_head():
+    model = tiny()
+    b = batch()
+    loss, metrics = model(b)
+    assert metrics["state_bin_ce"] > 0.5  # ~log(4) at init
+    loss.backward()
+    assert model.embodiments["arm"].bin_heads[0].weight.grad.abs().sum() > 0
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = float(metrics["state_bin_ce"])
+    for _ in range(60):
+        opt.zero_grad()
+        loss, metrics = model(b)
+        loss.backward()
+        opt.step()
+    assert float(metrics["state_bin_ce"]) < 0.5 * first  # one batch, memorised
+
+
+def force(model, interval: int) -> None:
+    """The bin head always says `interval`."""
+    head = model.embodiments["arm"].bin_heads[0]
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.fill_(-30.0)
+        head.bias[interval] = 30.0
+
+
+@pytest.mark.parametrize("interval,low,high", [(0, -np.inf, -0.5), (2, 0.0, 0.5), (3, 0.5, np.inf)])
+def test_generated_value_commits_to_the_drawn_interval(interval, low, high):
+    model = tiny(seed=1).eval()
+    force(model, interval)
+    cache = model.new_cache(4)
+    ids = torch.tensor([0, 0, 1, 1])
+    model.append_frame(cache, torch.randint(0, 16, (4, 4, 4)), torch.randn(4, 4), None, ids)
+    for greedy in (True, False):
+        _, state, unc = model.generate_frame(cache, torch.randn(4, 3), ids, greedy=greedy,
+                                             generator=torch.Generator().manual_seed(0), return_uncertainty=True)
+        value = state[:2, 2]
+        assert bool(((value > low) & (value <= high)).all()), (value, low, high)
+        assert unc["state"][:2].max() < 1e-6 and unc["state"][2:].abs().max() == 0  # certain; no bins
+        assert bool(((unc["image"] >= 0) & (unc["image"] <= 1)).all())
+
+
+def test_draws_follow_the_interval_probabilities():
+    model = tiny(seed=2).eval()
+    head = model.embodiments["arm"].bin_heads[0]
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4])))
+    n = 2000
+    cache = model.new_cache(n)
+    ids = torch.zeros(n, dtype=torch.long)
+    model.append_frame(cache, torch.randint(0, 16, (n, 4, 4)), torch.randn(n, 4), None, ids)
+    _, state, unc = model.generate_frame(cache, torch.randn(n, 3), ids, generator=torch.Generator().manual_seed(3),
+                                         return_uncertainty=True)
+    counts = torch.bucketize(state[:, 2].contiguous(), torch.tensor(EDGES)).bincount(minlength=4).float() / n
+    assert torch.allclose(counts, torch.tensor([0.1, 0.2, 0.3, 0.4]), atol=0.04)
+    entropy = -(torch.tensor([0.1, 0.2, 0.3, 0.4]) * torch.tensor([0.1, 0.2, 0.3, 0.4]).log()).sum() / np.log(4)
+    assert torch.allclose(unc["state"], entropy.expand(n), atol=1e-4)
+
+
+def test_learned_env_uncertainty_is_finite_and_higher_on_noise():
+    """The shipped default model, one step from a bank frame vs from the same start with its image replaced by
+    uniform noise (the same action): the uncertainty is finite in both and higher on noise."""
+    import gymnasium as gym
+
+    import hma_gym  # noqa: F401
+
+    env = gym.make("HMA-RobomimicLift-v0")
+    obs, info = env.reset(seed=0)
+    assert info["uncertainty"] == 0.0 and info["unjudged"] is False
+    action = np.zeros(7, np.float32)
+    clean = [env.step(action)[4]["uncertainty"] for _ in range(3)]
+    noise = dict(obs, agentview_image=np.random.default_rng(0).integers(0, 256, obs["agentview_image"].shape,
+                                                                          dtype=np.uint8))
+    env.reset(seed=0, options={"initial_observation": noise})
+    noisy = [env.step(action)[4]["uncertainty"] for _ in range(3)]
+    env.close()
+    assert np.isfinite(clean + noisy).all()
+    assert 0 < max(clean) < min(noisy) < 1, (clean, noisy)
