@@ -71,3 +71,14 @@ def tiny_checkpoint(tiny_data, tokenizer_run, dynamics_run, detector_run, tmp_pa
     main(["pack", "--out", str(out), "--tokenizer", str(tokenizer_run), "--dynamics", str(dynamics_run),
           "--detector", str(detector_run), "--data", str(tiny_data), "--bank-size", "5"])
     return out
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors gain nothing from threads; on a busy 2-core machine OpenMP spinning makes them far slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

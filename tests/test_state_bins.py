@@ -14,12 +14,7 @@ SPECS = {"arm": EmbodimentSpec(action_dim=3, state_dim=4, state_bins=((2, EDGES)
          "hand": EmbodimentSpec(action_dim=2, state_dim=3)}  # a robot without bins in the same batch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(seed: int = 0):
