@@ -71,9 +71,10 @@ def parse_policies(items: list[str] | None) -> dict[str, str]:
     return out
 
 
-def run_gt(spec: str, seeds: list[int], max_steps: int, policy_seed: int) -> tuple[list[bool], list[np.ndarray], list]:
-    """GT verdicts, action sequences and reset observations of one policy on `seeds`."""
-    env = gym.make("RobomimicLift-v0", terminate_on_success=False, max_episode_steps=max_steps)
+def run_gt(spec: str, seeds: list[int], max_steps: int, policy_seed: int, obs_keys: tuple[str, ...] | None = None,
+           ) -> tuple[list[bool], list[np.ndarray], list]:
+    """GT verdicts, action sequences and reset observations (of `obs_keys`) of one policy on `seeds`."""
+    env = gym.make("RobomimicLift-v0", terminate_on_success=False, max_episode_steps=max_steps, obs_keys=obs_keys)
     policy = load_policy(spec, env, seed=policy_seed)
     actions: dict[int, list[np.ndarray]] = {}
     starts: dict[int, dict] = {}
@@ -93,6 +94,11 @@ def run_learned(spec: str, seeds: list[int], starts: list[dict], gt_actions: lis
                 num_envs: int, max_steps: int, policy_seed: int) -> dict:
     env = gym.make_vec("HMA-RobomimicLift-v0", num_envs=min(num_envs, len(seeds)),
                        vectorization_mode="vector_entry_point", **env_kwargs)
+    model_keys = tuple(env.unwrapped.sim.model_space.spaces)
+    if set(model_keys) != set(env.single_observation_space.spaces):  # return `object` too, where predicted
+        env.close()
+        env = gym.make_vec("HMA-RobomimicLift-v0", num_envs=min(num_envs, len(seeds)),
+                           vectorization_mode="vector_entry_point", obs_keys=model_keys, **env_kwargs)
     scripted = spec.partition(":")[0] in SCRIPTED
     closed_loop = not scripted or OBJECT_KEY in env.single_observation_space.spaces
     if closed_loop:
@@ -152,10 +158,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.variant:
         env_kwargs["variant"] = args.variant
     seeds = list(range(args.seed, args.seed + args.episodes))
+    probe = gym.make("HMA-RobomimicLift-v0", **env_kwargs)
+    model_keys = tuple(probe.unwrapped.sim.model_space.spaces)  # a paired start holds the model's whole state
+    probe.close()
     rows, gt_all, learned_all = [], [], []
     for name, spec in parse_policies(args.policies).items():
         t0 = time.perf_counter()
-        gt, actions, starts = run_gt(spec, seeds, args.max_steps, args.policy_seed)
+        gt, actions, starts = run_gt(spec, seeds, args.max_steps, args.policy_seed, model_keys)
         gt_s = time.perf_counter() - t0
         learned = run_learned(spec, seeds, starts, actions, env_kwargs, args.num_envs, args.max_steps,
                               args.policy_seed)

@@ -22,14 +22,20 @@ def make_pair(env_id: str, env_kwargs: dict | None = None, checkpoint: str = "")
     if checkpoint:
         kwargs["checkpoint"] = checkpoint
     learned_id = twins.get(env_id, env_id)
-    learned = gym.make(learned_id, **{k: v for k, v in kwargs.items() if k != "image_size"})
+    kwargs = {k: v for k, v in kwargs.items() if k != "image_size"}
+    learned = gym.make(learned_id, **kwargs)
     if not isinstance(learned.unwrapped, HMAEnv):
         raise ValueError(f"{learned_id} is not a learned env")
     env_cfg = learned.unwrapped.sim.env_config
     gt_id = env_cfg.get("gt_env_id")
     if not gt_id:
         raise ValueError(f"checkpoint {learned.unwrapped.checkpoint} names no ground-truth env (env.gt_env_id)")
-    gt = gym.make(gt_id, image_size=int(env_cfg["image_size"]))
+    # a paired start needs every key of the model's state (e.g. robomimic's `object`): both envs return them
+    keys = tuple(learned.unwrapped.sim.model_space.spaces)
+    if set(keys) != set(learned.observation_space.spaces):
+        learned.close()
+        learned = gym.make(learned_id, **{**kwargs, "obs_keys": keys})
+    gt = gym.make(gt_id, image_size=int(env_cfg["image_size"]), obs_keys=keys)
     check_paired(gt, learned)
     return learned, gt
 

@@ -19,6 +19,10 @@ class EpisodeResult:
     success: bool
     ret: float
     length: int
+    unjudged: bool = False
+    """A learned env lost track of the episode (`info["unjudged"]`: its uncertainty passed its limit)."""
+    max_uncertainty: float = float("nan")
+    """The highest `info["uncertainty"]` of the episode (learned envs; NaN where the env reports none)."""
 
 
 @dataclass
@@ -32,6 +36,17 @@ class RolloutResult:
     @property
     def success_rate(self) -> float:
         return float(np.mean([e.success for e in self.episodes])) if self.episodes else float("nan")
+
+    @property
+    def unjudged(self) -> int:
+        """Episodes a learned env could not judge (see `EpisodeResult.unjudged`)."""
+        return sum(e.unjudged for e in self.episodes)
+
+    @property
+    def judged_success_rate(self) -> float:
+        """Success rate over the episodes the env could judge."""
+        judged = [e.success for e in self.episodes if not e.unjudged]
+        return float(np.mean(judged)) if judged else float("nan")
 
     @property
     def mean_length(self) -> float:
@@ -49,6 +64,8 @@ class RolloutResult:
         return {
             "episodes": len(self.episodes),
             "success_rate": self.success_rate,
+            "unjudged": self.unjudged,
+            "judged_success_rate": self.judged_success_rate,
             "mean_length": self.mean_length,
             "mean_return": self.mean_return,
             "env_steps": self.env_steps,
@@ -174,6 +191,8 @@ def rollout(
         ret = np.zeros(n_envs)
         length = np.zeros(n_envs, dtype=np.int64)
         success = np.zeros(n_envs, dtype=bool)
+        unjudged = np.zeros(n_envs, dtype=bool)
+        max_uncertainty = np.full(n_envs, np.nan)
         since_success = np.zeros(n_envs, dtype=np.int64)
         buffers = [None] * n_envs
         while active.any():
@@ -196,6 +215,9 @@ def rollout(
                 reward, terminated, truncated = np.array([r]), np.array([te]), np.array([tr])
                 info = {k: np.array([v]) for k, v in info.items()}
             step_success = np.asarray(info.get("is_success", np.zeros(n_envs, dtype=bool)), dtype=bool)
+            unjudged |= np.asarray(info.get("unjudged", np.zeros(n_envs, dtype=bool)), dtype=bool)
+            if "uncertainty" in info:
+                max_uncertainty = np.fmax(max_uncertainty, np.asarray(info["uncertainty"], dtype=np.float64))
             result.env_steps += int(active.sum())
             for j in np.flatnonzero(active):
                 ret[j] += float(reward[j])
@@ -217,7 +239,8 @@ def rollout(
                     active[j] = False
                     e = wave[j]
                     result.episodes.append(
-                        EpisodeResult(e, seed_list[e], bool(success[j]), float(ret[j]), int(length[j]))
+                        EpisodeResult(e, seed_list[e], bool(success[j]), float(ret[j]), int(length[j]),
+                                      bool(unjudged[j]), float(max_uncertainty[j]))
                     )
                     if writer is not None:
                         seed_attr = {} if seed_list[e] is None else {"seed": int(seed_list[e])}

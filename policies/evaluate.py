@@ -22,9 +22,11 @@ def is_learned(env_id: str) -> bool:
     return spec.vector_entry_point is not None and "learned_env" in str(spec.entry_point)
 
 
-def gt_initial_observations(gt_env_id: str, seeds: list[int], image_size: int) -> list[dict]:
-    """The GT env's reset observation for each seed: the paired starts of a learned-env evaluation."""
-    gt = gym.make(gt_env_id, image_size=image_size)
+def gt_initial_observations(gt_env_id: str, seeds: list[int], image_size: int,
+                            obs_keys: tuple[str, ...] | None = None) -> list[dict]:
+    """The GT env's reset observation (of `obs_keys`, default its own) for each seed: the paired starts of a
+    learned-env evaluation, which needs every key of the world model's state."""
+    gt = gym.make(gt_env_id, image_size=image_size, obs_keys=obs_keys)
     starts = [gt.reset(seed=s)[0] for s in seeds]
     gt.close()
     return starts
@@ -70,10 +72,18 @@ class EvaluateConfig:
     (files you trust only); by default PPO/A2C/SAC/TD3/DDPG zips are rebuilt from their state dict."""
     compile: bool = False
     """Learned env: torch.compile the world model (a minute of compiling, then faster steps)."""
+    uncertainty_limit: float | None = None
+    """Learned env: a step whose uncertainty passes this is outside the model's competence, and its episode is
+    counted as unjudged (default: the checkpoint's calibrated generation.uncertainty_limit, if any)."""
+    end_unjudged: bool = False
+    """Learned env: end unjudged episodes there, unscored, instead of running them on (the report's
+    judged_success_rate leaves them out either way)."""
 
     def __post_init__(self):
-        if self.compile and not is_learned(self.env):
-            raise ValueError(f"--compile applies to learned envs; {self.env} is a ground-truth env")
+        for flag, used in (("--compile", self.compile), ("--uncertainty-limit", self.uncertainty_limit is not None),
+                           ("--end-unjudged", self.end_unjudged)):
+            if used and not is_learned(self.env):
+                raise ValueError(f"{flag} applies to learned envs; {self.env} is a ground-truth env")
         if self.episodes <= 0:
             raise ValueError(f"episodes must be positive. Got {self.episodes=}")
         if self.num_envs <= 0:
@@ -84,13 +94,18 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     hma_gym.register_envs()
     learned = is_learned(cfg.env)
     seeds = [cfg.seed + i for i in range(cfg.episodes)]
-    env = make_eval_env(cfg.env, min(cfg.num_envs, cfg.episodes) if learned else 1, cfg.checkpoint,
-                        **({"compile": True} if cfg.compile else {}))
+    extra = {"compile": True} if cfg.compile else {}
+    if cfg.uncertainty_limit is not None:
+        extra["uncertainty_limit"] = cfg.uncertainty_limit
+    if cfg.end_unjudged:
+        extra["end_unjudged"] = True
+    env = make_eval_env(cfg.env, min(cfg.num_envs, cfg.episodes) if learned else 1, cfg.checkpoint, **extra)
     policy = load_policy(cfg.policy, env, seed=cfg.policy_seed, trust_pickle=cfg.trust_pickle)
     reset_options = None
     if learned and cfg.paired:
         sim = env.unwrapped.sim
-        starts = gt_initial_observations(sim.env_config["gt_env_id"], seeds, int(sim.env_config["image_size"]))
+        starts = gt_initial_observations(sim.env_config["gt_env_id"], seeds, int(sim.env_config["image_size"]),
+                                         tuple(sim.model_space.spaces))
         reset_options = [{"initial_observation": s} for s in starts]
     image_key = "agentview_image"
     frames: dict[int, list[np.ndarray]] = {}
@@ -117,6 +132,9 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         "seeds": [seeds[0], seeds[-1]],
         "success_rate": result.success_rate,
         "success_ci95": [low, high],
+        "unjudged": result.unjudged if learned else None,
+        "judged_success_rate": result.judged_success_rate if learned else None,
+        "uncertainty_limit": env.unwrapped.sim.uncertainty_limit if learned else None,
         "mean_length": result.mean_length,
         "env_steps": result.env_steps,
         "wall_time_s": wall,

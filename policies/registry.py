@@ -34,8 +34,8 @@ def load_policy(spec: str, env: gym.Env | gym.vector.VectorEnv | None = None, se
             raise ValueError("the scripted expert is bound to an env; pass env=")
         config = expert_config_from_spec(options)
         envs = env.envs if hasattr(env, "envs") else [env]
-        if not all(hasattr(e.unwrapped, "privileged_state") or OBJECT_KEY in e.observation_space.spaces
-                   for e in envs):
+        if not all(hasattr(e.unwrapped, "privileged_state")
+                   or OBJECT_KEY in getattr(e, "single_observation_space", e.observation_space).spaces for e in envs):
             raise ValueError("the scripted expert needs privileged state or the 'object' observation: it runs in "
                              "ground-truth envs, or in learned envs made with obs_keys including 'object'")
         return LiftExpert(env, config, seed=seed)

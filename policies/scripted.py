@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
+import gymnasium as gym
 import numpy as np
 
 from hma_gym.tasks import LIFT as LIFT_TASK
@@ -76,9 +77,12 @@ class LiftExpertConfig:
 
 
 def sub_envs(env) -> list:
-    """The unwrapped single envs behind a single env or a gymnasium vector env of them."""
+    """The unwrapped single envs behind a single env or a gymnasium vector env of them (a natively batched
+    env, such as the learned one, stands for each of its rows)."""
     if hasattr(env, "envs"):  # SyncVectorEnv
         return [e.unwrapped for e in env.envs]
+    if isinstance(env.unwrapped, gym.vector.VectorEnv):
+        return [env.unwrapped] * env.unwrapped.num_envs
     return [env.unwrapped]
 
 
@@ -92,7 +96,7 @@ def eef_actions(name: str, envs: list, obs: dict[str, np.ndarray],
     n = batch_size_of(obs)
     if n != len(envs):
         raise ValueError(f"{name} is bound to {len(envs)} envs, got a batch of {n}")
-    dim = envs[0].action_space.shape[0]
+    dim = getattr(envs[0], "single_action_space", envs[0].action_space).shape[0]
     if dim not in (4, 7):
         raise ValueError(f"{name} drives OSC_POSE (7-D) or OSC_POSITION (4-D) arms; the action is {dim}-D")
     actions = np.zeros((n, dim), dtype=np.float32)
