@@ -34,6 +34,12 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
+# the edit-test loop: the suite without the tests marked slow (tiny pipeline, long rollouts, browser, CLI and
+# training runs); `make test` (CI) runs them all
+.PHONY: test-fast
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
 lint: setup
 	$(VENV)/bin/ruff check hma_gym training policies benchmarks tests
 
@@ -52,6 +58,9 @@ robomimic: setup
 # `make lift-checkpoint`. The dynamics model was trained on one lent H100 (scripts/gpu_lift.sh, ~9 min);
 # run the target on a machine with a CUDA GPU (the script trains with --device cuda --bf16).
 HMA := $(VENV)/bin/hma-gym
+# the masking-objective mixture of every shipped world model (HMAConfig's default: 0.7 / 0.1 / 0.1 / 0.1); a run
+# started with --init keeps its init model's
+SHIPPED_OBJECTIVES := '{"forward": 0.8, "full": 0.1, "passive": 0.05, "policy": 0.05}'
 lift-data: setup
 	$(HMA) collect --task lift --episodes 200 --seed 0 --out data/lift.hdf5
 	$(HMA) train-tokenizer --data data/lift.hdf5 --out runs/tokenizer --steps 3000 --batch-size 16 \
@@ -88,7 +97,7 @@ dp-lift: setup
 	cp runs/dp_lift/iter_6000/policy.json runs/dp_lift/iter_6000/policy.safetensors policies/assets/dp_lift/
 
 # The shipped fast variant (hma_gym/assets/lift_fast, `variant="fast"`): blocks 0 and 3 of the shipped MaskGIT
-# model (train --init-layers), fine-tuned on this CPU in two stages (about an hour each at 2 threads) on Lift
+# model (hma-gym select-layers), fine-tuned on this CPU in two stages (about an hour each at 2 threads) on Lift
 # plus GT rollouts of the shipped DP and noisier expert episodes. Needs data/lift.hdf5 (make lift-data) and the
 # shipped checkpoint.
 FAST_TRAIN = $(HMA) train --tokens data/lift_mix_tokens.safetensors --data data/lift.hdf5 \
@@ -107,7 +116,8 @@ mix-data: setup data/lift.hdf5
 lift-fast: mix-data
 	$(HMA) tokenize --data data/lift.hdf5 --extra-data data/dp_shipped.hdf5 data/lift_noisy.hdf5 \
 	  --tokenizer hma_gym/assets/lift --max-valid-episodes 10 --out data/lift_mix_tokens.safetensors
-	$(FAST_TRAIN) --init hma_gym/assets/lift --init-layers 0 3 --out runs/fast2 --steps 650 --lr 5e-4 \
+	$(HMA) select-layers --source hma_gym/assets/lift --layers 0 3 --out runs/fast1
+	$(FAST_TRAIN) --init runs/fast1 --out runs/fast2 --steps 650 --lr 5e-4 \
 	  --warmup 30 --min-lr-ratio 0.1 --eval-every 200
 	# stage 2: a warm restart from stage 1 at a lower rate, another hour (+0.24 dB sampled in eval-model)
 	$(FAST_TRAIN) --init runs/fast2 --out runs/fast3 --steps 700 --lr 3e-4 --warmup 20 --min-lr-ratio 0.05 \
@@ -158,7 +168,7 @@ tokens-15k: mix-data
 	  --tokenizer hma_gym/assets/tokenizer_15k --max-valid-episodes 10 --out data/lift_mix_tokens_15k.safetensors
 
 # The same on this CPU, made cheap by the factorised head (--factorized-head: one softmax per FSQ channel, 35 logits a
-# token instead of 15,360; 2.9 M parameters) and started from the shipped checkpoint's trunk (--init-trunk):
+# token instead of 15,360; 2.9 M parameters) and started from the shipped checkpoint's trunk (--init-mode trunk):
 # 1000 steps of 32 windows (~1.7 h on 2 cores), two warm restarts at lower rates (350 steps, ~40 min; 900 steps,
 # ~1.7 h), then packed and evaluated as above (results copied to benchmarks/results/eval_model_lift_15k*.json) and
 # shipped as hma_gym/assets/lift_15k (variant="fsq15k")
@@ -166,9 +176,8 @@ F15K_TRAIN = $(HMA) train --tokens data/lift_mix_tokens_15k.safetensors --data d
   --extra-data data/dp_shipped.hdf5 data/lift_noisy.hdf5 --tokenizer hma_gym/assets/tokenizer_15k --batch-size 32 \
   --prompt-frames 1 --eval-windows 24 --save-every 50 --log-every 10 --threads 2
 lift-15k-cpu: tokens-15k
-	$(F15K_TRAIN) --d-model 160 --n-layer 4 --n-head 4 --patch-size 2 --factorized-head \
-	  --init-trunk hma_gym/assets/lift --steps 1000 --lr 7e-4 --warmup 40 --min-lr-ratio 0.1 --eval-every 250 \
-	  --out runs/f15k
+	$(F15K_TRAIN) --factorized-head --init hma_gym/assets/lift --init-mode trunk --steps 1000 --lr 7e-4 \
+	  --warmup 40 --min-lr-ratio 0.1 --eval-every 250 --out runs/f15k
 	$(F15K_TRAIN) --init runs/f15k --steps 350 --lr 3e-4 --warmup 20 --min-lr-ratio 0.05 --eval-every 350 --seed 1 \
 	  --out runs/f15k2
 	$(F15K_TRAIN) --init runs/f15k2 --steps 900 --lr 4e-4 --warmup 30 --min-lr-ratio 0.05 --eval-every 300 --seed 2 \
@@ -195,14 +204,14 @@ lift-mar: setup
 	$(HMA) train --data data/lift.hdf5 --tokenizer runs/tokenizer --out runs/mar --head mar --diff-batch-mul 2 \
 	  --steps 1600 --batch-size 8 --lr 0.0015 --min-lr-ratio 0.1 --warmup 100 --weight-decay 0.05 --eval-every 400 \
 	  --save-every 100 --preset small --d-model 160 --n-layer 4 --n-head 4 --patch-size 2 --prompt-frames 1 \
-	  --eval-windows 24 --threads 1
+	  --objective-probs $(SHIPPED_OBJECTIVES) --eval-windows 24 --threads 1
 
 # The shipped MAR checkpoint (hma_gym/assets/lift_mar): a MAR model started from the shipped MaskGIT run
 # (runs/gpu/dp, `make lift-checkpoint`), its trunk frozen, the diffusion head trained on this CPU (~60 min)
 lift-mar-warm: setup
 	$(HMA) train --data data/lift.hdf5 --extra-data data/dp_a.hdf5 data/dp_b.hdf5 --tokenizer runs/tokenizer \
-	  --out runs/mar_warm --head mar --init-maskgit runs/gpu/dp --lattice-input --freeze-trunk \
-	  --steps 1200 --batch-size 16 --lr 1e-3 --warmup 50 --min-lr-ratio 0.1 --diff-batch-mul 2 --eval-every 400 \
+	  --out runs/mar_warm --head mar --lattice-input --init runs/gpu/dp --init-mode trunk \
+	  --trainable diffusion-head --steps 1200 --batch-size 16 --lr 1e-3 --warmup 50 --min-lr-ratio 0.1 --diff-batch-mul 2 --eval-every 400 \
 	  --save-every 50 --log-every 10 --eval-windows 24 --prompt-frames 1 --threads 2
 	rm -rf hma_gym/assets/lift_mar
 	$(HMA) pack --out hma_gym/assets/lift_mar --tokenizer runs/tokenizer --dynamics runs/mar_warm \

@@ -200,8 +200,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--finetune-steps", type=int, default=400, help="optimizer steps of each arm on Lift")
     p.add_argument("--new-stem-steps", type=int, default=50,
                    help="of --finetune-steps: the new Panda stem/head alone, trunk frozen")
-    p.add_argument("--model", default="--preset small --d-model 128 --n-layer 3 --n-head 4 --patch-size 2",
-                   help="architecture flags of `hma-gym train`")
+    p.add_argument("--model", default="--preset small --d-model 128 --n-layer 3 --n-head 4 --patch-size 2 "
+                   '--objective-probs {"forward":0.8,"full":0.1,"passive":0.05,"policy":0.05}',
+                   help="architecture flags of `hma-gym train` (split at spaces)")
     p.add_argument("--train", default="--batch-size 8 --lr 0.0015 --warmup 50 --min-lr-ratio 0.1 "
                    "--weight-decay 0.05 --prompt-frames 1 4 --save-every 50 --eval-windows 16 --threads 1 "
                    "--no-progress", help="optimisation flags shared by every run")
@@ -244,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.new_stem_steps:
             minutes[f"new_stem{tag(seed)}"] = train_step(
                 args, stem, args.new_stem_steps,
-                [*lift, "--init", str(work / "pretrained"), "--train-only-new", "--seed", str(seed),
+                [*lift, "--init", str(work / "pretrained"), "--trainable", "new-embodiments", "--seed", str(seed),
                  "--warmup", str(max(1, args.new_stem_steps // 5)), "--eval-every", str(args.new_stem_steps)],
                 model_args)
         minutes[f"finetune{tag(seed)}"] = train_step(

@@ -34,6 +34,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                  "pre-tokenise robomimic files into a small cache for `train --tokens` (e.g. on another machine)"),
     "train": ("training.dynamics", "DynamicsTrainConfig", "train_dynamics",
               "train the HMA world model on a robomimic file (needs a trained tokenizer)"),
+    "select-layers": ("training.select_layers", "SelectLayersConfig", "select_layers",
+                      "a shallower world model from chosen blocks of a trained one, for `train --init`"),
     "pack": ("training.pack", "PackConfig", "pack",
              "assemble a checkpoint directory (tokenizer, dynamics, detector, statistics, initial observations)"),
     "synthesize": ("training.synthesize", "SynthesizeConfig", "synthesize",

@@ -12,6 +12,8 @@ export PYTHONUNBUFFERED=1
 nvidia-smi -L
 T="--tokens data/lift_dp_tokens.safetensors --data data/lift.hdf5 --tokenizer runs/tokenizer --patch-size 2"
 T="$T --prompt-frames 1 --batch-size 64 --warmup 300 --eval-windows 24 --bf16 --device cuda"
+# the masking-objective mixture of the shipped models (HMAConfig's default is 0.7 / 0.1 / 0.1 / 0.1)
+T="$T --objective-probs '{\"forward\": 0.8, \"full\": 0.1, \"passive\": 0.05, \"policy\": 0.05}'"
 X="--extra-data data/dp_a.hdf5 data/dp_b.hdf5"
 "${PYTHON:-python3}" scripts/parallel_train.py --budget "${BUDGET:-330}" --out "$out" --root runs/gpu \
   --run dp "$T $X --d-model 160 --n-layer 4 --n-head 4 --lr 1.5e-3" \

@@ -17,6 +17,8 @@ command -v nvidia-smi >/dev/null && nvidia-smi -L
 T="--tokens data/lift_mix_tokens_15k.safetensors --data data/lift.hdf5 --extra-data data/dp_shipped.hdf5"
 T="$T data/lift_noisy.hdf5 --tokenizer hma_gym/assets/tokenizer_15k --patch-size 2 --prompt-frames 1"
 T="$T --batch-size ${BATCH:-64} --warmup 300 --eval-windows 24 ${TRAIN_FLAGS:---bf16 --device cuda}"
+# the masking-objective mixture of the shipped models (HMAConfig's default is 0.7 / 0.1 / 0.1 / 0.1)
+T="$T --objective-probs '{\"forward\": 0.8, \"full\": 0.1, \"passive\": 0.05, \"policy\": 0.05}'"
 "${PYTHON:-python3}" scripts/parallel_train.py --budget "${BUDGET:-330}" --out "$out" --root "${ROOT:-runs/gpu15k}" \
   --run d160 "$T --d-model 160 --n-layer 4 --n-head 4 --lr 1.5e-3" \
   --run d256 "$T --d-model 256 --n-layer 8 --n-head 8 --lr 1e-3" 2>&1 | tee "$out/train.log"

@@ -214,11 +214,13 @@ def test_variant_mar_loads_the_shipped_checkpoint_or_says_none_ships() -> None:
 
 
 def test_warm_start_from_a_maskgit_run(tiny_data, tokenizer_run, dynamics_run, tmp_path) -> None:
-    """--init-maskgit --lattice-input: the shared weights are the MaskGIT model's, [MASK] embeds alike, a
-    rounded latent embeds exactly as MaskGIT embeds its code, and --freeze-trunk trains the diffusion head
-    alone."""
+    """--head mar --lattice-input --init MASKGIT_RUN --init-mode trunk: the shared weights are the MaskGIT
+    model's, [MASK] embeds alike, a rounded latent embeds exactly as MaskGIT embeds its code, and --trainable
+    diffusion-head trains the diffusion head alone. A mar model is no trunk source; bad combinations are
+    refused."""
     import numpy as np
 
+    from hma_gym.checkpoint import CheckpointError
     from hma_gym.cli import main
     from hma_gym.world_model import load_dynamics, load_tokenizer
     from tests.conftest import DYN_ARGS, read_log
@@ -258,20 +260,25 @@ def test_warm_start_from_a_maskgit_run(tiny_data, tokenizer_run, dynamics_run, t
     run = tmp_path / "warm"
     main(["train", "--data", str(tiny_data), "--tokenizer", str(tokenizer_run), "--out", str(run), "--steps", "12",
           "--eval-every", "12", "--save-every", "12", "--head", "mar", "--diff-width", "32", "--diff-depth", "1",
-          "--diff-sample-steps", "3", "--lattice-input", "--init-maskgit", str(dynamics_run),
-          "--freeze-trunk", *DYN_ARGS])
+          "--diff-sample-steps", "3", "--lattice-input", "--init", str(dynamics_run), "--init-mode", "trunk",
+          "--trainable", "diffusion-head", *DYN_ARGS])
     trained, meta = load_dynamics(run)
-    assert meta["init_maskgit"]["dir"] == str(dynamics_run) and trained.config.latent_levels == tuple(levels)
+    assert meta["init"]["dir"] == str(dynamics_run) and meta["init"]["mode"] == "trunk"
+    assert trained.config.latent_levels == tuple(levels)
     after = trained.state_dict()
-    assert all(torch.equal(v, after[k]) for k, v in shared.items()), "--freeze-trunk changed a shared weight"
+    assert all(torch.equal(v, after[k]) for k, v in shared.items()), "a frozen shared weight changed"
     assert torch.equal(after["image.latent_in.table.weight"], mar.state_dict()["image.latent_in.table.weight"])
     assert not torch.equal(after["image.net.out.weight"], torch.zeros_like(after["image.net.out.weight"]))
     train = [r for r in read_log(run) if r["event"] == "train"]
     assert np.mean([r["diff_mse"] for r in train[-2:]]) < np.mean([r["diff_mse"] for r in train[:2]])
     with pytest.raises(ValueError, match="--head mar"):
-        DynamicsTrainConfig(data=str(tiny_data), init_maskgit=str(dynamics_run))
+        DynamicsTrainConfig(data=str(tiny_data), init=str(dynamics_run), trainable="diffusion-head")
     with pytest.raises(ValueError, match="--lattice-input"):
-        DynamicsTrainConfig(data=str(tiny_data), head="mar", init_maskgit=str(dynamics_run))
+        DynamicsTrainConfig(data=str(tiny_data), head="mar", init=str(dynamics_run), init_mode="trunk")
+    with pytest.raises(CheckpointError, match="is a mar model; --init-mode trunk starts from a maskgit model"):
+        main(["train", "--data", str(tiny_data), "--tokenizer", str(tokenizer_run), "--out", str(tmp_path / "x"),
+              "--head", "mar", "--lattice-input", "--init", str(run), "--init-mode", "trunk", "--steps", "2",
+              *DYN_ARGS])
 
 
 def test_model_speed_times_the_shipped_checkpoints(tmp_path, monkeypatch) -> None:

@@ -125,10 +125,10 @@ def test_bad_mixture_files_are_clear(tmp_path):
 
 
 def test_new_embodiment_attaches_to_a_trained_trunk(dynamics_run, iiwa_data, tokenizer_run, tmp_path):
-    """--init a Panda-only model, --train-only-new on IIWA data: only the new stem and head move."""
+    """--init a Panda-only model, --trainable new-embodiments on IIWA data: only the new stem and head move."""
     out = tmp_path / "ft"
     main(["train", "--data", str(iiwa_data), "--embodiment", "iiwa_osc_position", "--init", str(dynamics_run),
-          "--train-only-new", "--tokenizer", str(tokenizer_run), "--out", str(out), "--steps", "6",
+          "--trainable", "new-embodiments", "--tokenizer", str(tokenizer_run), "--out", str(out), "--steps", "6",
           "--eval-every", "6", "--save-every", "6", *DYN_ARGS])
     before = load_file(dynamics_run / "dynamics.safetensors")
     after = load_file(out / "dynamics.safetensors")
@@ -152,13 +152,16 @@ def test_new_embodiment_attaches_to_a_trained_trunk(dynamics_run, iiwa_data, tok
     assert any(not torch.equal(after2[k], after[k]) for k in before)
 
 
-def test_init_refuses_mismatched_dims_and_train_only_new_without_init(dynamics_run, iiwa_data, tokenizer_run,
-                                                                     tmp_path):
+def test_init_refuses_mismatched_dims_and_new_embodiments_without_any(dynamics_run, iiwa_data, tiny_data,
+                                                                      tokenizer_run, tmp_path):
     from hma_gym.checkpoint import CheckpointError
 
     with pytest.raises(CheckpointError, match="panda_osc_pose"):
         main(["train", "--data", str(iiwa_data), "--embodiment", "panda_osc_pose", "--init", str(dynamics_run),
               "--tokenizer", str(tokenizer_run), "--out", str(tmp_path / "x"), "--steps", "2", *DYN_ARGS])
     with pytest.raises(SystemExit):
-        main(["train", "--data", str(iiwa_data), "--train-only-new", "--tokenizer", str(tokenizer_run),
+        main(["train", "--data", str(iiwa_data), "--trainable", "new-embodiments", "--tokenizer", str(tokenizer_run),
               "--out", str(tmp_path / "y"), "--steps", "2", *DYN_ARGS])
+    with pytest.raises(CheckpointError, match="already has every embodiment of the data"):
+        main(["train", "--data", str(tiny_data), "--init", str(dynamics_run), "--trainable", "new-embodiments",
+              "--tokenizer", str(tokenizer_run), "--out", str(tmp_path / "z"), "--steps", "2", *DYN_ARGS])

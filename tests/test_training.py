@@ -261,11 +261,14 @@ def test_packed_checkpoint_is_a_source_for_fine_tuning_and_pack(tiny_checkpoint,
     env.close()
 
 
-def test_init_layers_starts_a_shallower_model_from_chosen_blocks(dynamics_run, tiny_data, tokenizer_run, tmp_path):
-    """keep_layers copies the chosen blocks (in the given order) and every non-block weight; train
-    --init-layers fine-tunes that shallower model; bad layer lists are refused."""
+def test_select_layers_starts_a_shallower_model_from_chosen_blocks(dynamics_run, tiny_data, tokenizer_run,
+                                                                    tmp_path):
+    """keep_layers copies the chosen blocks (in the given order) and every non-block weight; `select-layers`
+    writes that shallower model and the source's statistics as a run that `train --init` fine-tunes; bad
+    layer lists are refused."""
+    from hma_gym.checkpoint import load_tensors
     from hma_gym.world_model import load_dynamics
-    from training.warmstart import keep_layers
+    from training.select_layers import keep_layers
 
     model, _ = load_dynamics(dynamics_run)
     assert model.config.n_layer == 2
@@ -283,19 +286,33 @@ def test_init_layers_starts_a_shallower_model_from_chosen_blocks(dynamics_run, t
         with pytest.raises(ValueError, match="layer"):
             keep_layers(model, bad)
 
+    selected = tmp_path / "selected"
+    main(["select-layers", "--source", str(dynamics_run), "--layers", "1", "--out", str(selected)])
+    start, meta = load_dynamics(selected)
+    assert start.config.n_layer == 1 and meta["selected_layers"]["layers"] == [1]
+    assert start.state_dict().keys() == one.state_dict().keys()
+    assert all(torch.equal(p, one.state_dict()[k]) for k, p in start.state_dict().items())
+    norms, source_norms = (load_tensors(d / "normalization.safetensors") for d in (selected, dynamics_run))
+    assert norms.keys() == source_norms.keys() and all(torch.equal(norms[k], source_norms[k]) for k in norms)
+
     run = tmp_path / "shallow"
     main(["train", "--data", str(tiny_data), "--tokenizer", str(tokenizer_run), "--out", str(run),
-          "--init", str(dynamics_run), "--init-layers", "1", "--steps", "4", "--eval-every", "4",
-          "--save-every", "4", *DYN_ARGS])
+          "--init", str(selected), "--steps", "4", "--eval-every", "4", "--save-every", "4", *DYN_ARGS])
     tuned, meta = load_dynamics(run)
-    assert tuned.config.n_layer == 1 and meta["init"]["layers"] == [1]
-    start = one.state_dict()
-    assert tuned.state_dict().keys() == start.keys()
-    assert any(not torch.equal(p, start[k]) for k, p in tuned.state_dict().items())  # it trained from there
+    assert tuned.config.n_layer == 1 and meta["init"]["dir"] == str(selected) and meta["init"]["mode"] == "full"
+    assert any(not torch.equal(p, one.state_dict()[k]) for k, p in tuned.state_dict().items())  # it trained
     assert all(np.isfinite(r["loss"]) for r in _log(run) if r.get("event") == "train")
-    with pytest.raises(SystemExit):  # --init-layers needs --init
+    with pytest.raises(CheckpointError, match="keeps its size"):  # --n-layer 2 is not the init model's depth
         main(["train", "--data", str(tiny_data), "--tokenizer", str(tokenizer_run), "--out", str(tmp_path / "x"),
-              "--init-layers", "0", "--steps", "2", *DYN_ARGS])
+              "--init", str(selected), "--n-layer", "2", "--steps", "2", *DYN_ARGS])
+    with pytest.raises(CheckpointError, match=r"2 blocks: layers must be distinct block indices in \[0, 1\]"):
+        main(["select-layers", "--source", str(dynamics_run), "--layers", "0", "2", "--out", str(tmp_path / "y")])
+    for bad in (["0", "0"], ["-1"]):
+        with pytest.raises(SystemExit):
+            main(["select-layers", "--source", str(dynamics_run), "--layers", *bad, "--out", str(tmp_path / "y")])
+    with pytest.raises(SystemExit):  # the surgery left `train`
+        main(["train", "--data", str(tiny_data), "--tokenizer", str(tokenizer_run), "--out", str(tmp_path / "x"),
+              "--init", str(dynamics_run), "--init-layers", "0", "--steps", "2", *DYN_ARGS])
 
 
 def test_weights_hash_of_named_parts(tiny_checkpoint, tmp_path):
@@ -375,9 +392,10 @@ def test_unpack_runs_joins_parts_and_names_the_weights(tmp_path):
 
 
 def test_factorized_model_starts_from_a_trained_trunk(dynamics_run, tiny_data, tokenizer_run, tmp_path):
-    """train --factorized-head --init-trunk: a model with per-FSQ-channel softmaxes whose trunk, stems,
-    heads and statistics start as the source run's and whose image input/output start fresh; it trains
-    and its checkpoint reloads with the factorised head. Mismatched sizes and other heads are refused."""
+    """train --factorized-head --init RUN --init-mode trunk: a model with per-FSQ-channel softmaxes whose
+    trunk, stems, heads and statistics start as the source run's and whose image input/output start fresh;
+    it trains and its checkpoint reloads with the factorised head. Mismatched trunks and other heads are
+    refused."""
     from hma_gym.checkpoint import load_tensors
     from hma_gym.world_model import load_dynamics, load_tokenizer
     from training.warmstart import IMAGE_IO, copy_trunk
@@ -386,12 +404,13 @@ def test_factorized_model_starts_from_a_trained_trunk(dynamics_run, tiny_data, t
     levels = load_tokenizer(tokenizer_run).cfg.levels
     run = tmp_path / "fact"
     main(["train", "--data", str(tiny_data), "--tokenizer", str(tokenizer_run), "--out", str(run),
-          "--factorized-head", "--init-trunk", str(dynamics_run), "--steps", "4", "--eval-every", "4",
+          "--factorized-head", "--init", str(dynamics_run), "--init-mode", "trunk", "--steps", "4", "--eval-every", "4",
           "--save-every", "4", *DYN_ARGS, "--lr", "1e-9"])  # weights stay (almost) put
     model, meta = load_dynamics(run)
     assert model.config.code_levels == tuple(levels) and model.config.vocab_size == source.config.vocab_size
     assert model.image.proj.out_features == model.group * sum(levels)
-    assert meta["init_trunk"]["left_out"] == ["image.tok_emb.weight", "image.proj.weight", "image.proj.bias"]
+    assert meta["init"]["mode"] == "trunk" and meta["init"]["dir"] == str(dynamics_run)
+    assert meta["init"]["new_image_head"] == ["image.tok_emb.weight", "image.proj.weight", "image.proj.bias"]
     src = source.state_dict()
     for key, value in model.state_dict().items():
         if not key.startswith(IMAGE_IO):
@@ -405,8 +424,55 @@ def test_factorized_model_starts_from_a_trained_trunk(dynamics_run, tiny_data, t
 
     wider = make_hma("tiny", d_model=48, vocab_size=source.config.vocab_size, grid=source.config.grid,
                      patch_size=2, max_frames=6, embodiments=source.config.embodiments)
-    with pytest.raises(ValueError, match="size flags"):
+    with pytest.raises(ValueError, match="more than the image head"):
         copy_trunk(wider, source)
     with pytest.raises(SystemExit):  # the factorised head is a maskgit head
         main(["train", "--data", str(tiny_data), "--tokenizer", str(tokenizer_run), "--out", str(tmp_path / "x"),
               "--head", "mar", "--factorized-head", "--steps", "2", *DYN_ARGS])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"init_mode": "layers"}, r"init_mode must be one of \('full', 'trunk'\)"),
+    ({"trainable": "trunk"}, r"trainable must be one of \('all', 'new-embodiments', 'diffusion-head'\)"),
+    ({"head": "soft"}, r"head must be one of \('maskgit', 'mar'\)"),
+    ({"init_mode": "trunk"}, "--init-mode trunk needs --init"),
+    ({"init": "run", "factorized_head": True}, "--init-mode full keeps the --init model's image head"),
+    ({"init": "run", "head": "mar", "lattice_input": True}, "add --init-mode trunk"),
+    ({"init": "run", "init_mode": "trunk", "head": "mar"}, "--init-mode trunk --head mar needs --lattice-input"),
+    ({"trainable": "new-embodiments"}, "--trainable new-embodiments needs --init"),
+    ({"init": "run", "init_mode": "trunk", "trainable": "new-embodiments"}, r"needs --init \(with --init-mode full"),
+    ({"init": "run", "trainable": "diffusion-head"}, "needs --head mar and --init"),
+    ({"head": "mar", "trainable": "diffusion-head"}, "needs --head mar and --init"),
+    ({"head": "mar", "factorized_head": True}, "--factorized-head is a maskgit head"),
+    ({"lattice_input": True}, "--lattice-input is an input of the mar head"),
+])
+def test_bad_start_and_freeze_combinations_are_refused(kwargs, match):
+    from training.dynamics import DynamicsTrainConfig
+
+    with pytest.raises(ValueError, match=match):
+        DynamicsTrainConfig(**kwargs)
+
+
+def test_start_and_freeze_flags_are_three():
+    """`train` starts and freezes through --init, --init-mode and --trainable only; the combinations the
+    recipes use are accepted."""
+    from tests.test_readme import options_of
+    from training.dynamics import DynamicsTrainConfig
+
+    options = options_of("train")
+    assert {"--init", "--init-mode", "--trainable"} <= options
+    assert not {o for o in options if o.startswith(("--init-", "--train-only", "--freeze"))} - {"--init-mode"}
+    DynamicsTrainConfig(init="run", init_mode="trunk", factorized_head=True)  # lift-15k-cpu
+    DynamicsTrainConfig(init="run", init_mode="trunk", head="mar", lattice_input=True, trainable="diffusion-head")
+    DynamicsTrainConfig(init="run", trainable="new-embodiments")
+
+
+def test_model_defaults_are_hma_configs():
+    """The trainer keeps no second copy of the model's defaults: a plain `train` builds HMAConfig's."""
+    from hma_gym.models.hma import HMAConfig
+    from training.dynamics import DynamicsTrainConfig
+
+    cfg, model = DynamicsTrainConfig(), HMAConfig()
+    for name in ("patch_size", "n_action_tokens", "max_frames", "objective_probs", "head", "diff_width",
+                 "diff_depth", "diff_sample_steps", "diff_batch_mul"):
+        assert getattr(cfg, name) == getattr(model, name), name

@@ -3,26 +3,42 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from hma_gym.checkpoint import CheckpointError, load_tensors, save_module, save_tensors, weights_hash
-from hma_gym.models.hma import HMA_PRESETS, EmbodimentSpec, make_hma
+from hma_gym.models.hma import HMA, HMA_PRESETS, IMAGE_HEADS, EmbodimentSpec, HMAConfig, make_hma
 from hma_gym.world_model import WorldModel, load_dynamics, load_tokenizer
 from training.data import DataConfig, Normalizer, load_episodes
 from training.evaluate import eval_windows, fidelity_report, tokenize_episodes
 from training.loop import LoopConfig, train_loop
 from training.mixture import Source, fit_normalizers, load_sources, mixed_batch, read_mixture, sampling_weights
 from training.tokens import TokenCacheError, load_token_cache
-from training.warmstart import copy_trunk, keep_layers, mar_from_maskgit
+from training.warmstart import IMAGE_IO, copy_trunk, mar_from_maskgit
+
+INIT_MODES = ("full", "trunk")
+"""What ``--init`` gives the new model, see ``DynamicsTrainConfig.init_mode``."""
+
+TRAINABLE = ("all", "new-embodiments", "diffusion-head")
+"""Which weights train, see ``DynamicsTrainConfig.trainable``."""
+
+_HMA_FIELDS = {f.name: f for f in fields(HMAConfig)}
+
+
+def hma_default(name: str):
+    """A training-config field whose default is ``HMAConfig``'s (the model's defaults live there only)."""
+    f = _HMA_FIELDS[name]
+    if f.default_factory is not MISSING:
+        return field(default_factory=f.default_factory)
+    return field(default=f.default)
 
 
 @dataclass
 class DynamicsTrainConfig(LoopConfig, DataConfig):
-    """Train the HMA world model (discrete MaskGIT or continuous MAR variant) on a robomimic file."""
+    """Train the HMA world model (discrete maskgit or continuous mar head) on a robomimic file."""
 
     out: str = "runs/dynamics"
     """Run directory; dynamics.safetensors, dynamics.json and normalization.safetensors are written here."""
@@ -39,17 +55,18 @@ class DynamicsTrainConfig(LoopConfig, DataConfig):
     """Override the preset's depth (0 = preset)."""
     n_head: int = 0
     """Override the preset's heads (0 = preset)."""
-    patch_size: int = 2
-    """Image tokens grouped p x p into one trunk token."""
-    n_action_tokens: int = 4
+    patch_size: int = hma_default("patch_size")
+    """Image tokens grouped p x p into one trunk token (the shipped models use 2)."""
+    n_action_tokens: int = hma_default("n_action_tokens")
     """Action tokens per frame."""
-    max_frames: int = 12
-    """Training window T (the inference context)."""
+    max_frames: int = hma_default("max_frames")
+    """Training window T (a new model's inference context; with --init the model keeps its own, which must
+    be at least this long)."""
     prompt_frames: tuple[int, ...] = (1, 4)
     """n_prompt is drawn from these per sample; later frames are predicted from clean history."""
-    objective_probs: dict[str, float] = field(
-        default_factory=lambda: {"forward": 0.8, "full": 0.1, "passive": 0.05, "policy": 0.05})
-    """Masking objective mixture (JSON)."""
+    objective_probs: dict[str, float] = hma_default("objective_probs")
+    """Masking objective mixture (JSON; the shipped models used {"forward": 0.8, "full": 0.1, "passive": 0.05,
+    "policy": 0.05})."""
     embodiment: str = "panda_osc_pose"
     """Name of the data's embodiment (its stem, head and statistics)."""
     mixture: str = ""
@@ -58,22 +75,23 @@ class DynamicsTrainConfig(LoopConfig, DataConfig):
     mixture_power: float = 0.5
     """Dataset sampling probability ~ n_windows ** power (1 = by size, 0 = uniform, < 1 favours small)."""
     init: str = ""
-    """A `train` run directory, or a packed checkpoint (e.g. hma_gym/assets/lift), to start from
-    (fine-tuning): its architecture, weights and embodiments' statistics; embodiments of the data it lacks
-    get a new stem and head. Size flags are ignored."""
-    train_only_new: bool = False
-    """With --init: train only the stems and heads of embodiments the init model lacks (trunk frozen)."""
-    init_layers: tuple[int, ...] = ()
-    """With --init: keep only these transformer blocks of the init model, in this order (e.g. 0 3: a
-    2-layer model from a 4-layer one's first and last blocks, to fine-tune a faster model); empty = all."""
+    """A `train` run directory or a packed checkpoint (e.g. hma_gym/assets/lift; or a `select-layers` output)
+    to start from, as --init-mode says. The model's size and objective mixture then come from it (--preset,
+    --patch-size, --n-action-tokens and --objective-probs are not used; --d-model, --n-layer and --n-head,
+    if given, must be its own)."""
+    init_mode: str = "full"
+    """With --init. full: the whole model, its weights and its embodiments' statistics (fine-tuning; keeps its
+    image head); embodiments of the data it lacks get a new stem and head. trunk: all but the image head of a
+    maskgit model (trunk, stems, heads, statistics) under a new image head for --tokenizer: another
+    tokenizer's codes, --factorized-head, or --head mar --lattice-input (whose lattice input then starts as
+    the maskgit model's code embedding; training/warmstart.py)."""
+    trainable: str = "all"
+    """Weights that train. all; new-embodiments: only the stems and heads of the embodiments --init lacks (the
+    rest frozen); diffusion-head: only a mar model's diffusion MLP (the rest keeps its --init weights)."""
     factorized_head: bool = False
     """maskgit: embed and predict each FSQ channel of a code separately (one small softmax per channel,
     sum(levels) logits a token instead of one softmax over all prod(levels) codes): keeps a large codebook
     (e.g. hma_gym/assets/tokenizer_15k's 15,360 codes) as cheap as the 1,000-code one."""
-    init_trunk: str = ""
-    """A maskgit `train` run or packed checkpoint whose trunk, stems, heads and statistics start this model;
-    only the image input and output start fresh (e.g. a model on another tokenizer's codes). Give the
-    source's size flags (--d-model, --n-layer, --n-head, --patch-size)."""
     steps: int = 6000
     """Optimizer steps."""
     batch_size: int = 8
@@ -84,54 +102,54 @@ class DynamicsTrainConfig(LoopConfig, DataConfig):
     """Held-out windows for the periodic open-loop evaluation."""
     eval_every: int = 1000
     """Held-out evaluation every n steps."""
-    head: str = "maskgit"
-    """maskgit: discrete tokenizer codes, cross-entropy; mar: the tokenizer's continuous latents (soft
-    tokens), a per-token diffusion head (noise-prediction loss, DDIM sampling)."""
-    diff_width: int = 256
+    head: str = hma_default("head")
+    """maskgit: discrete tokenizer codes, cross-entropy; mar: the tokenizer's continuous latents, a per-token
+    diffusion head (noise-prediction loss, DDIM sampling)."""
+    diff_width: int = hma_default("diff_width")
     """mar: width of the diffusion MLP."""
-    diff_depth: int = 3
+    diff_depth: int = hma_default("diff_depth")
     """mar: residual blocks of the diffusion MLP."""
-    diff_sample_steps: int = 10
+    diff_sample_steps: int = hma_default("diff_sample_steps")
     """mar: DDIM steps per token at generation (the checkpoint's default)."""
-    diff_batch_mul: int = 4
+    diff_batch_mul: int = hma_default("diff_batch_mul")
     """mar: noise draws per masked token per step."""
     lattice_input: bool = False
     """mar: the trunk embeds the latents rounded to the tokenizer's FSQ lattice, as the codes they round to
-    (exactly a MaskGIT trunk's inputs; with --init-maskgit the table is that model's code embedding)
-    instead of by one linear layer; the diffusion head still predicts continuous latents."""
-    init_maskgit: str = ""
-    """mar with --lattice-input: start from a trained MaskGIT `train` run: its trunk, stems, heads and
-    statistics, and its code embedding as the lattice input's table; the diffusion head starts fresh
-    (training/warmstart.py). Size flags are ignored."""
-    freeze_trunk: bool = False
-    """mar: train only the diffusion head; everything else keeps its initial (e.g. --init-maskgit) weights."""
+    (exactly a maskgit trunk's inputs) instead of by one linear layer; the diffusion head still predicts
+    continuous latents."""
 
     def __post_init__(self):
         LoopConfig.__post_init__(self)
         DataConfig.__post_init__(self)
         if self.preset not in HMA_PRESETS:
             raise ValueError(f"preset must be one of {sorted(HMA_PRESETS)}. Got {self.preset=}")
+        if self.head not in IMAGE_HEADS:
+            raise ValueError(f"head must be one of {IMAGE_HEADS}. Got {self.head=}")
+        if self.init_mode not in INIT_MODES:
+            raise ValueError(f"init_mode must be one of {INIT_MODES}. Got {self.init_mode=}")
+        if self.trainable not in TRAINABLE:
+            raise ValueError(f"trainable must be one of {TRAINABLE}. Got {self.trainable=}")
         if self.head == "mar" and self.tokens:
             raise ValueError("a token cache holds discrete codes; a mar model trains on latents from --data "
                              "(leave out --tokens)")
-        if (self.init_maskgit or self.freeze_trunk) and self.head != "mar":
-            raise ValueError("--init-maskgit and --freeze-trunk train a mar model: add --head mar")
-        if self.init_maskgit and not self.lattice_input:
-            raise ValueError("--init-maskgit needs --lattice-input (the mar model then embeds a latent as the "
-                             "maskgit model embeds its code)")
-        if sum(map(bool, (self.init, self.init_maskgit, self.init_trunk))) > 1:
-            raise ValueError("give one of --init, --init-maskgit and --init-trunk")
-        if (self.factorized_head or self.init_trunk) and self.head != "maskgit":
-            raise ValueError("--factorized-head and --init-trunk are for the maskgit head")
-        if self.factorized_head and self.init:
-            raise ValueError("--init keeps the init model's head; --factorized-head builds a new model "
-                             "(use --init-trunk to start its trunk from a trained one)")
-        if self.train_only_new and not self.init:
-            raise ValueError("--train-only-new needs --init (the model whose trunk stays frozen)")
-        if self.init_layers and not self.init:
-            raise ValueError("--init-layers needs --init (the model whose blocks are kept)")
-        if self.init_layers and self.train_only_new:
-            raise ValueError("--init-layers changes the trunk; --train-only-new keeps it frozen: give one")
+        if self.factorized_head and self.head != "maskgit":
+            raise ValueError("--factorized-head is a maskgit head; leave out --head mar")
+        if self.lattice_input and self.head != "mar":
+            raise ValueError("--lattice-input is an input of the mar head: add --head mar")
+        if self.init_mode == "trunk" and not self.init:
+            raise ValueError("--init-mode trunk needs --init (the maskgit model whose trunk starts this one)")
+        if self.init and self.init_mode == "full" and (self.factorized_head or self.lattice_input):
+            raise ValueError("--init-mode full keeps the --init model's image head; --factorized-head and "
+                             "--lattice-input make a new one: add --init-mode trunk")
+        if self.init_mode == "trunk" and self.head == "mar" and not self.lattice_input:
+            raise ValueError("--init-mode trunk --head mar needs --lattice-input (the mar model then embeds a "
+                             "latent as the maskgit model embeds its code)")
+        if self.trainable == "new-embodiments" and not (self.init and self.init_mode == "full"):
+            raise ValueError("--trainable new-embodiments needs --init (with --init-mode full): the model whose "
+                             "trunk, stems and heads stay frozen")
+        if self.trainable == "diffusion-head" and not (self.head == "mar" and self.init):
+            raise ValueError("--trainable diffusion-head trains only a mar model's diffusion MLP: it needs "
+                             "--head mar and --init (the weights that stay)")
         if self.mixture and (self.tokens or self.extra_data):
             raise ValueError("--mixture lists every dataset itself; leave out --tokens and --extra-data")
         if not self.prompt_frames or min(self.prompt_frames) < 1 or max(self.prompt_frames) >= self.max_frames:
@@ -147,15 +165,22 @@ def mar_fields(cfg: DynamicsTrainConfig, levels: tuple[int, ...]) -> dict:
                 diff_batch_mul=cfg.diff_batch_mul, latent_levels=tuple(levels) if cfg.lattice_input else ())
 
 
-def build_model(cfg: DynamicsTrainConfig, vocab_size: int, grid: int, embodiments: dict[str, EmbodimentSpec],
-                levels: tuple[int, ...] = (8, 5, 5, 5)):
-    overrides = {k: getattr(cfg, k) for k in ("d_model", "n_layer", "n_head") if getattr(cfg, k)}
+def image_head_fields(cfg: DynamicsTrainConfig, tokenizer) -> dict:
+    """The HMAConfig fields of the image head that the training config and the tokenizer set."""
+    levels = tuple(tokenizer.cfg.levels)
+    head = dict(vocab_size=tokenizer.codebook_size, grid=tokenizer.cfg.grid, head=cfg.head)
     if cfg.head == "mar":
-        overrides.update(head="mar", latent_dim=len(levels), **mar_fields(cfg, levels))
+        head.update(latent_dim=len(levels), **mar_fields(cfg, levels))
     elif cfg.factorized_head:
-        overrides.update(code_levels=tuple(levels))
+        head.update(code_levels=levels)
+    return head
+
+
+def build_model(cfg: DynamicsTrainConfig, tokenizer, embodiments: dict[str, EmbodimentSpec]):
+    """A new model: the preset (and size overrides), the training config's fields and the tokenizer's."""
+    overrides = {k: getattr(cfg, k) for k in ("d_model", "n_layer", "n_head") if getattr(cfg, k)}
     return make_hma(
-        cfg.preset, **overrides, vocab_size=vocab_size, grid=grid, patch_size=cfg.patch_size,
+        cfg.preset, **overrides, **image_head_fields(cfg, tokenizer), patch_size=cfg.patch_size,
         n_action_tokens=cfg.n_action_tokens, max_frames=cfg.max_frames, objective_probs=cfg.objective_probs,
         embodiments=embodiments,
     )
@@ -189,14 +214,45 @@ def _single_source(cfg: DynamicsTrainConfig, data: DataConfig) -> tuple[Source, 
     return Source(cfg.data, cfg.embodiment, cfg.action_stride, train_eps, valid_eps), sources
 
 
-def _init_model(cfg: DynamicsTrainConfig, sources: list[Source], norms: dict[str, Normalizer]):
-    """The --init model with a new stem/head for each new embodiment: (model, new names, init meta, statistics)."""
+def _new_image_head(cfg: DynamicsTrainConfig, tokenizer, source: HMA) -> HMA:
+    """--init-mode trunk: ``source``'s trunk, stems and heads under a new image head for the tokenizer."""
+    if source.config.head != "maskgit":
+        raise CheckpointError(f"{cfg.init} is a {source.config.head} model; --init-mode trunk starts from a "
+                              "maskgit model")
+    try:
+        if cfg.head == "mar":  # the lattice input starts as the maskgit code embedding
+            return mar_from_maskgit(source, len(tokenizer.cfg.levels), **mar_fields(cfg, tokenizer.cfg.levels))
+        model = HMA(replace(source.config, **{"code_levels": (), **image_head_fields(cfg, tokenizer)}))
+        copy_trunk(model, source)
+    except ValueError as err:
+        raise CheckpointError(f"--init {cfg.init} --init-mode trunk: {err}") from err
+    return model
+
+
+def _start_from_init(cfg: DynamicsTrainConfig, tokenizer, sources: list[Source], norms: dict[str, Normalizer]):
+    """The --init model (as --init-mode says) with a new stem and head for each embodiment of the data it
+    lacks: (model, new embodiment names, init metadata, statistics)."""
     model, meta = load_dynamics(cfg.init)
-    if cfg.init_layers:
-        model = keep_layers(model, cfg.init_layers)
-    model.train()
-    if model.config.head != cfg.head:
+    init_meta = {"dir": cfg.init, "mode": cfg.init_mode, "trained_steps": meta.get("trained_steps")}
+    if cfg.init_mode == "trunk":
+        model = _new_image_head(cfg, tokenizer, model)
+        init_meta["new_image_head"] = [k for k in model.state_dict() if k.startswith(IMAGE_IO)]
+        print(f"trunk from {cfg.init}; new image head: {', '.join(init_meta['new_image_head'])}")
+    elif model.config.head != cfg.head:
         raise CheckpointError(f"{cfg.init} is a {model.config.head} model, not --head {cfg.head}")
+    c = model.config
+    resized = [f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k in ("d_model", "n_layer", "n_head")
+               if getattr(cfg, k) and getattr(cfg, k) != getattr(c, k)]
+    if resized:
+        raise CheckpointError(f"{cfg.init} has d_model {c.d_model}, n_layer {c.n_layer}, n_head {c.n_head}; --init "
+                              f"keeps its size: leave out {', '.join(resized)}")
+    if (c.vocab_size, c.grid) != (tokenizer.codebook_size, tokenizer.cfg.grid):
+        raise CheckpointError(f"{cfg.init} predicts {c.vocab_size} codes on a {c.grid}x{c.grid} grid, the tokenizer "
+                              f"{cfg.tokenizer} has {tokenizer.codebook_size} on {tokenizer.cfg.grid}x"
+                              f"{tokenizer.cfg.grid}: start a model on other codes with --init-mode trunk")
+    if c.max_frames < cfg.max_frames:
+        raise CheckpointError(f"{cfg.init} has a {c.max_frames}-frame context, shorter than --max-frames "
+                              f"{cfg.max_frames}")
     norm_tensors = load_tensors(Path(cfg.init) / "normalization.safetensors")
     new = []
     for s in sources:
@@ -212,23 +268,25 @@ def _init_model(cfg: DynamicsTrainConfig, sources: list[Source], norms: dict[str
                                   f"{(spec.action_dim, spec.state_dim)}, the data {s.data} has {(A, S)}")
         elif f"{s.embodiment}/state_mean" not in norm_tensors:
             norm_tensors.update(norms[s.embodiment].tensors(prefix=f"{s.embodiment}/"))
-    return model, new, meta, norm_tensors
+    init_meta["new_embodiments"] = new
+    return model.train(), new, init_meta, norm_tensors
 
 
-def _warm_start_mar(cfg: DynamicsTrainConfig, tokenizer, sources: list[Source]):
-    """A mar model from the --init-maskgit run (see training/warmstart.py): (model, statistics, metadata)."""
-    maskgit, meta = load_dynamics(cfg.init_maskgit)
-    if maskgit.config.soft:
-        raise CheckpointError(f"{cfg.init_maskgit} is a mar model; --init-maskgit takes a maskgit run")
-    if maskgit.config.vocab_size != tokenizer.codebook_size:
-        raise CheckpointError(f"{cfg.init_maskgit} has {maskgit.config.vocab_size} codes, the tokenizer "
-                              f"{cfg.tokenizer} {tokenizer.codebook_size}: it was trained with another tokenizer")
-    unknown = sorted({s.embodiment for s in sources} - set(maskgit.config.embodiments))
-    if unknown:
-        raise CheckpointError(f"{cfg.init_maskgit} has no stem for {unknown} (it has {maskgit.embodiment_names})")
-    model = mar_from_maskgit(maskgit, len(tokenizer.cfg.levels), **mar_fields(cfg, tokenizer.cfg.levels))
-    norm_tensors = load_tensors(Path(cfg.init_maskgit) / "normalization.safetensors")
-    return model.train(), norm_tensors, {"dir": cfg.init_maskgit, "trained_steps": meta.get("trained_steps")}
+def freeze_except_trainable(cfg: DynamicsTrainConfig, model: HMA, new: list[str]) -> list | None:
+    """--trainable: the parameters that train (None: all); every other one stops requiring gradients."""
+    if cfg.trainable == "all":
+        return None
+    if cfg.trainable == "new-embodiments":
+        if not new:
+            raise CheckpointError(f"--trainable new-embodiments: {cfg.init} already has every embodiment of the "
+                                  f"data ({', '.join(model.embodiment_names)})")
+        trainable = [p for name in new for p in model.embodiments[name].parameters()]
+    else:  # diffusion-head
+        trainable = list(model.image.net.parameters())
+    keep = {id(p) for p in trainable}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+    return trainable
 
 
 def train_dynamics(cfg: DynamicsTrainConfig) -> dict:
@@ -246,43 +304,18 @@ def train_dynamics(cfg: DynamicsTrainConfig) -> dict:
     norms = fit_normalizers(sources)
 
     torch.manual_seed(cfg.seed)
-    trainable, new = None, []
+    new = []
     if cfg.init:
         # statistics of embodiments the init model already knows stay those its stems were trained with
-        model, new, init_meta, norm_tensors = _init_model(cfg, sources, norms)
-        source_meta["init"] = {"dir": cfg.init, "trained_steps": init_meta.get("trained_steps"),
-                               "new_embodiments": new, "layers": list(cfg.init_layers)}
-        if cfg.train_only_new:
-            if not new:
-                raise ValueError(f"--train-only-new: every embodiment of the data is already in {cfg.init}")
-            trainable = [p for name in new for p in model.embodiments[name].parameters()]
-            keep = {id(p) for p in trainable}
-            for p in model.parameters():
-                p.requires_grad_(id(p) in keep)
-    elif cfg.init_maskgit:
-        model, norm_tensors, source_meta["init_maskgit"] = _warm_start_mar(cfg, tokenizer, sources)
+        model, new, source_meta["init"], norm_tensors = _start_from_init(cfg, tokenizer, sources, norms)
     else:
         specs = {s.embodiment: EmbodimentSpec(action_dim=s.train[0].actions.shape[1],
                                               state_dim=s.train[0].states.shape[1]) for s in sources}
-        model = build_model(cfg, tokenizer.codebook_size, tokenizer.cfg.grid, dict(sorted(specs.items())),
-                            levels=tokenizer.cfg.levels)
+        model = build_model(cfg, tokenizer, dict(sorted(specs.items())))
         norm_tensors = {}
         for name, n in norms.items():
             norm_tensors.update(n.tensors(prefix=f"{name}/"))
-        if cfg.init_trunk:  # the stems keep the statistics they were trained with
-            source, init_meta = load_dynamics(cfg.init_trunk)
-            copied = copy_trunk(model, source)
-            init_norms = load_tensors(Path(cfg.init_trunk) / "normalization.safetensors")
-            norm_tensors.update({k: v for k, v in init_norms.items() if k.split("/", 1)[0] in specs})
-            source_meta["init_trunk"] = {"dir": cfg.init_trunk, "trained_steps": init_meta.get("trained_steps"),
-                                         "copied": len(copied["copied"]), "left_out": copied["left_out"]}
-            print(f"trunk from {cfg.init_trunk}: {len(copied['copied'])} tensors copied; new: "
-                  f"{', '.join(copied['left_out'])}")
-    if cfg.freeze_trunk:
-        trainable = list(model.image.net.parameters())  # the diffusion MLP
-        keep = {id(p) for p in trainable}
-        for p in model.parameters():
-            p.requires_grad_(id(p) in keep)
+    trainable = freeze_except_trainable(cfg, model, new)
     eval_src = sources[0]
     wm = WorldModel(tokenizer, model, norm_tensors, eval_src.embodiment)
     for s in sources:

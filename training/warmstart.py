@@ -1,6 +1,7 @@
-"""Models started from other trained models: a shallower HMA from some of a trained one's blocks
-(``keep_layers``), a MaskGIT HMA on another tokenizer's codes from a trained one's trunk (``copy_trunk``),
-and a MAR (soft-token) HMA from a trained MaskGIT HMA.
+"""Models started from other trained models (`hma-gym train --init RUN --init-mode trunk`): a MaskGIT HMA
+on another tokenizer's codes from a trained one's trunk (``copy_trunk``), and a MAR HMA (continuous latents)
+from a trained MaskGIT HMA (``mar_from_maskgit``). A shallower HMA from some of a trained one's blocks is
+`hma-gym select-layers` (training/select_layers.py).
 
 A MAR HMA and a MaskGIT HMA share the trunk, stems and heads.
 
@@ -25,35 +26,12 @@ from hma_gym.models.hma import HMA
 IMAGE_IO = ("image.",)  # the image head's weights: the rest is shared by every HMA of the same trunk
 
 
-def keep_layers(model: HMA, layers: tuple[int, ...] | list[int]) -> HMA:
-    """A copy of ``model`` with only the transformer blocks ``layers`` (indices into ``model.blocks``, kept in
-    the given order) and every other weight (embeddings, stems, heads) unchanged: the start of a shallower,
-    faster model that fine-tuning adapts to its missing blocks."""
-    n = model.config.n_layer
-    layers = [int(i) for i in layers]
-    if not layers:
-        raise ValueError("keep at least one layer")
-    if len(set(layers)) != len(layers) or not all(0 <= i < n for i in layers):
-        raise ValueError(f"layers must be distinct block indices in [0, {n - 1}]. Got {layers}")
-    small = HMA(replace(model.config, n_layer=len(layers)))
-    renamed = {}
-    for key, value in model.state_dict().items():
-        if key.startswith("blocks."):
-            index, rest = key[len("blocks."):].split(".", 1)
-            if int(index) not in layers:
-                continue
-            key = f"blocks.{layers.index(int(index))}.{rest}"
-        renamed[key] = value
-    small.load_state_dict(renamed, strict=True)
-    return small.train(model.training)
-
-
 def copy_trunk(model: HMA, source: HMA) -> dict[str, list[str]]:
     """Copy into ``model`` every weight of ``source`` except the image input and output (``IMAGE_IO``): the
     trunk, positions, stems and heads, e.g. to start a model on another tokenizer's codes (another
     codebook, or the factorised head) from a trained one. Both must have the same trunk (width, depth,
-    heads, patch size, action tokens) and embodiments. Returns the copied and the left-out names."""
-    if model.config.soft or source.config.soft:
+    heads, patch size, action tokens, grid) and embodiments. Returns the copied and the left-out names."""
+    if "mar" in (model.config.head, source.config.head):
         raise ValueError("copy_trunk is for maskgit models; a mar model starts from a maskgit one with "
                          "mar_from_maskgit")
     weights = source.state_dict()
@@ -61,11 +39,11 @@ def copy_trunk(model: HMA, source: HMA) -> dict[str, list[str]]:
     try:
         missing, unexpected = model.load_state_dict(shared, strict=False)
     except RuntimeError as err:  # a size mismatch
-        raise ValueError(f"copy_trunk: give the model the source's size flags and embodiments ({err})") from err
+        raise ValueError(f"copy_trunk: the model and the source differ in more than the image head ({err})") from err
     stray = [k for k in missing if not k.startswith(IMAGE_IO)]
     if unexpected or stray:
         raise ValueError(f"copy_trunk: weights only the source has {unexpected}, only the model has {stray}: "
-                         "give the model the source's size flags and embodiments")
+                         "the model and the source differ in more than the image head")
     return {"copied": list(shared), "left_out": [k for k in weights if k not in shared]}
 
 
@@ -76,7 +54,7 @@ def mar_from_maskgit(maskgit: HMA, latent_dim: int, **mar_config) -> HMA:
     if not mar_config.get("latent_levels"):
         raise ValueError("the mar warm start needs latent_levels (the tokenizer's FSQ levels): the mar model "
                          "then embeds a latent as the maskgit model embeds its code")
-    if maskgit.config.soft:
+    if maskgit.config.head != "maskgit":
         raise ValueError("the source model is already a mar model")
     if maskgit.config.factorized:
         raise ValueError("the source model has a factorised head (code_levels); the mar warm start needs a "
