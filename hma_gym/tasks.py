@@ -29,15 +29,26 @@ class ObjectTask:
     """Height of the table top in the world frame (m): robosuite's arena `table_offset[2]`."""
     lift_margin: float
     """The cube counts as lifted when its centre is more than this above the table top (m)."""
+    verdict_field: str = "cube_pos"
+    verdict_index: int = 2
+    """The value the predicate thresholds: component `verdict_index` of field `verdict_field`."""
+    verdict_edges: tuple[float, ...] = ()
+    """Interval edges (world units) a world model predicts that value in (`EmbodimentSpec.state_bins`); the
+    success threshold is one of them, so a drawn interval decides the verdict."""
 
-    def field(self, object_state: np.ndarray, name: str) -> np.ndarray:
-        """One part of a batch (..., object_dim) of object states, e.g. `cube_pos`."""
+    def field_offset(self, name: str) -> tuple[int, int]:
+        """(offset, width) of field `name` in the object state."""
         start = 0
         for field_name, width in self.fields:
             if field_name == name:
-                return np.asarray(object_state)[..., start:start + width]
+                return start, width
             start += width
         raise KeyError(f"{self.name} object state has no field {name!r}; it has {[f for f, _ in self.fields]}")
+
+    def field(self, object_state: np.ndarray, name: str) -> np.ndarray:
+        """One part of a batch (..., object_dim) of object states, e.g. `cube_pos`."""
+        start, width = self.field_offset(name)
+        return np.asarray(object_state)[..., start:start + width]
 
     def success(self, object_state: np.ndarray) -> np.ndarray:
         """Success of each object state of a batch (..., object_dim) -> bool array (...)."""
@@ -49,12 +60,15 @@ class ObjectTask:
 
 # robosuite 1.5.2 Lift: TableArena(table_offset=(0, 0, 0.8)); `_check_success` is
 # cube_height > table_height + 0.04 (a 4 cm margin on the cube centre, which rests ~2 cm above the table).
+_LIFT_TABLE, _LIFT_MARGIN = 0.8, 0.04
 LIFT = ObjectTask(
     name="Lift",
     object_dim=10,
     fields=(("cube_pos", 3), ("cube_quat", 4), ("gripper_to_cube_pos", 3)),
-    table_height=0.8,
-    lift_margin=0.04,
+    table_height=_LIFT_TABLE,
+    lift_margin=_LIFT_MARGIN,
+    # cube centre height (m): it rests at ~0.82; the success threshold is an edge; lifts reach 1.0-1.07
+    verdict_edges=(0.81, 0.8175, 0.822, 0.827, 0.833, _LIFT_TABLE + _LIFT_MARGIN, 0.85, 0.87, 0.9, 0.95, 1.0),
 )
 
 OBJECT_TASKS: dict[str, ObjectTask] = {"Lift": LIFT}

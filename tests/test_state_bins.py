@@ -120,3 +120,47 @@ def test_learned_env_uncertainty_is_finite_and_higher_on_noise():
     env.close()
     assert np.isfinite(clean + noisy).all()
     assert 0 < max(clean) < min(noisy) < 1, (clean, noisy)
+
+
+def test_add_state_grows_the_state_and_keeps_the_frames(tmp_path):
+    """`hma-gym add-state` on the shipped model: 19 state dims with the cube height binned at the task's edges
+    (the success threshold among them); from the same history it generates the same greedy frame and the
+    same old state dims as the source, whatever the new dims hold."""
+    from hma_gym.checkpoint import load_tensors
+    from hma_gym.envs.learned_env import default_checkpoint
+    from hma_gym.tasks import LIFT
+    from hma_gym.world_model import load_dynamics
+    from training.add_state import AddStateConfig, add_state
+    from training.collect import CollectConfig, collect
+
+    data = tmp_path / "d.hdf5"
+    collect(CollectConfig(out=str(data), policy="random-smooth", episodes=2, max_steps=5, seed=7, progress=False,
+                          valid_every=2))
+    keys = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object")
+    with pytest.raises(ValueError, match="followed by the new ones"):
+        add_state(AddStateConfig(init=str(default_checkpoint()), data=str(data), proprio_keys=keys[1:],
+                                 out=str(tmp_path / "bad")))
+    add_state(AddStateConfig(init=str(default_checkpoint()), data=str(data), proprio_keys=keys, out=str(tmp_path / "r")))
+    source, _ = load_dynamics(default_checkpoint())
+    grown, meta = load_dynamics(tmp_path / "r")
+    assert meta["proprio_keys"] == list(keys)
+    spec = grown.config.embodiments["panda_osc_pose"]
+    assert spec.state_dim == 19 and spec.state_bins[0][0] == 9 + 2  # object's cube z
+    norm = load_tensors(tmp_path / "r" / "normalization.safetensors")
+    mean, std = norm["panda_osc_pose/state_mean"][11], norm["panda_osc_pose/state_std"][11]
+    world = np.asarray(spec.state_bins[0][1]) * float(std) + float(mean)
+    np.testing.assert_allclose(world, LIFT.verdict_edges, atol=1e-5)
+    assert LIFT.table_height + LIFT.lift_margin in LIFT.verdict_edges
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 1000, (2, 16, 16), generator=g)
+    old_state = torch.randn(2, 9, generator=g)
+    action = torch.randn(2, 7, generator=g)
+    ids = torch.zeros(2, dtype=torch.long)
+    outs = []
+    for model, state in ((source, old_state), (grown, torch.cat([old_state, torch.randn(2, 10, generator=g)], 1))):
+        cache = model.new_cache(2)
+        model.append_frame(cache, tokens, state, None, ids)
+        outs.append(model.generate_frame(cache, action, ids, greedy=True))
+    assert torch.equal(outs[0][0], outs[1][0])
+    torch.testing.assert_close(outs[0][1], outs[1][1][:, :9])

@@ -186,11 +186,12 @@ class Embodiments(nn.ModuleDict):
                     k = logp.argmax(-1)
                 else:
                     k = torch.multinomial((logp / temperature).softmax(-1), 1, generator=generator)[:, 0]
-                # interval k is (bounds[k], bounds[k+1]] (torch.bucketize's); a value is kept a hair above a
-                # lower edge, which may be the very threshold a verdict compares with
+                # interval k is (bounds[k], bounds[k+1]] (torch.bucketize's); a value is kept a hair inside
+                # both edges, one of which may be the very threshold a verdict compares with (so rounding in
+                # the denormalisation cannot carry it across)
                 bounds = F.pad(edges, (1, 1), value=math.inf)
                 bounds[0] = -math.inf
-                low, high = bounds[k] + 1e-4, bounds[k + 1]
+                low, high = bounds[k] + 1e-4, bounds[k + 1] - 1e-4
                 state[rows, i] = torch.minimum(torch.maximum(state[rows, i].float(), low), high).to(state.dtype)
         return state, entropy
 

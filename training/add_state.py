@@ -1,0 +1,145 @@
+"""`hma-gym add-state`: a trained world model whose state gains low-dimensional keys (e.g. robomimic's `object`).
+
+Model surgery for fine-tuning: the model of `--init` (a `train` run or a packed checkpoint) is copied into one
+whose embodiment state is the old keys followed by `--proprio-keys`' new ones. The trunk, image head, action
+stem and head keep their weights; the state stem keeps its weights for the old dims and reads the new ones
+through zero-initialised weights (so the copy starts out predicting frames exactly as the source does); the
+state head keeps its rows for the old dims and gets fresh ones for the new. Where a new key is the task's
+object state (`hma_gym.tasks`), the value its success predicate compares (Lift: the cube's height) is also
+binned (`EmbodimentSpec.state_bins`) with the success threshold as one edge, so generation commits to lifted
+or not. The new dims' statistics come from the data's train split. The output is a run directory that
+`hma-gym train --init OUT --proprio-keys ...` fine-tunes on data recorded with those keys.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from hma_gym.checkpoint import CheckpointError, load_tensors, save_module, save_tensors
+from hma_gym.data.hdf5 import list_demos
+from hma_gym.models.hma import HMA, EmbodimentSpec, HMAConfig
+from hma_gym.tasks import OBJECT_KEY, object_task
+from hma_gym.world_model import load_dynamics
+from training.data import DataConfig
+
+
+@dataclass
+class AddStateConfig(DataConfig):
+    """Copy a trained world model into one whose state has more keys, ready to fine-tune."""
+
+    init: str = ""
+    """A `train` run directory or a packed checkpoint (e.g. hma_gym/assets/lift) whose model gains state."""
+    out: str = "runs/add_state"
+    """Run directory to write (dynamics.safetensors, dynamics.json, normalization.safetensors)."""
+    embodiment: str = "panda_osc_pose"
+    """The embodiment whose state grows."""
+    task: str = "Lift"
+    """robosuite task of the data: its object-state success predicate decides which value is binned."""
+    min_std: float = 1e-2
+    """Floor of the new dims' std (as `train` floors its statistics)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.init:
+            raise ValueError("--init is required: the run or checkpoint whose model gains state")
+
+
+def source_keys(init: Path, meta: dict) -> list[str]:
+    """The low-dimensional keys, in order, of the state of the model in `init`."""
+    if meta.get("packed"):
+        return [k for k, _ in json.loads((init / "config.json").read_text())["env"]["proprio"]]
+    return list(meta["proprio_keys"])
+
+
+def key_statistics(cfg: AddStateConfig, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dim mean and (floored) std of `keys`, concatenated, over the train demos of the data files."""
+    rows = []
+    for path in (cfg.data, *cfg.extra_data):
+        with h5py.File(path, "r", locking=False) as f:
+            for name in list_demos(path, "train"):
+                obs = f["data"][name]["obs"]
+                missing = [cfg.key_map.get(k, k) for k in keys if cfg.key_map.get(k, k) not in obs]
+                if missing:
+                    raise CheckpointError(f"{path}: {name} has no observation {missing} (collect records "
+                                          f"'{OBJECT_KEY}' since issue 25)")
+                rows.append(np.concatenate([np.asarray(obs[cfg.key_map.get(k, k)], np.float64).reshape(
+                    len(obs[cfg.key_map.get(k, k)]), -1) for k in keys], axis=1))
+    if not rows:
+        raise CheckpointError(f"no train demos in {[cfg.data, *cfg.extra_data]}")
+    values = np.concatenate(rows)
+    return values.mean(0), np.maximum(values.std(0), cfg.min_std)
+
+
+def add_state(cfg: AddStateConfig) -> dict:
+    init = Path(cfg.init)
+    source, meta = load_dynamics(init)
+    old_keys = source_keys(init, meta)
+    new_keys = list(cfg.proprio_keys)
+    if new_keys[: len(old_keys)] != old_keys or len(new_keys) == len(old_keys):
+        raise ValueError(f"--proprio-keys must be {cfg.init}'s keys {old_keys} followed by the new ones. "
+                         f"Got {new_keys}")
+    added = new_keys[len(old_keys):]
+    norm = load_tensors(init / "normalization.safetensors")
+    prefix = f"{cfg.embodiment}/" if f"{cfg.embodiment}/state_mean" in norm else ""
+    spec = source.config.embodiments.get(cfg.embodiment)
+    if spec is None:
+        raise CheckpointError(f"{cfg.init} has no embodiment {cfg.embodiment!r} ({source.embodiment_names})")
+    mean, std = key_statistics(cfg, added)
+    old_dim = spec.state_dim
+    state_mean = np.concatenate([norm[f"{prefix}state_mean"].numpy(), mean]).astype(np.float32)
+    state_std = np.concatenate([norm[f"{prefix}state_std"].numpy(), std]).astype(np.float32)
+
+    # the value the task's success predicate thresholds is also predicted as an interval
+    bins, task = [], object_task(cfg.task)
+    if task is not None and OBJECT_KEY in added:
+        field_offset, field_dim = task.field_offset(task.verdict_field)
+        i = old_dim + sum(_width(cfg, k) for k in added[: added.index(OBJECT_KEY)]) + field_offset + task.verdict_index
+        edges = (np.asarray(task.verdict_edges) - state_mean[i]) / state_std[i]
+        bins.append((int(i), tuple(float(e) for e in edges)))
+    specs = dict(source.config.embodiments)
+    specs[cfg.embodiment] = EmbodimentSpec(spec.action_dim, len(state_mean), state_bins=tuple(bins))
+    config = HMAConfig.from_dict({**source.config.to_dict(), "embodiments": {k: vars(v) for k, v in specs.items()}})
+    torch.manual_seed(0)
+    model = HMA(config)
+    weights = source.state_dict()
+    grown = {}
+    for name, tensor in model.state_dict().items():
+        if name not in weights or weights[name].shape == tensor.shape:
+            continue
+        old = weights.pop(name)
+        if name.endswith("state_stem.weight"):  # (D, S): the new inputs start unread
+            grown[name] = torch.cat([old, torch.zeros(old.shape[0], tensor.shape[1] - old.shape[1])], dim=1)
+        else:  # the state head's last layer (S, D) / (S,): old rows kept, new rows as initialised
+            new = tensor.clone()
+            new[: old.shape[0]] = old
+            grown[name] = new
+    missing, unexpected = model.load_state_dict({**weights, **grown}, strict=False)
+    fresh = [k for k in missing if ".bin_heads." not in k]
+    if fresh or unexpected:
+        raise CheckpointError(f"add-state could not copy {cfg.init}: missing {fresh}, unexpected {unexpected}")
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"init": cfg.init, "added_keys": added, "state_dim": [old_dim, len(state_mean)],
+              "grown": sorted(grown), "state_bins": [list(b) for b in bins]}
+    run_meta = {"hma": config.to_dict(), "trained_steps": meta.get("trained_steps"), "image_key": cfg.image_key,
+                "proprio_keys": new_keys, "add_state": report}
+    save_module(out, "dynamics", model, run_meta)
+    norm_out = {k: v for k, v in norm.items() if not k.startswith(f"{prefix}state_")}
+    norm_out[f"{prefix}state_mean"] = torch.from_numpy(state_mean)
+    norm_out[f"{prefix}state_std"] = torch.from_numpy(state_std)
+    save_tensors(out / "normalization.safetensors", norm_out)
+    print(json.dumps(report, indent=2))
+    return report
+
+
+def _width(cfg: AddStateConfig, key: str) -> int:
+    with h5py.File(cfg.data, "r", locking=False) as f:
+        name = list_demos(cfg.data)[0]
+        return int(np.prod(f["data"][name]["obs"][cfg.key_map.get(key, key)].shape[1:]))
