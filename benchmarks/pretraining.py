@@ -127,7 +127,7 @@ def _evaluate(args, run_dir: Path) -> dict:
     from hma_gym.metrics import psnr
     from hma_gym.world_model import WorldModel, load_dynamics, load_tokenizer
     from training.data import DataConfig, load_episodes
-    from training.evaluate import eval_windows, fidelity_report, open_loop, tokenize_episodes
+    from training.fidelity import eval_windows, fidelity_report, open_loop, tokenize_episodes
 
     torch.set_num_threads(1)
     tokenizer = load_tokenizer(args.tokenizer)

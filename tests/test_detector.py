@@ -11,7 +11,7 @@ from hma_gym.checkpoint import CheckpointError
 from hma_gym.data.hdf5 import RobomimicWriter
 from hma_gym.models.detector import DetectorConfig, SuccessDetector, load_detector
 from training.data import DataConfig, Normalizer, load_episodes
-from training.detector import DetectorTrainConfig, FrameSet, train_detector
+from training.train_detector import DetectorTrainConfig, FrameSet, train_detector
 
 SIZE = 16
 ENV_ARGS = {"env_name": "Lift", "type": 1, "env_kwargs": {}}

@@ -81,7 +81,7 @@ def test_config_errors_name_the_field(data, tmp_path, capsys):
         DiffusionPolicyConfig(sampler="euler")
     with pytest.raises(ValueError, match="unknown"):
         DiffusionPolicyConfig.from_dict({"horizon": 16, "bogus": 1})
-    from training.policy import PolicyTrainConfig
+    from training.train_policy import PolicyTrainConfig
 
     with pytest.raises(ValueError, match="max_demos"):
         PolicyTrainConfig(max_demos=-1)
@@ -95,7 +95,7 @@ def test_config_errors_name_the_field(data, tmp_path, capsys):
 
 
 def test_robomimic_windows_without_states(data):
-    from training.policy import PolicyTrainConfig, open_windows, split_window
+    from training.train_policy import PolicyTrainConfig, open_windows, split_window
 
     cfg = PolicyTrainConfig(data=str(data), **{k: v for k, v in TINY.items() if k != "image_size"})
     ds = open_windows(data, cfg, "train", max_demos=3)

@@ -177,12 +177,12 @@ def test_other_trainers_and_synthesize_validate_first(tmp_path, monkeypatch, cap
 
 
 def test_cli_turns_oserror_into_one_line(monkeypatch, capsys):
-    import training.policy
+    import training.train_policy
 
     def unreadable(cfg):
         raise PermissionError(13, "Permission denied", cfg.data)
 
-    monkeypatch.setattr(training.policy, "train_policy", unreadable)
+    monkeypatch.setattr(training.train_policy, "train_policy", unreadable)
     code, err = _cli(monkeypatch, capsys, "train-policy", "--data", "/root/secret.hdf5")
     assert (code, err) == (1, "hma-gym train-policy: error: [Errno 13] Permission denied: '/root/secret.hdf5'\n")
 

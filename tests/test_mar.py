@@ -225,7 +225,7 @@ def test_warm_start_from_a_maskgit_run(tiny_data, tokenizer_run, dynamics_run, t
     from hma_gym.world_model import load_dynamics, load_tokenizer
     from tests.conftest import DYN_ARGS, read_log
     from training.data import DataConfig, load_episodes
-    from training.dynamics import DynamicsTrainConfig
+    from training.train_dynamics import DynamicsTrainConfig
     from training.warmstart import IMAGE_IO, mar_from_maskgit
 
     maskgit, _ = load_dynamics(dynamics_run)

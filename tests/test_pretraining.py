@@ -82,7 +82,7 @@ def test_two_embodiments_train_together_in_one_batch(mixture_run, tiny_data, iiw
 
 def test_mixed_batch_pads_and_labels_rows(tiny_data, iiwa_data, tokenizer_run):
     from hma_gym.world_model import load_tokenizer
-    from training.evaluate import tokenize_episodes
+    from training.fidelity import tokenize_episodes
 
     tok = load_tokenizer(tokenizer_run)
     sources = []

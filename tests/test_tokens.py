@@ -9,7 +9,7 @@ from hma_gym.cli import main
 from hma_gym.data.hdf5 import list_demos, read_env_args
 from tests.conftest import DYN_ARGS, read_log
 from training.data import DataConfig, load_episodes
-from training.tokens import TokenCacheError, load_token_cache
+from training.token_cache import TokenCacheError, load_token_cache
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_token_cache_round_trip_and_training_from_it(tiny_data, random_policy_da
     assert meta["data"]["extra_data"] == [str(random_policy_data)]
     data = DataConfig(data=str(tiny_data), extra_data=(str(random_policy_data),), image_size=16)
     from hma_gym.world_model import load_tokenizer
-    from training.evaluate import tokenize_episodes
+    from training.fidelity import tokenize_episodes
 
     tok = load_tokenizer(tokenizer_run)
     for split in ("train", "valid"):

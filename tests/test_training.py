@@ -164,7 +164,7 @@ def test_eval_model_reports_fidelity(tiny_checkpoint, tiny_data, tmp_path):
 def test_eval_prompt_frames_score_the_same_generated_frames(tiny_checkpoint, tiny_data):
     from hma_gym.metrics import psnr
     from hma_gym.world_model import WorldModel
-    from training.evaluate import eval_windows, fidelity_report, open_loop, tokenize_episodes
+    from training.fidelity import eval_windows, fidelity_report, open_loop, tokenize_episodes
 
     wm = WorldModel.from_checkpoint(tiny_checkpoint)
     episodes = load_episodes(DataConfig(data=str(tiny_data), image_size=16), "valid")
@@ -327,7 +327,7 @@ def test_weights_hash_of_named_parts(tiny_checkpoint, tmp_path):
 
 
 def test_tokenizer_levels_flag_sets_the_codebook(tiny_data, tmp_path):
-    from training.tokenizer import TokenizerTrainConfig
+    from training.train_tokenizer import TokenizerTrainConfig
 
     assert TokenizerTrainConfig(preset="tiny", image_size=16).model_config().levels == (4, 3)  # the preset's
     cfg = TokenizerTrainConfig(preset="tiny", image_size=16, levels=(5, 4, 3))
@@ -447,7 +447,7 @@ def test_factorized_model_starts_from_a_trained_trunk(dynamics_run, tiny_data, t
     ({"lattice_input": True}, "--lattice-input is an input of the mar head"),
 ])
 def test_bad_start_and_freeze_combinations_are_refused(kwargs, match):
-    from training.dynamics import DynamicsTrainConfig
+    from training.train_dynamics import DynamicsTrainConfig
 
     with pytest.raises(ValueError, match=match):
         DynamicsTrainConfig(**kwargs)
@@ -457,7 +457,7 @@ def test_start_and_freeze_flags_are_three():
     """`train` starts and freezes through --init, --init-mode and --trainable only; the combinations the
     recipes use are accepted."""
     from tests.test_readme import options_of
-    from training.dynamics import DynamicsTrainConfig
+    from training.train_dynamics import DynamicsTrainConfig
 
     options = options_of("train")
     assert {"--init", "--init-mode", "--trainable"} <= options
@@ -470,7 +470,7 @@ def test_start_and_freeze_flags_are_three():
 def test_model_defaults_are_hma_configs():
     """The trainer keeps no second copy of the model's defaults: a plain `train` builds HMAConfig's."""
     from hma_gym.models.hma import HMAConfig
-    from training.dynamics import DynamicsTrainConfig
+    from training.train_dynamics import DynamicsTrainConfig
 
     cfg, model = DynamicsTrainConfig(), HMAConfig()
     for name in ("patch_size", "n_action_tokens", "max_frames", "objective_probs", "head", "diff_width",

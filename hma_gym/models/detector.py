@@ -11,7 +11,7 @@ The CNN keeps the spatial layout (its last feature map is flattened, not pooled)
 cube, how high" is the question. States are normalised by the caller with the training data's mean/std
 (`load_detector` returns them beside the model). It is called every env step, so it is kept small
 (~0.2M parameters, well under 2 ms a frame on one CPU core). Robustness to generated frames comes from
-the augmentation in `training/detector.py`.
+the augmentation in `training/train_detector.py`.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from hma_gym.checkpoint import weights_hash
 from hma_gym.data.hdf5 import DatasetError
 from hma_gym.world_model import load_tokenizer
 from training.data import DataConfig, Episode, load_episodes
-from training.evaluate import tokenize_episodes
+from training.fidelity import tokenize_episodes
 
 SPLITS = ("train", "valid")
 FIELDS = ("tokens", "states", "actions", "success")

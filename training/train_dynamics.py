@@ -13,10 +13,10 @@ from hma_gym.checkpoint import CheckpointError, load_tensors, save_module, save_
 from hma_gym.models.hma import HMA, HMA_PRESETS, IMAGE_HEADS, EmbodimentSpec, HMAConfig, make_hma
 from hma_gym.world_model import WorldModel, load_dynamics, load_tokenizer
 from training.data import DataConfig, Normalizer, load_episodes
-from training.evaluate import eval_windows, fidelity_report, tokenize_episodes
+from training.fidelity import eval_windows, fidelity_report, tokenize_episodes
 from training.loop import LoopConfig, train_loop
 from training.mixture import Source, fit_normalizers, load_sources, mixed_batch, read_mixture, sampling_weights
-from training.tokens import TokenCacheError, load_token_cache
+from training.token_cache import TokenCacheError, load_token_cache
 from training.warmstart import IMAGE_IO, copy_trunk, mar_from_maskgit
 
 INIT_MODES = ("full", "trunk")
