@@ -140,7 +140,8 @@ def test_add_state_grows_the_state_and_keeps_the_frames(tmp_path):
     with pytest.raises(ValueError, match="followed by the new ones"):
         add_state(AddStateConfig(init=str(default_checkpoint()), data=str(data), proprio_keys=keys[1:],
                                  out=str(tmp_path / "bad")))
-    add_state(AddStateConfig(init=str(default_checkpoint()), data=str(data), proprio_keys=keys, out=str(tmp_path / "r")))
+    add_state(AddStateConfig(init=str(default_checkpoint()), data=str(data), proprio_keys=keys,
+                             out=str(tmp_path / "r")))
     source, _ = load_dynamics(default_checkpoint())
     grown, meta = load_dynamics(tmp_path / "r")
     assert meta["proprio_keys"] == list(keys)
