@@ -16,6 +16,7 @@ from training.data import DataConfig, load_episodes, resize_frames
 from training.loop import LoopConfig, lr_at
 
 
+@pytest.mark.slow
 def test_data_windows_and_resize(tiny_data):
     cfg = DataConfig(data=str(tiny_data), image_size=8)
     train, valid = load_episodes(cfg, "train"), load_episodes(cfg, "valid")
@@ -30,6 +31,7 @@ def test_data_windows_and_resize(tiny_data):
     assert resize_frames(np.zeros((2, 16, 16, 3), np.uint8), 32).shape == (2, 32, 32, 3)
 
 
+@pytest.mark.slow
 def test_key_map_reads_other_names(tiny_data):
     cfg = DataConfig(data=str(tiny_data), image_size=16, image_key="rgb", key_map={"rgb": "agentview_image"})
     assert load_episodes(cfg, "valid")[0].frames.shape[1:] == (16, 16, 3)
@@ -44,6 +46,7 @@ def test_lr_schedule():
     assert lr_at(55, cfg) == pytest.approx(0.55)
 
 
+@pytest.mark.slow
 def test_tokenizer_trains(tokenizer_run):
     log = _log(tokenizer_run)
     train = [r for r in log if r["event"] == "train"]
@@ -53,6 +56,7 @@ def test_tokenizer_trains(tokenizer_run):
     assert (tokenizer_run / "tokenizer.safetensors").exists() and (tokenizer_run / "tokenizer.json").exists()
 
 
+@pytest.mark.slow
 def test_dynamics_trains(dynamics_run):
     train = [r for r in _log(dynamics_run) if r["event"] == "train"]
     first, last = np.mean([r["ce"] for r in train[:2]]), np.mean([r["ce"] for r in train[-2:]])
@@ -65,6 +69,7 @@ def test_dynamics_trains(dynamics_run):
 
 
 @pytest.mark.parametrize("ema", [False, True])
+@pytest.mark.slow
 def test_resume_is_exact(tiny_data, tokenizer_run, tmp_path, ema):
     """6 steps in one go == 3 steps, stop, resume to 6 (with --ema: the average too, and it is what is exported)."""
     common = ["train", "--data", str(tiny_data), "--tokenizer", str(tokenizer_run), "--eval-every", "100",
@@ -115,6 +120,7 @@ def test_ema_follows_diffusion_policy_schedule():
     assert not trainee.ema.weight.requires_grad and net.weight.requires_grad
 
 
+@pytest.mark.slow
 def test_corrupt_or_missing_weights_name_the_file(dynamics_run, tmp_path):
     from hma_gym.models.hma import HMA, HMAConfig
 
@@ -130,6 +136,7 @@ def test_corrupt_or_missing_weights_name_the_file(dynamics_run, tmp_path):
         check_checkpoint_dir(tmp_path / "no_such_dir")
 
 
+@pytest.mark.slow
 def test_same_script_runs_under_torchrun(tiny_data, tokenizer_run, tmp_path):
     """Two CPU processes (gloo) train the dynamics model together; rank 0 writes the run."""
     import os
@@ -149,6 +156,7 @@ def test_same_script_runs_under_torchrun(tiny_data, tokenizer_run, tmp_path):
     assert [r["step"] for r in _log(out) if r["event"] == "train"][-1] == 4
 
 
+@pytest.mark.slow
 def test_eval_model_reports_fidelity(tiny_checkpoint, tiny_data, tmp_path):
     out = tmp_path / "eval.json"
     main(["eval-model", "--checkpoint", str(tiny_checkpoint), "--data", str(tiny_data), "--out", str(out),
@@ -161,6 +169,7 @@ def test_eval_model_reports_fidelity(tiny_checkpoint, tiny_data, tmp_path):
     assert report["free_run"]["horizon"] == 100 and len(report["free_run"]["buckets"]) == 10
 
 
+@pytest.mark.slow
 def test_eval_prompt_frames_score_the_same_generated_frames(tiny_checkpoint, tiny_data):
     from hma_gym.metrics import psnr
     from hma_gym.world_model import WorldModel
@@ -182,6 +191,7 @@ def test_eval_prompt_frames_score_the_same_generated_frames(tiny_checkpoint, tin
         fidelity_report(wm, episodes, windows, n_prompt=5)
 
 
+@pytest.mark.slow
 def test_decoder_finetune_keeps_every_code(tiny_data, tokenizer_run, tmp_path):
     from hma_gym.world_model import load_tokenizer
 
@@ -195,6 +205,7 @@ def test_decoder_finetune_keeps_every_code(tiny_data, tokenizer_run, tmp_path):
     assert not torch.equal(before.decode(before.encode(frames)), after.decode(after.encode(frames)))
 
 
+@pytest.mark.slow
 def test_calibrate_success_scores_rules_and_writes_the_choice(tiny_checkpoint, tiny_data, tmp_path):
     import shutil
 
@@ -227,6 +238,7 @@ def test_calibrate_success_scores_rules_and_writes_the_choice(tiny_checkpoint, t
                                                                    report["chosen"]["frames"])
 
 
+@pytest.mark.slow
 def test_packed_checkpoint_is_a_source_for_fine_tuning_and_pack(tiny_checkpoint, tiny_data, tmp_path):
     """train --init, --tokenizer and pack --tokenizer/--detector take a packed checkpoint (e.g. a shipped one):
     its float16 weights come back as the init model's, and the re-packed checkpoint loads and steps."""
@@ -261,6 +273,7 @@ def test_packed_checkpoint_is_a_source_for_fine_tuning_and_pack(tiny_checkpoint,
     env.close()
 
 
+@pytest.mark.slow
 def test_select_layers_starts_a_shallower_model_from_chosen_blocks(dynamics_run, tiny_data, tokenizer_run,
                                                                     tmp_path):
     """keep_layers copies the chosen blocks (in the given order) and every non-block weight; `select-layers`
@@ -315,6 +328,7 @@ def test_select_layers_starts_a_shallower_model_from_chosen_blocks(dynamics_run,
               "--init", str(dynamics_run), "--init-layers", "0", "--steps", "2", *DYN_ARGS])
 
 
+@pytest.mark.slow
 def test_weights_hash_of_named_parts(tiny_checkpoint, tmp_path):
     import shutil
 
@@ -326,6 +340,7 @@ def test_weights_hash_of_named_parts(tiny_checkpoint, tmp_path):
     assert weights_hash(tiny_checkpoint) != weights_hash(tmp_path)
 
 
+@pytest.mark.slow
 def test_tokenizer_levels_flag_sets_the_codebook(tiny_data, tmp_path):
     from training.train_tokenizer import TokenizerTrainConfig
 
@@ -343,6 +358,7 @@ def test_tokenizer_levels_flag_sets_the_codebook(tiny_data, tmp_path):
     assert load_tokenizer(out).codebook_size == 60
 
 
+@pytest.mark.slow
 def test_tokenizer_psnr_benchmark_scores_every_held_out_frame(tiny_data, tokenizer_run, tmp_path, monkeypatch):
     import benchmarks.common as common
     from benchmarks.tokenizer_psnr import main as bench
@@ -391,6 +407,7 @@ def test_unpack_runs_joins_parts_and_names_the_weights(tmp_path):
         unpack(tmp_path / "src", tmp_path / "other")
 
 
+@pytest.mark.slow
 def test_factorized_model_starts_from_a_trained_trunk(dynamics_run, tiny_data, tokenizer_run, tmp_path):
     """train --factorized-head --init RUN --init-mode trunk: a model with per-FSQ-channel softmaxes whose
     trunk, stems, heads and statistics start as the source run's and whose image input/output start fresh;
@@ -476,3 +493,12 @@ def test_model_defaults_are_hma_configs():
     for name in ("patch_size", "n_action_tokens", "max_frames", "objective_probs", "head", "diff_width",
                  "diff_depth", "diff_sample_steps", "diff_batch_mul"):
         assert getattr(cfg, name) == getattr(model, name), name
+
+
+def test_full_init_refuses_a_model_of_another_tokenizers_codes(dynamics_run, tiny_data, tmp_path):
+    """--init-mode full keeps the image head, so the tokenizer must be the one the model predicts the codes of."""
+    from hma_gym.envs.learned_env import ASSETS
+
+    with pytest.raises(CheckpointError, match=r"15360 on 16x16: start a model on other codes with --init-mode trunk"):
+        main(["train", "--data", str(tiny_data), "--tokenizer", str(ASSETS / "tokenizer_15k"), "--init",
+              str(dynamics_run), "--out", str(tmp_path / "x"), "--steps", "2", *DYN_ARGS])
