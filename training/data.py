@@ -165,7 +165,7 @@ def sample_windows(
 
 
 def token_tensor(tokens: np.ndarray) -> torch.Tensor:
-    """Stored tokens -> model input: integer codes as int64, soft-token latents (mar) as float32."""
+    """Stored tokens -> model input: integer codes as int64, continuous latents (mar) as float32."""
     t = torch.from_numpy(np.ascontiguousarray(tokens))
     return t.float() if t.is_floating_point() else t.long()
 

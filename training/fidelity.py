@@ -29,7 +29,7 @@ def eval_windows(episodes: list[Episode], T: int, stride: int) -> list[tuple[int
 
 
 def tokenize_episodes(encoder: WorldModel | torch.nn.Module, episodes: list[Episode], batch: int = 256) -> None:
-    """Fill `episode.tokens` with tokenizer codes (int16), or latents (float16) for a soft-token (mar) world
+    """Fill `episode.tokens` with tokenizer codes (int16), or continuous latents (float16) for a mar world
     model; `encoder` is a world model or a tokenizer."""
     device = next(encoder.parameters()).device
     for e in episodes:
