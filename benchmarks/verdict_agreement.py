@@ -21,7 +21,10 @@ RESULT.png (learned vs GT success per policy, diagonal drawn).
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import time
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -30,9 +33,12 @@ import hma_gym
 from benchmarks.common import RESULTS, write_result
 from benchmarks.policy_eval_correlation import bootstrap, episode_confusion, rate_stats, scatter
 from hma_gym.checkpoint import weights_hash
+from hma_gym.envs.robosuite_env import DEFAULT_PROPRIO_KEYS
 from hma_gym.tasks import OBJECT_KEY
 from policies.base import ReplayPolicy
 from policies.registry import SCRIPTED, load_policy
+
+CACHE = Path("outputs/verdict")
 
 # name -> policy spec (policies.registry.load_policy); GT success measured on seeds 900000-900049 in the
 # JSON. The DP training checkpoints of the correlation study (runs/dp_lift/iter_*) are outputs of
@@ -73,7 +79,15 @@ def parse_policies(items: list[str] | None) -> dict[str, str]:
 
 def run_gt(spec: str, seeds: list[int], max_steps: int, policy_seed: int, obs_keys: tuple[str, ...] | None = None,
            ) -> tuple[list[bool], list[np.ndarray], list]:
-    """GT verdicts, action sequences and reset observations (of `obs_keys`) of one policy on `seeds`."""
+    """GT verdicts, action sequences and reset observations (of `obs_keys`) of one policy on `seeds`, cached in
+    outputs/verdict/ (the GT side does not depend on the learned model: one run serves every checkpoint)."""
+    key = json.dumps([spec, seeds[0], len(seeds), max_steps, policy_seed, sorted(obs_keys or [])])
+    cache = CACHE / f"gt_{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
+    if cache.exists():
+        z = np.load(cache, allow_pickle=False)
+        n = len(seeds)
+        starts = [{k[6:]: z[k][i] for k in z.files if k.startswith("start/")} for i in range(n)]
+        return list(z["success"]), [z[f"actions/{i}"] for i in range(n)], starts
     env = gym.make("RobomimicLift-v0", terminate_on_success=False, max_episode_steps=max_steps, obs_keys=obs_keys)
     policy = load_policy(spec, env, seed=policy_seed)
     actions: dict[int, list[np.ndarray]] = {}
@@ -86,8 +100,12 @@ def run_gt(spec: str, seeds: list[int], max_steps: int, policy_seed: int, obs_ke
 
     result = hma_gym.rollout(env, policy, len(seeds), seeds=seeds, on_step=record, desc=f"{spec} @ GT")
     env.close()
-    return ([e.success for e in result.episodes], [np.stack(actions[i]) for i in range(len(seeds))],
-            [starts[i] for i in range(len(seeds))])
+    out = ([e.success for e in result.episodes], [np.stack(actions[i]) for i in range(len(seeds))],
+           [starts[i] for i in range(len(seeds))])
+    CACHE.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(cache, success=np.asarray(out[0]), **{f"actions/{i}": a for i, a in enumerate(out[1])},
+                        **{f"start/{k}": np.stack([s[k] for s in out[2]]) for k in out[2][0]})
+    return out
 
 
 def run_learned(spec: str, seeds: list[int], starts: list[dict], gt_actions: list[np.ndarray], env_kwargs: dict,
@@ -152,20 +170,25 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num-envs", type=int, default=50, help="learned envs stepped in one model call")
     parser.add_argument("--policy-seed", type=int, default=0)
     parser.add_argument("--result", default="verdict_agreement", help="name of the result JSON/PNG")
+    parser.add_argument("--gt-only", action="store_true",
+                        help="only run (and cache in outputs/verdict/) the GT side, e.g. while a model trains")
     args = parser.parse_args(argv)
     hma_gym.register_envs()
     env_kwargs = {"checkpoint": args.checkpoint} if args.checkpoint else {}
     if args.variant:
         env_kwargs["variant"] = args.variant
     seeds = list(range(args.seed, args.seed + args.episodes))
-    probe = gym.make("HMA-RobomimicLift-v0", **env_kwargs)
-    model_keys = tuple(probe.unwrapped.sim.model_space.spaces)  # a paired start holds the model's whole state
-    probe.close()
+    # the GT side records every key a model's paired start may need (robomimic's `object` too), so its cache
+    # serves every checkpoint
+    gt_keys = ("agentview_image", *DEFAULT_PROPRIO_KEYS, OBJECT_KEY)
     rows, gt_all, learned_all = [], [], []
     for name, spec in parse_policies(args.policies).items():
         t0 = time.perf_counter()
-        gt, actions, starts = run_gt(spec, seeds, args.max_steps, args.policy_seed, model_keys)
+        gt, actions, starts = run_gt(spec, seeds, args.max_steps, args.policy_seed, gt_keys)
         gt_s = time.perf_counter() - t0
+        if args.gt_only:
+            print(f"{name}: GT success {np.mean(gt):.2f} ({gt_s:.0f} s)", flush=True)
+            continue
         learned = run_learned(spec, seeds, starts, actions, env_kwargs, args.num_envs, args.max_steps,
                               args.policy_seed)
         confusion = episode_confusion([{"success": s} for s in gt], [{"success": s} for s in learned["success"]])
@@ -178,6 +201,8 @@ def main(argv: list[str] | None = None) -> dict:
         gt_all.append(rows[-1]["gt_success"])
         learned_all.append(rows[-1]["learned_success"])
         print({k: v for k, v in rows[-1].items() if k != "per_episode"}, flush=True)
+    if args.gt_only:
+        return {}
     stats = rate_stats(gt_all, learned_all)
     checkpoint = learned["checkpoint"]
     verdicts = [[r["per_episode"][side] for r in rows] for side in ("gt", "learned")]
