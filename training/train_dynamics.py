@@ -237,7 +237,8 @@ def _start_from_init(cfg: DynamicsTrainConfig, tokenizer, sources: list[Source],
     if cfg.init_mode == "trunk":
         model = _new_image_head(cfg, tokenizer, model)
         init_meta["new_image_head"] = [k for k in model.state_dict() if k.startswith(IMAGE_IO)]
-        print(f"trunk from {cfg.init}; new image head: {', '.join(init_meta['new_image_head'])}")
+        seeded = " (its lattice input from the maskgit code embedding)" if cfg.head == "mar" else ""
+        print(f"trunk, stems and heads from {cfg.init}; a new {cfg.head} image head{seeded}")
     elif model.config.head != cfg.head:
         raise CheckpointError(f"{cfg.init} is a {model.config.head} model, not --head {cfg.head}")
     c = model.config
