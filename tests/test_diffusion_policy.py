@@ -130,6 +130,7 @@ def test_training_smoke_loss_falls_and_exports(run):
     assert json.loads((run / "metrics.json").read_text())["params"] > 0
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_exactly(data, run, tmp_path):
     """EMA and save_at included: 20 steps + a resumed 20 give the same exported weights as 40 at once."""
     from safetensors.torch import load_file

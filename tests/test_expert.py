@@ -7,6 +7,7 @@ import hma_gym
 from policies import LiftExpert, LiftExpertConfig
 
 
+@pytest.mark.slow
 def test_clean_expert_succeeds():
     env = gym.make("RobomimicLift-v0", use_camera=False)
     result = hma_gym.rollout(env, LiftExpert(env, seed=0), 6, seeds=1000, progress=False)
@@ -15,6 +16,7 @@ def test_clean_expert_succeeds():
 
 
 @pytest.mark.parametrize("mode", ["missed_grasp", "early_release"])
+@pytest.mark.slow
 def test_failure_modes_fail(mode):
     env = gym.make("RobomimicLift-v0", use_camera=False, terminate_on_success=False)
     expert = LiftExpert(env, LiftExpertConfig(failure_probs={mode: 1.0}), seed=0)
@@ -31,6 +33,7 @@ def test_bad_config_raises():
         LiftExpertConfig(failure_probs={"missed_grasp": 0.7, "hesitation": 0.7})
 
 
+@pytest.mark.slow
 def test_vector_rollout_matches_single_env():
     """A SyncVectorEnv of 2 runs the same seeded episodes as a single env, in waves."""
     kwargs = dict(use_camera=False)

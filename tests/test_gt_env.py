@@ -25,6 +25,7 @@ def test_spaces_match_design(lift_env):
     assert "cube_pos" in lift_env.unwrapped.privileged_state() and "cube_pos" not in obs
 
 
+@pytest.mark.slow
 def test_gymnasium_and_sb3_checkers():
     env = gym.make("RobomimicLift-v0", render_mode="rgb_array")
     check_env(env.unwrapped, skip_render_check=False)
@@ -108,6 +109,7 @@ def test_image_size_is_configurable():
     env.close()
 
 
+@pytest.mark.slow
 def test_truncation_at_100_steps():
     env = gym.make("RobomimicLift-v0", use_camera=False)
     env.reset(seed=0)
@@ -125,6 +127,7 @@ def test_step_before_reset_raises():
     env.close()
 
 
+@pytest.mark.slow
 def test_two_envs_in_one_process_render_their_own_scene():
     a, b = RobosuiteEnv(), RobosuiteEnv()
     oa, _ = a.reset(seed=0)
@@ -136,6 +139,7 @@ def test_two_envs_in_one_process_render_their_own_scene():
     b.close()
 
 
+@pytest.mark.slow
 def test_stack_id_and_other_arms_pass_the_checker():
     """The second task, and another arm/controller through the Lift id's kwargs, keep the env contract."""
     stack = gym.make("RobomimicStack-v0", image_size=16)

@@ -150,6 +150,7 @@ def test_train_policy_refuses_broken_file_in_one_line(tmp_path, monkeypatch, cap
     assert not (out / "policy.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_console_script_exits_nonzero_with_one_line(tmp_path):
     """The real process: exit status 1, one line on stderr, no traceback."""
     path = _broken(tmp_path, "scalar_actions")
@@ -307,6 +308,7 @@ def _write_beside_reader(tmp_path, reader: str, hold_s: float, caplog) -> tuple[
     return path, elapsed
 
 
+@pytest.mark.slow
 def test_writer_waits_for_a_plain_h5py_reader(tmp_path, caplog):
     """Before: BlockingIOError (unable to lock file) and the finished episode was lost."""
     path, elapsed = _write_beside_reader(tmp_path, "plain", 1.5, caplog)

@@ -226,6 +226,7 @@ def _run_script(code: str, timeout: float) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_async_vector_env_of_the_gt_id_steps():
     result = _run_script("""
         import gymnasium as gym, numpy as np, hma_gym
@@ -240,6 +241,7 @@ def test_async_vector_env_of_the_gt_id_steps():
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_async_gt_env_after_rendering_in_the_parent_fails_at_once_saying_what_to_pass():
     result = _run_script("""
         import gymnasium as gym, hma_gym
@@ -271,6 +273,7 @@ def test_async_vector_env_of_the_learned_id_steps():
 
 # ---------------------------------------------------------------- 10. close()
 
+@pytest.mark.slow
 def test_gt_env_reopens_after_close_and_passes_sb3_render_check():
     from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
@@ -286,6 +289,7 @@ def test_gt_env_reopens_after_close_and_passes_sb3_render_check():
     env.close()
 
 
+@pytest.mark.slow
 def test_closed_learned_env_releases_its_model():
     env = HMAEnv(variant="fast")
     env.reset(seed=0)
@@ -311,6 +315,7 @@ def test_closed_learned_env_releases_its_model():
 # ---------------------------------------------------------------- 11. RecordVideo
 
 @pytest.mark.parametrize("env_id,kwargs", [("RobomimicLift-v0", {}), ("HMA-RobomimicLift-v0", {"variant": "fast"})])
+@pytest.mark.slow
 def test_record_video_writes_an_mp4(env_id, kwargs, tmp_path):
     env = gym.wrappers.RecordVideo(gym.make(env_id, render_mode="rgb_array", max_episode_steps=4, **kwargs),
                                    str(tmp_path), episode_trigger=lambda episode: True, disable_logger=True)

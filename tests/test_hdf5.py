@@ -102,6 +102,7 @@ def _demos_or_zero(path):
         return 0
 
 
+@pytest.mark.slow
 def test_killed_collection_reopens_and_appends(tmp_path):
     """SIGKILL a collecting process: the file stays valid and a new collection appends to it."""
     path = str(tmp_path / "kill.hdf5")
@@ -124,6 +125,7 @@ def test_killed_collection_reopens_and_appends(tmp_path):
     assert list_demos(path) == [f"demo_{i}" for i in range(after["demos"])]
 
 
+@pytest.mark.slow
 def test_robomimic_sequence_dataset_reads_collected_file(tmp_path):
     import gymnasium as gym
 

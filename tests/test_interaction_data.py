@@ -96,6 +96,7 @@ def test_failure_modes_do_what_they_say(lift_env):
     np.testing.assert_allclose(expert._cube(0, batch), privileged, atol=2e-3)
 
 
+@pytest.mark.slow
 def test_collect_records_object_and_resumes(tmp_path):
     out = tmp_path / "mix.hdf5"
     base = dict(out=str(out), policy="random-smooth", seed=123_000, max_steps=6, progress=False)

@@ -38,6 +38,7 @@ def mixture_run(tiny_data, iiwa_data, tokenizer_run, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_collect_other_robot_records_its_own_action_space(iiwa_data):
     args = read_env_args(iiwa_data)
     assert args["embodiment"] == "iiwa_osc_position"
@@ -48,6 +49,7 @@ def test_collect_other_robot_records_its_own_action_space(iiwa_data):
         assert [int(f[f"data/demo_{k}"].attrs["seed"]) for k in range(4)] == [7, 8, 9, 10]
 
 
+@pytest.mark.slow
 def test_stack_expert_collects_a_second_task(tmp_path):
     """Stack (a second task) with the Panda: the scripted expert picks cube A and sets it on cube B."""
     path = tmp_path / "stack16.hdf5"
@@ -62,6 +64,7 @@ def test_stack_expert_collects_a_second_task(tmp_path):
         assert f["data/demo_0/obs/agentview_image"].shape[1:] == (16, 16, 3)
 
 
+@pytest.mark.slow
 def test_two_embodiments_train_together_in_one_batch(mixture_run, tiny_data, iiwa_data):
     meta = json.loads((mixture_run / "dynamics.json").read_text())["config"]
     embodiments = meta["hma"]["embodiments"]
@@ -80,6 +83,7 @@ def test_two_embodiments_train_together_in_one_batch(mixture_run, tiny_data, iiw
     assert np.mean([r["loss"] for r in train[-2:]]) < np.mean([r["loss"] for r in train[:2]])
 
 
+@pytest.mark.slow
 def test_mixed_batch_pads_and_labels_rows(tiny_data, iiwa_data, tokenizer_run):
     from hma_gym.world_model import load_tokenizer
     from training.fidelity import tokenize_episodes
@@ -124,6 +128,7 @@ def test_bad_mixture_files_are_clear(tmp_path):
         read_mixture(str(bad))
 
 
+@pytest.mark.slow
 def test_new_embodiment_attaches_to_a_trained_trunk(dynamics_run, iiwa_data, tokenizer_run, tmp_path):
     """--init a Panda-only model, --trainable new-embodiments on IIWA data: only the new stem and head move."""
     out = tmp_path / "ft"
@@ -152,6 +157,7 @@ def test_new_embodiment_attaches_to_a_trained_trunk(dynamics_run, iiwa_data, tok
     assert any(not torch.equal(after2[k], after[k]) for k in before)
 
 
+@pytest.mark.slow
 def test_init_refuses_mismatched_dims_and_new_embodiments_without_any(dynamics_run, iiwa_data, tiny_data,
                                                                       tokenizer_run, tmp_path):
     from hma_gym.checkpoint import CheckpointError

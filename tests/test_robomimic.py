@@ -20,6 +20,9 @@ import pytest
 from hma_gym.data.hdf5 import read_env_args
 from hma_gym.envs.robosuite_env import DEFAULT_PROPRIO_KEYS
 
+# every test here trains or collects (the `collected` fixture runs `hma-gym collect`)
+pytestmark = pytest.mark.slow
+
 TRAIN = r"""
 import json, sys, types
 

@@ -196,6 +196,7 @@ def test_clear_errors(tmp_path):
         load_policy(f"sb3:SAC:{path}", SpacesEnv())  # a PPO file given as SAC
 
 
+@pytest.mark.slow
 def test_evaluate_cli_runs_no_code_from_an_sb3_zip_unless_trust_pickle(lift_env, tmp_path):
     """`evaluate --policy sb3:PPO:...` in the GT env: the payload (in `lr_schedule`, which SB3's loader unpickles
     and then replaces, so the trusted load still works) runs only under --trust-pickle; both act alike."""

@@ -208,6 +208,7 @@ def action(*xyz, gripper=-1.0):
     return json.dumps({"type": "action", "action": [*xyz, 0, 0, 0, gripper]})
 
 
+@pytest.mark.slow
 def test_sessions_are_independent_bad_input_is_survived_and_closed_sessions_are_freed(tiny_checkpoint):
     cfg = ServeConfig(checkpoint=str(tiny_checkpoint), max_sessions=2, max_steps=12, queue_size=4)
 
@@ -402,6 +403,7 @@ def serve_process(checkpoint, tmp_path):
         out.close()
 
 
+@pytest.mark.slow
 def test_drive_in_a_real_browser_and_replay_the_action_log(chromium, tiny_checkpoint, tmp_path):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By

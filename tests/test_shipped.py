@@ -6,6 +6,7 @@ import zipfile
 
 import gymnasium as gym
 import numpy as np
+import pytest
 import torch
 from gymnasium.utils.env_checker import check_env
 
@@ -43,6 +44,7 @@ def test_shipped_checkpoint_is_complete_and_small():
     assert size < 40e6, f"shipped checkpoint is {size / 1e6:.1f} MB"
 
 
+@pytest.mark.slow
 def test_fast_variant_is_a_shallower_maskgit_model_of_the_same_env():
     """variant="fast": the 2-layer MaskGIT checkpoint (blocks 0 and 3 of the default one, fine-tuned); same
     spaces, tokenizer and detector as the default checkpoint, and it steps."""
@@ -58,6 +60,7 @@ def test_fast_variant_is_a_shallower_maskgit_model_of_the_same_env():
     step_from_gt_reset(learned, seed=1)
 
 
+@pytest.mark.slow
 def test_shipped_15k_tokenizer_reconstructs_better_than_the_checkpoints_one():
     """hma_gym/assets/tokenizer_15k (make tokenizer-15k): 15,360 codes, and sharper on the GT reset frames of
     the shipped checkpoint's bank than that checkpoint's 1,000-code tokenizer (36.0 vs 32.0 dB when made)."""
@@ -135,6 +138,7 @@ def test_sb3_evaluate_policy_runs():
     assert np.isfinite(mean) and 0 <= mean <= 5
 
 
+@pytest.mark.slow
 def test_wheel_contains_the_weights(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path)],
                           capture_output=True, text=True, timeout=600)

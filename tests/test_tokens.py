@@ -11,6 +11,9 @@ from tests.conftest import DYN_ARGS, read_log
 from training.data import DataConfig, load_episodes
 from training.token_cache import TokenCacheError, load_token_cache
 
+# every test here collects episodes or uses the tiny pipeline of conftest.py
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def random_policy_data(tmp_path_factory):

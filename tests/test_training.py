@@ -495,6 +495,7 @@ def test_model_defaults_are_hma_configs():
         assert getattr(cfg, name) == getattr(model, name), name
 
 
+@pytest.mark.slow
 def test_full_init_refuses_a_model_of_another_tokenizers_codes(dynamics_run, tiny_data, tmp_path):
     """--init-mode full keeps the image head, so the tokenizer must be the one the model predicts the codes of."""
     from hma_gym.envs.learned_env import ASSETS
