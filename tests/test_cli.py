@@ -1,6 +1,7 @@
 """Smoke runs of the CLI entry points."""
 
 import json
+import math
 
 import pytest
 
@@ -16,6 +17,7 @@ def test_help_lists_every_command(capsys):
         assert name in out
 
 
+@pytest.mark.slow
 def test_collect_then_render(tmp_path):
     data = tmp_path / "lift.hdf5"
     main(["collect", "--out", str(data), "--episodes", "2", "--image-size", "32", "--no-progress",
@@ -40,6 +42,7 @@ def test_bad_argument_is_a_clear_error(tmp_path, capsys):
     assert "episodes must be positive" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_demo_runs(tiny_checkpoint, tmp_path):
     from policies.demo import DemoConfig, demo
 
@@ -47,7 +50,8 @@ def test_demo_runs(tiny_checkpoint, tmp_path):
                              video=str(tmp_path / "demo.mp4")))
     assert report["episodes"] == 1 and (tmp_path / "demo.mp4").stat().st_size > 1000
     assert report["gt_success_rate"] == 1.0 and 0.0 <= report["learned_success_rate"] <= 1.0
-    assert report["gt_steps_per_s"] > 0 and report["learned_steps_per_s"] > 0
+    speeds = [report["gt_steps_per_s"], report["learned_steps_per_s"]]
+    assert all(math.isfinite(v) and v > 0 for v in speeds), speeds
 
 
 def test_repeated_list_flags_add_up():

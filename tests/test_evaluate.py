@@ -10,6 +10,7 @@ from hma_gym.metrics import wilson_interval
 from policies.registry import load_policy
 
 
+@pytest.mark.slow
 def test_evaluate_expert_in_gt_env(tmp_path):
     out = tmp_path / "gt.json"
     main(["evaluate", "--policy", "expert", "--env", "RobomimicLift-v0", "--episodes", "2", "--out", str(out),
@@ -17,9 +18,12 @@ def test_evaluate_expert_in_gt_env(tmp_path):
     report = json.loads(out.read_text())
     assert report["success_rate"] == 1.0 and report["episodes"] == 2 and not report["learned"]
     assert report["success_ci95"][0] < 1.0 <= report["success_ci95"][1]
-    assert report["steps_per_s"] > 0 and len(report["videos"]) == 1
+    assert report["env_steps"] == sum(e["length"] for e in report["per_episode"]) and len(report["videos"]) == 1
+    assert np.isfinite(report["wall_time_s"]) and report["wall_time_s"] > 0
+    assert report["steps_per_s"] == pytest.approx(report["env_steps"] / report["wall_time_s"])
 
 
+@pytest.mark.slow
 def test_evaluate_random_policy_in_learned_env_batched(tiny_checkpoint, tmp_path):
     out = tmp_path / "learned.json"
     main(["evaluate", "--policy", "random", "--env", "HMA-RobomimicLift-v0", "--checkpoint", str(tiny_checkpoint),
@@ -31,6 +35,7 @@ def test_evaluate_random_policy_in_learned_env_batched(tiny_checkpoint, tmp_path
     assert all(1 <= e["length"] <= 100 for e in report["per_episode"])
 
 
+@pytest.mark.slow
 def test_policy_specs(tiny_checkpoint):
     from hma_gym.envs.learned_env import HMAEnv
 

@@ -10,6 +10,21 @@ from hma_gym.checkpoint import CheckpointError
 from hma_gym.envs.learned_env import HMAEnv, HMAVectorEnv, check_paired
 from hma_gym.envs.robosuite_env import RobosuiteEnv
 
+# every test here uses the tiny pipeline of conftest.py (tiny_checkpoint)
+pytestmark = pytest.mark.slow
+
+
+def not_finite_or_positive(report, where: str = "") -> list[str]:
+    """The paths of the numbers in a benchmark report (nested dicts and lists) that are not finite and > 0;
+    bools, strings and None are not numbers here."""
+    if isinstance(report, dict):
+        return [p for k, v in report.items() for p in not_finite_or_positive(v, f"{where}.{k}")]
+    if isinstance(report, list | tuple):
+        return [p for i, v in enumerate(report) for p in not_finite_or_positive(v, f"{where}[{i}]")]
+    if isinstance(report, int | float) and not isinstance(report, bool) and not (np.isfinite(report) and report > 0):
+        return [f"{where} = {report}"]
+    return []
+
 
 @pytest.fixture(scope="module")
 def env(tiny_checkpoint):
@@ -261,9 +276,12 @@ def test_env_speed_times_other_model_sizes(tiny_checkpoint, tmp_path):
     obs, _ = wide.reset(seed=0)
     obs, *_ = wide.step(np.zeros(7, np.float32))
     assert np.isfinite(obs["robot0_eef_pos"]).all()
-    rows = size_rows(3, str(tiny_checkpoint), ["16x1x2"], "cpu")
-    assert [r["env"] for r in rows] == ["learned-single-16x1x2", "learned-vector-N16-16x1x2"]
-    assert all(r["steps_per_s"] > 0 and r["random_weights"] for r in rows)
+    rows = size_rows(3, str(tiny_checkpoint), ["48x3x2"], "cpu")
+    assert [r["env"] for r in rows] == ["learned-single-48x3x2", "learned-vector-N16-48x3x2"]
+    assert [r.get("num_envs") for r in rows] == [None, 16]
+    params = wide.sim.wm.dynamics.num_params() / 1e6  # "DxLxH" timed the model of that size
+    assert all(r["model"] == "48x3x2" and r["random_weights"] and r["params_dynamics_m"] == params for r in rows)
+    assert not_finite_or_positive(rows) == []
     wide.close()
     base.close()
 
@@ -286,8 +304,63 @@ def test_env_speed_times_variants_interleaved_with_gt(tiny_checkpoint):
         assert len(r["block_ratio_to_gt"]) == len(r["gt_block_steps_per_s"]) == 2
         expected = [a / b for a, b in zip(r["block_steps_per_s"], r["gt_block_steps_per_s"], strict=True)]
         assert r["block_ratio_to_gt"] == pytest.approx(expected)
-        assert r["median_ratio_to_gt"] == pytest.approx(float(np.median(expected))) and r["steps_per_s"] > 0
+        assert r["median_ratio_to_gt"] == pytest.approx(float(np.median(expected)))
+        assert r["steps_per_s"] == pytest.approx(float(np.median(r["block_steps_per_s"])))
+    assert [(r["variant"], r["num_envs"]) for r in rows] == [(spec, 1), (spec, 16)]
+    assert rows[0]["gt_block_steps_per_s"] == rows[1]["gt_block_steps_per_s"]  # one GT run serves both
+    assert not_finite_or_positive(rows) == []
 
+
+
+def test_env_speed_run_reports_what_it_timed(tiny_checkpoint, tmp_path, monkeypatch):
+    """`python -m benchmarks.env_speed` on the tiny checkpoint: the JSON it writes has the documented keys, one row
+    per configuration asked for, and every ratio and derived time recomputes from the rows it comes from. No
+    timing thresholds: this machine is shared."""
+    import json
+
+    import benchmarks.common as common
+    from benchmarks.env_speed import main
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    spec = str(tiny_checkpoint)
+    main(["--steps", "4", "--checkpoint", spec, "--vector-sizes", "1", "16", "--long-steps", "200", "--no-compile",
+          "--variants", spec])
+    out = json.loads((tmp_path / "env_speed.json").read_text())
+    assert set(out) == {"date", "command", "machine", "steps", "matmul_peak_gflops", "device", "learned", "rows",
+                        "targets"}
+    assert out["steps"] == 4 and out["device"] == "cpu"
+    rows = {r["env"]: r for r in out["rows"]}
+    gt = ["gt-no-camera", "gt-64px", "gt-84px", "gt-128px", "gt-84px-robosuite-default-render"]
+    assert list(rows) == [*gt, "learned-single", "learned-single-no-kv-cache", "learned-vector-N1",
+                          "learned-vector-N16", f"interleaved-single[{spec}]", f"interleaved-vector-N16[{spec}]"]
+    assert [rows[f"learned-vector-N{n}"]["num_envs"] for n in (1, 16)] == [1, 16]
+    gt64 = rows["gt-64px"]["steps_per_s"]
+    for r in out["rows"]:
+        assert r["ms_per_step"] == pytest.approx(1000 / r["steps_per_s"])
+        assert r["ratio_to_gt_64px"] == pytest.approx(r["steps_per_s"] / gt64)
+    info = out["learned"]
+    assert set(info) == {"device", "checkpoint", "params_dynamics_m", "unmasking_steps", "flops_per_frame_g",
+                         "achieved_gflops_single", "trunk_ms_per_frame_cached", "trunk_ms_per_frame_uncached",
+                         "flatness", "fraction_of_matmul_peak"}
+    assert info["checkpoint"] == spec
+    assert info["params_dynamics_m"] == rows[f"interleaved-single[{spec}]"]["params_dynamics_m"]
+    single = rows["learned-single"]["steps_per_s"]
+    assert info["achieved_gflops_single"] == pytest.approx(info["flops_per_frame_g"] * single)
+    assert info["fraction_of_matmul_peak"] == pytest.approx(info["achieved_gflops_single"] / out["matmul_peak_gflops"])
+    # the no-cache row is the single step with the trunk's cached time swapped for its uncached time
+    no_cache = 1 / (1 / single + (info["trunk_ms_per_frame_uncached"] - info["trunk_ms_per_frame_cached"]) / 1000)
+    assert rows["learned-single-no-kv-cache"]["steps_per_s"] == pytest.approx(no_cache)
+    flat = info["flatness"]
+    assert (flat["steps"], flat["block"], len(flat["ms_per_step_by_block"])) == (200, 100, 2)
+    assert [flat["ms_per_step_first_block"], flat["ms_per_step_last_block"]] == flat["ms_per_step_by_block"]
+    assert out["targets"] == pytest.approx({
+        "single_learned_vs_gt_64px": single / gt64,
+        "vector16_learned_vs_gt_64px": rows["learned-vector-N16"]["steps_per_s"] / gt64,
+        "kv_cache_speedup_env_step": single / rows["learned-single-no-kv-cache"]["steps_per_s"],
+        "kv_cache_speedup_trunk": info["trunk_ms_per_frame_uncached"] / info["trunk_ms_per_frame_cached"],
+        f"interleaved_single_{spec}_vs_gt_64px": rows[f"interleaved-single[{spec}]"]["median_ratio_to_gt"],
+        f"interleaved_vector16_{spec}_vs_gt_64px": rows[f"interleaved-vector-N16[{spec}]"]["median_ratio_to_gt"]})
+    assert not_finite_or_positive({k: v for k, v in out.items() if k != "machine"}) == []
 
 
 def test_compiled_env_matches_eager(tiny_checkpoint):
@@ -319,7 +392,10 @@ def test_compiled_env_matches_eager(tiny_checkpoint):
 
     rows = compiled_rows(3, str(tiny_checkpoint), "cpu", sizes=())
     assert [r["env"] for r in rows] == ["learned-single-compiled"]
-    assert rows[0]["steps_per_s"] > 0 and rows[0]["compile_s"] > 0 and rows[0]["eager_steps_per_s_interleaved"] > 0
+    assert set(rows[0]) == {"env", "compile_s", "steps_per_s", "eager_steps_per_s_interleaved", "speedup_vs_eager"}
+    row = rows[0]
+    assert row["speedup_vs_eager"] == pytest.approx(row["steps_per_s"] / row["eager_steps_per_s_interleaved"])
+    assert not_finite_or_positive(rows) == []
 
 
 def test_paired_psnr_replays_gt_episodes(tiny_checkpoint):

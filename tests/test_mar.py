@@ -134,6 +134,7 @@ def test_checkpoint_round_trip(tmp_path) -> None:
         assert ka == kb and torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_mar_pipeline_train_pack_env_and_eval(tiny_data, tokenizer_run, detector_run, tmp_path) -> None:
     """hma-gym train --head mar on real (tiny) Lift data, pack, then the learned env and eval-model run on it."""
     import json
@@ -213,6 +214,7 @@ def test_variant_mar_loads_the_shipped_checkpoint_or_says_none_ships() -> None:
             gym.make("HMA-RobomimicLift-v0", variant="mar")
 
 
+@pytest.mark.slow
 def test_warm_start_from_a_maskgit_run(tiny_data, tokenizer_run, dynamics_run, tmp_path) -> None:
     """--head mar --lattice-input --init MASKGIT_RUN --init-mode trunk: the shared weights are the MaskGIT
     model's, [MASK] embeds alike, a rounded latent embeds exactly as MaskGIT embeds its code, and --trainable
@@ -283,19 +285,57 @@ def test_warm_start_from_a_maskgit_run(tiny_data, tokenizer_run, dynamics_run, t
 
 def test_model_speed_times_the_shipped_checkpoints(tmp_path, monkeypatch) -> None:
     """benchmarks/model_speed --shipped: both shipped models, each at its own default decoding, in blocks."""
+    import json
+
     import benchmarks.common as common
     from benchmarks.model_speed import main
+    from hma_gym.envs.learned_env import default_checkpoint
+    from tests.test_learned_env import not_finite_or_positive
 
     monkeypatch.setattr(common, "RESULTS", tmp_path)
-    payload = main(["--shipped", "--batch", "1", "2", "--frames", "1", "--min-seconds", "0", "--blocks", "2"])
-    rows = payload["rows"]
-    assert {(r["variant"], r["batch"]) for r in rows} == {(v, b) for v in ("maskgit", "mar") for b in (1, 2)}
+    main(["--shipped", "--batch", "1", "2", "--frames", "1", "--min-seconds", "0", "--blocks", "2"])
+    out = json.loads((tmp_path / "model_speed_shipped.json").read_text())
+    assert set(out) == {"date", "command", "machine", "rows", "threads", "time_per_frame_vs_maskgit",
+                        "mar_time_per_frame_vs_maskgit"}
+    rows = out["rows"]
+    assert [(r["variant"], r["batch"]) for r in rows] == [(v, b) for b in (1, 2) for v in ("maskgit", "mar")]
+    for r in rows:
+        assert set(r) == {"variant", "preset", "checkpoint", "greedy", "params_m", "frames_per_s", "ms_per_frame",
+                          "block_frames_per_s", "device", "batch", "unmasking_steps"}
+        assert r["checkpoint"] == str(default_checkpoint(r["variant"])) and r["unmasking_steps"] == 2
+        assert len(r["block_frames_per_s"]) == 2  # --blocks
+        assert r["frames_per_s"] == pytest.approx(sum(r["block_frames_per_s"]) / 2)
+        assert r["ms_per_frame"] == pytest.approx(1000 / r["frames_per_s"])
     fps = {(r["variant"], r["batch"]): r["frames_per_s"] for r in rows}
-    assert payload["mar_time_per_frame_vs_maskgit"] == payload["time_per_frame_vs_maskgit"]["mar"]
-    assert payload["time_per_frame_vs_maskgit"]["mar"]["batch_2"] == pytest.approx(fps["maskgit", 2] / fps["mar", 2])
+    ratios = {f"batch_{b}": pytest.approx(fps["maskgit", b] / fps["mar", b]) for b in (1, 2)}
+    assert out["time_per_frame_vs_maskgit"] == {"mar": ratios} and out["mar_time_per_frame_vs_maskgit"] == ratios
     greedy = {r["variant"]: r["greedy"] for r in rows}
     assert greedy == {"maskgit": False, "mar": True}  # the checkpoints' generation settings
-    assert all(len(r["block_frames_per_s"]) == 2 and r["frames_per_s"] > 0 for r in rows)
-    assert (tmp_path / "model_speed_shipped.json").is_file()
+    assert not_finite_or_positive({k: v for k, v in out.items() if k != "machine"}) == []
     with pytest.raises(SystemExit):  # a shipped variant that is not a head: only with --shipped
         main(["--variants", "fast", "--presets", "tiny"])
+
+
+def test_model_speed_presets_time_the_frames_asked_for(tmp_path, monkeypatch) -> None:
+    """benchmarks/model_speed over a preset: one row per head with the batch, steps and frame count asked for
+    (--min-seconds 0: exactly --frames timed frames of --batch rows) and the MAR/MaskGIT ratio of those rows."""
+    import json
+
+    import benchmarks.common as common
+    from benchmarks.model_speed import main
+    from tests.test_learned_env import not_finite_or_positive
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    main(["--presets", "tiny", "--batch", "2", "--frames", "2", "--min-seconds", "0", "--steps", "3",
+          "--diffusion-steps", "4"])
+    out = json.loads((tmp_path / "model_speed.json").read_text())
+    assert set(out) == {"date", "command", "machine", "rows", "mar_time_per_frame_vs_maskgit", "threads"}
+    maskgit, mar = out["rows"]
+    assert (maskgit["variant"], mar["variant"]) == ("maskgit", "mar")
+    for r in out["rows"]:
+        assert (r["preset"], r["batch"], r["unmasking_steps"], r["timed_frames"]) == ("tiny", 2, 3, 4)
+        assert r["ms_per_frame"] == pytest.approx(1000 / r["frames_per_s"])
+    assert mar["diffusion_steps"] == 4 and 0 < mar["diffusion_head_params_m"] < mar["params_m"]
+    ratio = maskgit["frames_per_s"] / mar["frames_per_s"]  # time per frame: MAR's over MaskGIT's
+    assert out["mar_time_per_frame_vs_maskgit"] == {"tiny": pytest.approx(ratio)}
+    assert not_finite_or_positive({k: v for k, v in out.items() if k != "machine"}) == []
