@@ -92,7 +92,7 @@ def test_overfit_one_batch(patch_size: int, head: str) -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert set(metrics) == {"loss", "ce", "state_mse", "action_mse", "accuracy"}
+    assert set(metrics) == {"loss", "ce", "state_mse", "state_bin_ce", "action_mse", "accuracy"}
     assert seeded_loss(model, batch) < start
 
 
