@@ -23,6 +23,9 @@ from hma_gym.checkpoint import CheckpointError, check_checkpoint_dir
 from hma_gym.envs.learned_env import ASSETS, START_STD_LIMIT, VARIANTS, HMAEnv, HMAVectorEnv
 from hma_gym.envs.robosuite_env import RobosuiteEnv
 
+# one torch thread: on this busy 2-core machine two OpenMP threads make the shipped models' steps many times slower
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 FAST = ASSETS / VARIANTS["fast"]  # the smallest shipped checkpoint (64x64, 2 layers)
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -16,6 +16,9 @@ import torch
 
 from policies.registry import load_policy
 
+# one torch thread: on this busy 2-core machine two OpenMP threads make the shipped models' steps many times slower
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 IMAGE_OBS = gym.spaces.Dict({"agentview_image": gym.spaces.Box(0, 255, (36, 36, 3), np.uint8),
                              "robot0_eef_pos": gym.spaces.Box(-np.inf, np.inf, (3,), np.float32)})
 FLAT_OBS = gym.spaces.Box(-np.inf, np.inf, (5,), np.float32)

@@ -13,6 +13,9 @@ from gymnasium.utils.env_checker import check_env
 from hma_gym.checkpoint import CHECKPOINT_FILES, check_checkpoint_dir
 from hma_gym.envs.learned_env import ASSETS, VARIANTS, check_paired, default_checkpoint
 
+# one torch thread: on this busy 2-core machine two OpenMP threads make the shipped models' steps many times slower
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def same_tensors(path, base, name: str) -> bool:
     """Whether two checkpoint directories hold the same `name`.safetensors (keys and values)."""
