@@ -7,7 +7,13 @@ through zero-initialised weights (so the copy starts out predicting frames exact
 state head keeps its rows for the old dims and gets fresh ones for the new. Where a new key is the task's
 object state (`hma_gym.tasks`), the value its success predicate compares (Lift: the cube's height) is also
 binned (`EmbodimentSpec.state_bins`) with the success threshold as one edge, so generation commits to lifted
-or not. The new dims' statistics come from the data's train split. The output is a run directory that
+or not.
+
+The normalisation statistics of every state and action dim are refitted on the data's train split, and the
+change is folded into the first layers of the stems and the last layers of the heads, so the copy computes
+the same function in world units. That matters when the new data is broader than the source's: statistics
+fitted on expert motion give uniform random actions normalised values of ~20 (and random wrist rotations
+~100 for the quaternion), far outside what the stems ever saw. The output is a run directory that
 `hma-gym train --init OUT --proprio-keys ...` fine-tunes on data recorded with those keys.
 """
 
@@ -57,23 +63,49 @@ def source_keys(init: Path, meta: dict) -> list[str]:
     return list(meta["proprio_keys"])
 
 
-def key_statistics(cfg: AddStateConfig, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Per-dim mean and (floored) std of `keys`, concatenated, over the train demos of the data files."""
-    rows = []
+def statistics(cfg: AddStateConfig, keys: list[str]) -> tuple[np.ndarray, ...]:
+    """Per-dim mean and (floored) std of the state (`keys`, concatenated) and of the actions, over the train
+    demos of the data files: (state_mean, state_std, action_mean, action_std)."""
+    states, actions = [], []
     for path in (cfg.data, *cfg.extra_data):
         with h5py.File(path, "r", locking=False) as f:
             for name in list_demos(path, "train"):
-                obs = f["data"][name]["obs"]
+                demo = f["data"][name]
+                obs = demo["obs"]
                 missing = [cfg.key_map.get(k, k) for k in keys if cfg.key_map.get(k, k) not in obs]
                 if missing:
                     raise CheckpointError(f"{path}: {name} has no observation {missing} (collect records "
                                           f"'{OBJECT_KEY}' since issue 25)")
-                rows.append(np.concatenate([np.asarray(obs[cfg.key_map.get(k, k)], np.float64).reshape(
+                states.append(np.concatenate([np.asarray(obs[cfg.key_map.get(k, k)], np.float64).reshape(
                     len(obs[cfg.key_map.get(k, k)]), -1) for k in keys], axis=1))
-    if not rows:
+                actions.append(np.asarray(demo["actions"], np.float64))
+    if not states:
         raise CheckpointError(f"no train demos in {[cfg.data, *cfg.extra_data]}")
-    values = np.concatenate(rows)
-    return values.mean(0), np.maximum(values.std(0), cfg.min_std)
+    s, a = np.concatenate(states), np.concatenate(actions)
+    return s.mean(0), np.maximum(s.std(0), cfg.min_std), a.mean(0), np.maximum(a.std(0), cfg.min_std)
+
+
+@torch.no_grad()
+def restandardise_input(layer: torch.nn.Linear, old: tuple[np.ndarray, np.ndarray], new: tuple[np.ndarray, ...]):
+    """A layer reading inputs normalised with `old` (mean, std) reads ones normalised with `new` instead and
+    computes the same: x_old = (x_new * s_new + m_new - m_old) / s_old. Only the first len(old) inputs."""
+    (m_old, s_old), (m_new, s_new) = old, (new[0][: len(old[0])], new[1][: len(old[0])])
+    n = len(m_old)
+    w = layer.weight[:, :n].double()
+    layer.bias += (w @ torch.from_numpy((m_new - m_old) / s_old)).to(layer.bias.dtype)
+    layer.weight[:, :n] = (w * torch.from_numpy(s_new / s_old)).to(layer.weight.dtype)
+
+
+@torch.no_grad()
+def restandardise_output(layer: torch.nn.Linear, old: tuple[np.ndarray, np.ndarray], new: tuple[np.ndarray, ...]):
+    """A layer predicting values normalised with `old` predicts them normalised with `new` instead: y_new =
+    (y_old * s_old + m_old - m_new) / s_new. Only the first len(old) outputs."""
+    (m_old, s_old), (m_new, s_new) = old, (new[0][: len(old[0])], new[1][: len(old[0])])
+    n = len(m_old)
+    scale = torch.from_numpy(s_old / s_new)
+    layer.weight[:n] = (layer.weight[:n].double() * scale[:, None]).to(layer.weight.dtype)
+    layer.bias[:n] = (layer.bias[:n].double() * scale + torch.from_numpy((m_old - m_new) / s_new)).to(
+        layer.bias.dtype)
 
 
 def add_state(cfg: AddStateConfig) -> dict:
@@ -90,10 +122,10 @@ def add_state(cfg: AddStateConfig) -> dict:
     spec = source.config.embodiments.get(cfg.embodiment)
     if spec is None:
         raise CheckpointError(f"{cfg.init} has no embodiment {cfg.embodiment!r} ({source.embodiment_names})")
-    mean, std = key_statistics(cfg, added)
+    state_mean, state_std, action_mean, action_std = statistics(cfg, new_keys)
     old_dim = spec.state_dim
-    state_mean = np.concatenate([norm[f"{prefix}state_mean"].numpy(), mean]).astype(np.float32)
-    state_std = np.concatenate([norm[f"{prefix}state_std"].numpy(), std]).astype(np.float32)
+    old_state = (norm[f"{prefix}state_mean"].double().numpy(), norm[f"{prefix}state_std"].double().numpy())
+    old_action = (norm[f"{prefix}action_mean"].double().numpy(), norm[f"{prefix}action_std"].double().numpy())
 
     # the value the task's success predicate thresholds is also predicted as an interval
     bins, task = [], object_task(cfg.task)
@@ -123,6 +155,12 @@ def add_state(cfg: AddStateConfig) -> dict:
     fresh = [k for k in missing if ".bin_heads." not in k]
     if fresh or unexpected:
         raise CheckpointError(f"add-state could not copy {cfg.init}: missing {fresh}, unexpected {unexpected}")
+    mods = model.embodiments[cfg.embodiment]
+    restandardise_input(mods.state_stem, old_state, (state_mean, state_std))
+    restandardise_output(mods.state_head.proj, old_state, (state_mean, state_std))
+    for layer in (mods.action_stem.to_tokens.fc, mods.action_stem.to_cond.fc):
+        restandardise_input(layer, old_action, (action_mean, action_std))
+    restandardise_output(mods.action_head.proj, old_action, (action_mean, action_std))
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -131,9 +169,10 @@ def add_state(cfg: AddStateConfig) -> dict:
     run_meta = {"hma": config.to_dict(), "trained_steps": meta.get("trained_steps"), "image_key": cfg.image_key,
                 "proprio_keys": new_keys, "add_state": report}
     save_module(out, "dynamics", model, run_meta)
-    norm_out = {k: v for k, v in norm.items() if not k.startswith(f"{prefix}state_")}
-    norm_out[f"{prefix}state_mean"] = torch.from_numpy(state_mean)
-    norm_out[f"{prefix}state_std"] = torch.from_numpy(state_std)
+    norm_out = dict(norm)
+    for name, value in (("state_mean", state_mean), ("state_std", state_std), ("action_mean", action_mean),
+                        ("action_std", action_std)):
+        norm_out[f"{prefix}{name}"] = torch.from_numpy(np.asarray(value, np.float32))
     save_tensors(out / "normalization.safetensors", norm_out)
     print(json.dumps(report, indent=2))
     return report

@@ -9,6 +9,12 @@ every rule "probability >= threshold on k frames in a row" is scored against the
 outcomes. The rule with the best balanced accuracy (ties: higher accuracy, fewer frames, then the
 threshold nearest the detector's own) is reported and, with `--write`, stored in the checkpoint's `generation` settings,
 which the learned env reads.
+
+A checkpoint whose world model predicts the task's object state is scored by the task's predicate on that
+state instead (no rule to choose); for it the report gives that verdict's agreement with the episodes' true
+outcomes. For every checkpoint the per-step uncertainty (`info["uncertainty"]`) of these in-distribution
+replays is recorded, and its `uncertainty_quantile` quantile becomes `generation.uncertainty_limit`: the
+level above which a step is outside what the model saw in training (unjudged).
 """
 
 from __future__ import annotations
@@ -45,8 +51,11 @@ class CalibrateConfig(DataConfig):
     """Sampling seed of the first replay."""
     out: str = "outputs/calibrate_success.json"
     """JSON report path."""
+    uncertainty_quantile: float = 0.99
+    """Quantile of the replays' per-step uncertainty taken as the checkpoint's uncertainty_limit."""
     write: bool = False
-    """Store the chosen rule in the checkpoint's config.json (generation.success_threshold/_frames)."""
+    """Store the chosen rule (generation.success_threshold/_frames; for detector checkpoints) and the
+    uncertainty limit (generation.uncertainty_limit) in the checkpoint's config.json."""
     device: str = "cpu"
     """cpu or cuda."""
     progress: bool = True
@@ -63,11 +72,12 @@ def first_run(hits: np.ndarray, k: int) -> np.ndarray:
     return found
 
 
-def replay_probabilities(env, episodes: list[Episode], seed: int, progress: bool = True) -> np.ndarray:
+def replay_probabilities(env, episodes: list[Episode], seed: int, progress: bool = True,
+                         ) -> tuple[np.ndarray, np.ndarray]:
     """Replay every episode's actions from its first observation through the rollout loop, in a batched
     learned env with one row per episode (made with `terminate_on_success=False`).
 
-    Returns the detector's probability (N, T) for each step, NaN past an episode's end.
+    Returns the success probability and the uncertainty (N, T) of each step, NaN past an episode's end.
     """
     sim = env.sim
 
@@ -78,17 +88,19 @@ def replay_probabilities(env, episodes: list[Episode], seed: int, progress: bool
     lengths = [len(e.actions) for e in episodes]
     action_dim = env.single_action_space.shape[0]
     probs = np.full((len(episodes), max(lengths)), np.nan, dtype=np.float32)
+    uncertainty = np.full_like(probs, np.nan)
     t = np.zeros(len(episodes), dtype=np.int64)
 
     def record(i, obs, action, reward, next_obs, info):
         probs[i, t[i]] = info["success_prob"]
+        uncertainty[i, t[i]] = info["uncertainty"]
         t[i] += 1
 
     hma_gym.rollout(env, ReplayPolicy([e.actions[:, :action_dim] for e in episodes]), len(episodes),
                     seeds=[seed + i for i in range(len(episodes))], reset_options=starts,
                     steps_after_success=10**9, max_steps=lengths, progress=progress,
                     desc="replay held-out episodes", on_step=record)
-    return probs
+    return probs, uncertainty
 
 
 def score_rules(probs: np.ndarray, labels: np.ndarray, thresholds, max_frames: int) -> list[dict]:
@@ -112,21 +124,31 @@ def calibrate_success(cfg: CalibrateConfig) -> dict:
         raise ValueError(f"split must be valid or train. Got {cfg.split=}")
     if cfg.repeats < 1 or cfg.max_frames < 1:
         raise ValueError("repeats and max_frames must be >= 1")
+    if not 0 < cfg.uncertainty_quantile <= 1:
+        raise ValueError(f"uncertainty_quantile must be in (0, 1]. Got {cfg.uncertainty_quantile=}")
     data = DataConfig(**{k: getattr(cfg, k) for k in DataConfig.__dataclass_fields__})
-    data.image_size = int(load_json(Path(checkpoint) / "config.json")["env"]["image_size"])
+    env_config = load_json(Path(checkpoint) / "config.json")["env"]
+    data.image_size = int(env_config["image_size"])
+    data.proprio_keys = tuple(k for k, _ in env_config["proprio"])  # the model's state, e.g. with `object`
     episodes = load_episodes(data, cfg.split, progress=cfg.progress)
     labels = np.array([bool(e.success.any()) for e in episodes])
     # one row per episode; the success rule is not applied (episodes run to their end)
     env = HMAVectorEnv(num_envs=len(episodes), checkpoint=checkpoint, device=cfg.device, terminate_on_success=False,
-                       max_episode_steps=10**9)
-    wm = env.sim.wm
-    probs = np.concatenate([replay_probabilities(env, episodes, cfg.seed + 1000 * r, cfg.progress)
-                            for r in range(cfg.repeats)])
+                       max_episode_steps=10**9, uncertainty_limit=float("inf"))
+    wm, state_verdict = env.sim.wm, env.sim.object_task is not None
+    runs = [replay_probabilities(env, episodes, cfg.seed + 1000 * r, cfg.progress) for r in range(cfg.repeats)]
     env.close()
+    probs = np.concatenate([p for p, _ in runs])
+    uncertainty = np.concatenate([u for _, u in runs])
     labels_all = np.tile(labels, cfg.repeats)
-    rows = score_rules(probs, labels_all, cfg.thresholds, cfg.max_frames)
-    best = choose(rows, wm.threshold)
-    default = next((r for r in rows if r["frames"] == 1 and abs(r["threshold"] - wm.threshold) < 1e-9), None)
+    limit = float(np.nanquantile(uncertainty, cfg.uncertainty_quantile))
+    if state_verdict:  # the task's predicate on the predicted state: one frame, probability 0 or 1
+        rows = score_rules(probs, labels_all, (0.5,), 1)
+        best = default = rows[0]
+    else:
+        rows = score_rules(probs, labels_all, cfg.thresholds, cfg.max_frames)
+        best = choose(rows, wm.threshold)
+        default = next((r for r in rows if r["frames"] == 1 and abs(r["threshold"] - wm.threshold) < 1e-9), None)
     report = {
         "checkpoint": checkpoint,
         "data": cfg.data,
@@ -135,8 +157,14 @@ def calibrate_success(cfg: CalibrateConfig) -> dict:
         "episodes": len(episodes),
         "successful_episodes": int(labels.sum()),
         "repeats": cfg.repeats,
-        "detector_threshold": wm.threshold,
+        "verdict": "object-state predicate" if state_verdict else "detector",
+        "detector_threshold": None if state_verdict else wm.threshold,
         "chosen": best,
+        "uncertainty_limit": limit,
+        "uncertainty_quantile": cfg.uncertainty_quantile,
+        "uncertainty_by_outcome": {name: float(np.nanmean(uncertainty[labels_all == value]))
+                                   for name, value in (("successful", True), ("failed", False))
+                                   if (labels_all == value).any()},
         "single_frame_at_detector_threshold": default,
         "rules": rows,
         "config": asdict(cfg),
@@ -144,14 +172,16 @@ def calibrate_success(cfg: CalibrateConfig) -> dict:
     if cfg.write:
         config_path = Path(checkpoint) / "config.json"
         config = load_json(config_path)
-        config.setdefault("generation", {}).update(
-            {"success_threshold": best["threshold"], "success_frames": best["frames"]})
+        generation = config.setdefault("generation", {})
+        generation["uncertainty_limit"] = limit
+        if not state_verdict:
+            generation.update({"success_threshold": best["threshold"], "success_frames": best["frames"]})
         config.setdefault("provenance", {})["success_calibration"] = {
             k: report[k] for k in ("data", "extra_data", "split", "episodes", "successful_episodes", "repeats")} | {
             "balanced_accuracy": best["balanced_accuracy"], "accuracy": best["accuracy"]}
         save_json(config_path, config)
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     Path(cfg.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({k: report[k] for k in ("checkpoint", "episodes", "successful_episodes", "chosen",
-                                              "single_frame_at_detector_threshold")}, indent=2))
+    print(json.dumps({k: report[k] for k in ("checkpoint", "episodes", "successful_episodes", "verdict", "chosen",
+                                              "single_frame_at_detector_threshold", "uncertainty_limit")}, indent=2))
     return report
