@@ -82,3 +82,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+PIPELINE_FIXTURES = {"tiny_data", "tokenizer_run", "dynamics_run", "detector_run", "tiny_checkpoint"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that build or use the tiny pipeline above are slow (minutes the first time): mark them so, so the
+    fast tier (`pytest -m "not slow"`) stays fast without each test having to remember."""
+    for item in items:
+        if PIPELINE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
