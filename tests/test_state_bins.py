@@ -58,9 +58,9 @@ def test_bin_loss_trains_the_bin_head():
     assert float(metrics["state_bin_ce"]) < 0.5 * first  # one batch, memorised
 
 
-def force(model, interval: int) -> None:
+def force(model, interval: int, name: str = "arm") -> None:
     """The bin head always says `interval`."""
-    head = model.embodiments["arm"].bin_heads[0]
+    head = model.embodiments[name].bin_heads[0]
     with torch.no_grad():
         head.weight.zero_()
         head.bias.fill_(-30.0)
@@ -120,6 +120,57 @@ def test_learned_env_uncertainty_is_finite_and_higher_on_noise():
     env.close()
     assert np.isfinite(clean + noisy).all()
     assert 0 < max(clean) < min(noisy) < 1, (clean, noisy)
+
+
+@pytest.fixture(scope="module")
+def object_checkpoint(tmp_path_factory):
+    """The shipped model grown by add-state to predict `object` (not trained further), packed with a bank of
+    two real GT starts that hold `object`."""
+    from hma_gym.envs.learned_env import default_checkpoint
+    from training.add_state import AddStateConfig, add_state
+    from training.collect import CollectConfig, collect
+    from training.pack import PackConfig, pack
+
+    tmp = tmp_path_factory.mktemp("object")
+    data = tmp / "d.hdf5"
+    collect(CollectConfig(out=str(data), policy="zero", episodes=2, max_steps=3, seed=11, progress=False))
+    keys = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object")
+    add_state(AddStateConfig(init=str(default_checkpoint()), data=str(data), proprio_keys=keys, out=str(tmp / "r")))
+    lift = str(default_checkpoint())
+    pack(PackConfig(out=str(tmp / "ckpt"), tokenizer=lift, dynamics=str(tmp / "r"), detector=lift, data=str(data),
+                    bank_size=2))
+    return tmp / "ckpt"
+
+
+@pytest.mark.parametrize("interval,lifted", [(1, False), (6, True), (10, True)])
+def test_learned_success_follows_the_predicted_object_state(object_checkpoint, interval, lifted):
+    """A model whose cube-height interval is forced: the env's verdict is the task's predicate on the predicted
+    object state (interval 6 starts just above the 0.84 m threshold), `object` is returned only when asked,
+    and a paired start without `object` is refused with a hint."""
+    import gymnasium as gym
+
+    import hma_gym  # noqa: F401
+    from hma_gym.tasks import LIFT, OBJECT_KEY
+
+    keys = ("agentview_image", "robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", OBJECT_KEY)
+    plain = gym.make("HMA-RobomimicLift-v0", checkpoint=object_checkpoint)
+    assert OBJECT_KEY not in plain.observation_space.spaces
+    obs, _ = plain.reset(seed=0)
+    with pytest.raises(ValueError, match="lacks 'object'.*obs_keys"):
+        plain.reset(options={"initial_observation": obs})
+    plain.close()
+
+    env = gym.make("HMA-RobomimicLift-v0", checkpoint=object_checkpoint, obs_keys=keys)
+    force(env.unwrapped.sim.wm.dynamics, interval, name="panda_osc_pose")
+    obs, _ = env.reset(seed=0)
+    assert not LIFT.success(obs[OBJECT_KEY])  # a GT start: the cube rests
+    obs, reward, terminated, _, info = env.step(np.zeros(7, np.float32))
+    height = float(LIFT.field(obs[OBJECT_KEY], "cube_pos")[2])
+    edges = (-np.inf, *LIFT.verdict_edges, np.inf)
+    assert edges[interval] < height <= edges[interval + 1]
+    assert info["is_success"] == lifted == bool(LIFT.success(obs[OBJECT_KEY])) == terminated
+    assert reward == float(lifted) and info["uncertainty"] < 0.5
+    env.close()
 
 
 def test_add_state_grows_the_state_and_keeps_the_frames(tmp_path):

@@ -167,7 +167,8 @@ def add_state(cfg: AddStateConfig) -> dict:
     report = {"init": cfg.init, "added_keys": added, "state_dim": [old_dim, len(state_mean)],
               "grown": sorted(grown), "state_bins": [list(b) for b in bins]}
     run_meta = {"hma": config.to_dict(), "trained_steps": meta.get("trained_steps"), "image_key": cfg.image_key,
-                "proprio_keys": new_keys, "add_state": report}
+                "proprio_keys": new_keys, "embodiment": cfg.embodiment, "action_stride": cfg.action_stride,
+                "data": cfg.data, "add_state": report}
     save_module(out, "dynamics", model, run_meta)
     norm_out = dict(norm)
     for name, value in (("state_mean", state_mean), ("state_std", state_std), ("action_mean", action_mean),
