@@ -69,7 +69,7 @@ def test_every_bank_start_and_gt_reset_passes_the_range_check(variant):
     bank = load_file(str(ASSETS / VARIANTS[variant] / "init_bank.safetensors"))
     for i in range(len(bank["agentview_image"])):
         sim.check_observation({k: v[i].numpy() for k, v in bank.items()})
-    gt = RobosuiteEnv()
+    gt = RobosuiteEnv(obs_keys=tuple(sim.model_space.spaces))  # a paired start holds the model's whole state
     for seed in range(6):
         sim.check_observation(gt.reset(seed=seed)[0])
     gt.close()

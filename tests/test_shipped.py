@@ -28,8 +28,9 @@ def same_tensors(path, base, name: str) -> bool:
 def step_from_gt_reset(learned: gym.Env, seed: int, steps: int = 3) -> None:
     """Spaces paired with the GT env's; reset from its observation, then `steps` zero-action steps give valid
     observations and a success probability."""
-    gt = gym.make("RobomimicLift-v0")
-    check_paired(gt, learned)
+    check_paired(gym.make("RobomimicLift-v0"), learned)
+    # the paired start holds the model's whole state (robomimic's `object` too, where the model predicts it)
+    gt = gym.make("RobomimicLift-v0", obs_keys=tuple(learned.unwrapped.sim.model_space.spaces))
     gt_obs, _ = gt.reset(seed=seed)
     learned.reset(seed=seed, options={"initial_observation": gt_obs})
     for _ in range(steps):
@@ -116,6 +117,8 @@ def test_make_without_arguments_matches_the_gt_env():
     from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
     sb3_check_env(learned.unwrapped, warn=True)
+    gt.close()
+    gt = gym.make("RobomimicLift-v0", obs_keys=tuple(learned.unwrapped.sim.model_space.spaces))
     gt_obs, _ = gt.reset(seed=0)
     obs, _ = learned.reset(seed=0, options={"initial_observation": gt_obs})
     np.testing.assert_array_equal(obs["agentview_image"], gt_obs["agentview_image"])
