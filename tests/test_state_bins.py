@@ -230,3 +230,18 @@ def test_add_state_grows_the_state_and_keeps_the_frames(tmp_path):
     actions = np.concatenate([read_demo(data, d)["actions"] for d in list_demos(data, "train")])
     np.testing.assert_allclose(norm["panda_osc_pose/action_mean"], actions.mean(0), atol=1e-5)
     np.testing.assert_allclose(norm["panda_osc_pose/action_std"], np.maximum(actions.std(0), 1e-2), atol=1e-5)
+
+
+def test_checkpoints_without_object_state_warn_that_their_verdict_is_unverified(object_checkpoint):
+    import warnings
+
+    import gymnasium as gym
+
+    import hma_gym  # noqa: F401
+    from hma_gym.envs.learned_env import UnverifiedVerdictWarning
+
+    with pytest.warns(UnverifiedVerdictWarning, match="does not predict the object state"):
+        gym.make("HMA-RobomimicLift-v0", variant="fast").close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnverifiedVerdictWarning)
+        gym.make("HMA-RobomimicLift-v0", checkpoint=object_checkpoint).close()

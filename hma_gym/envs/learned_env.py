@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,11 @@ from hma_gym.tasks import OBJECT_KEY, object_task
 from hma_gym.world_model import WorldModel
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+
+class UnverifiedVerdictWarning(UserWarning):
+    """A learned env whose success verdict is known not to fail bad policies (no object-state prediction)."""
+
 VARIANTS = {"maskgit": "lift", "mar": "lift_mar", "fast": "lift_fast", "fsq15k": "lift_15k"}
 # A start's low-dimensional values must lie within this many state std of the checkpoint's state mean: far
 # beyond any real start (the shipped banks lie within 3; training floors std at 0.01, so every unit quaternion
@@ -118,6 +124,14 @@ class _LearnedSim:
         # `success_threshold` on `success_frames` frames in a row
         self.object_task = object_task(self.env_config.get("task", ""))
         if OBJECT_KEY not in dict(self.proprio):
+            if self.object_task is not None:
+                warnings.warn(
+                    f"{path.name}: this world model does not predict the object state, so its success verdict comes "
+                    "from a pixel detector trained on clean ground-truth frames; it is not to be trusted for "
+                    "policies unlike the model's training data (uniform random actions 'succeed' in every episode; "
+                    "MuJoCo: none). No shipped checkpoint predicts the object state yet (issue 25); one that does "
+                    "(hma-gym add-state, then train --init: docs/training.md) is scored by the task's own predicate",
+                    UnverifiedVerdictWarning, stacklevel=4)
             self.object_task = None
         default_frames = 1 if self.object_task else int(generation.get("success_frames", 1))
         success_frames = default_frames if success_frames is None else success_frames
