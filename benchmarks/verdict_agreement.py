@@ -87,7 +87,7 @@ def run_gt(spec: str, seeds: list[int], max_steps: int, policy_seed: int, obs_ke
         z = np.load(cache, allow_pickle=False)
         n = len(seeds)
         starts = [{k[6:]: z[k][i] for k in z.files if k.startswith("start/")} for i in range(n)]
-        return list(z["success"]), [z[f"actions/{i}"] for i in range(n)], starts
+        return [bool(x) for x in z["success"]], [z[f"actions/{i}"] for i in range(n)], starts
     env = gym.make("RobomimicLift-v0", terminate_on_success=False, max_episode_steps=max_steps, obs_keys=obs_keys)
     policy = load_policy(spec, env, seed=policy_seed)
     actions: dict[int, list[np.ndarray]] = {}
