@@ -52,15 +52,15 @@ def frames_per_second(model, batch: int, frames: int, steps: int, diffusion_step
     ids = torch.zeros(batch, dtype=torch.long, device=device)
     state = torch.zeros(batch, 9, device=device)
     action = torch.zeros(batch, 7, device=device)
-    shape = (batch, 16, 16, 4) if cfg.soft else (batch, 16, 16)
-    prompt = torch.zeros(shape, device=device) if cfg.soft else torch.zeros(shape, dtype=torch.long, device=device)
+    shape = (batch, 16, 16, 4) if cfg.continuous else (batch, 16, 16)
+    prompt = torch.zeros(shape, device=device, dtype=torch.float32 if cfg.continuous else torch.long)
     cache = model.new_cache(batch)
     gen = torch.Generator(device=device).manual_seed(0)
     for t in range(4):
         model.append_frame(cache, prompt, state, None if t == 0 else action, ids, return_hidden=False)
 
     def one() -> None:
-        kw = {"diffusion_steps": diffusion_steps} if cfg.soft else {}
+        kw = {"diffusion_steps": diffusion_steps} if cfg.continuous else {}
         tokens, s = model.generate_frame(cache, action, ids, steps=steps, generator=gen, greedy=greedy, **kw)
         model.append_frame(cache, tokens, s, action, ids, return_hidden=False)
 

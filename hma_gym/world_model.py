@@ -148,14 +148,14 @@ class WorldModel(nn.Module):
 
     # ------------------------------------------------------------------ images
     @property
-    def soft(self) -> bool:
+    def continuous(self) -> bool:
         """A continuous (mar) world model: its tokens are the tokenizer's latents, not codes."""
-        return self.dynamics.config.soft
+        return self.dynamics.config.continuous
 
     @torch.no_grad()
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 (B, H, W, 3) frames -> tokens (B, g, g); mar: latents (B, g, g, C) float32."""
-        if self.soft:
+        if self.continuous:
             return self.tokenizer.encode_latent(frames.to(self.device)).permute(0, 2, 3, 1).contiguous()
         return self.tokenizer.encode(frames.to(self.device))
 

@@ -1,4 +1,4 @@
-"""The continuous ("mar") HMA variant: soft tokens (latents) with a per-token diffusion head."""
+"""The continuous ("mar") HMA variant: continuous latents with a per-token diffusion head."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def tiny_mar(seed: int = 0, **overrides) -> HMA:
     return make_hma("tiny", **{**kwargs, **overrides})
 
 
-def soft_batch(ids: list[int], seed: int = 0) -> dict[str, torch.Tensor]:
+def latent_batch(ids: list[int], seed: int = 0) -> dict[str, torch.Tensor]:
     batch = make_batch(ids, seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)
     # smooth latents: a per-sample pattern that drifts over time, as frames of a video do
@@ -43,7 +43,7 @@ def test_config_and_shapes() -> None:
     with pytest.raises(ValueError, match="diff_width"):
         HMAConfig(head="mar", diff_width=0)
     cfg = tiny_mar().config
-    assert cfg.soft and HMAConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.continuous and HMAConfig.from_dict(cfg.to_dict()) == cfg
     model = tiny_mar()
     assert isinstance(model.image, DiffusionHead) and model.image.units == model.n_slots
     with pytest.raises(ValueError, match="latents must be"):
@@ -67,7 +67,7 @@ def test_latent_slot_round_trip() -> None:
 
 def test_training_lowers_the_diffusion_loss() -> None:
     model = tiny_mar()
-    batch = soft_batch([0, 1, 0, 1])
+    batch = latent_batch([0, 1, 0, 1])
     start = seeded_loss(model, batch)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(60):
@@ -84,7 +84,7 @@ def test_sampling_is_finite_and_deterministic_under_a_seed() -> None:
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    batch = soft_batch([0, 1])
+    batch = latent_batch([0, 1])
 
     def run(seed: int, **kw):
         cache = model.new_cache(2)
@@ -112,7 +112,7 @@ def test_cache_matches_uncached_clean_stream() -> None:
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    batch = soft_batch([0, 1])
+    batch = latent_batch([0, 1])
     full = model.forward_clean(batch["tokens"], batch["actions"], batch["states"], batch["embodiment_ids"])
     cache = model.new_cache(2)
     hidden = []
@@ -207,7 +207,7 @@ def test_variant_mar_loads_the_shipped_checkpoint_or_says_none_ships() -> None:
         gym.make("HMA-RobomimicLift-v0", diffusion_steps=5)  # the shipped MaskGIT checkpoint
     if (ASSETS / VARIANTS["mar"]).is_dir():
         env = gym.make("HMA-RobomimicLift-v0", variant="mar")
-        assert env.unwrapped.sim.wm.soft
+        assert env.unwrapped.sim.wm.continuous
         env.close()
     else:
         with pytest.raises(CheckpointError, match="no mar checkpoint ships"):

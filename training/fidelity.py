@@ -164,7 +164,7 @@ def fidelity_report(wm: WorldModel, episodes: list[Episode], windows: list[tuple
         "delta_psnr": float(delta.mean()),
         "last_frame_psnr": float(p[:, -1].mean()),
         "last_frame_psnr_random_actions": float(np.mean(last_random)),
-        "perplexity": None if wm.soft else first_step_perplexity(wm, episodes, windows, n_prompt,
+        "perplexity": None if wm.continuous else first_step_perplexity(wm, episodes, windows, n_prompt,
                                                                              batch_size=batch_size),
         "eef_pos_mae_m": float(state_err[..., :3].mean()),
         "state_mae": float(state_err.mean()),

@@ -113,7 +113,7 @@ class _LearnedSim:
                              f"(the tokens of a frame). Got {steps=}")
         if not greedy and temperature <= 0:
             raise ValueError(f"temperature must be > 0 (or greedy=True). Got {temperature=}")
-        if diffusion_steps is not None and (not self.wm.soft or int(diffusion_steps) < 1):
+        if diffusion_steps is not None and (not self.wm.continuous or int(diffusion_steps) < 1):
             raise ValueError("diffusion_steps (DDIM steps per token) needs a mar checkpoint and must be >= 1. "
                              f"Got {diffusion_steps=} for a {self.wm.dynamics.config.head} model")
         self.diffusion_steps = None if diffusion_steps is None else int(diffusion_steps)

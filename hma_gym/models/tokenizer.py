@@ -23,7 +23,7 @@ parameters): ~30 dB PSNR; tokens of pixel-identical cells kept between consecuti
 97.4% with the temporal term (weight 0.05), 94.7% without, 96.8% with GroupNorm.
 
 ``encode_latent`` / ``quantize`` / ``decode_latent`` expose the continuous side of the
-bottleneck for a "soft token" variant.
+bottleneck for the continuous-latent (mar) variant.
 """
 
 from __future__ import annotations

@@ -83,7 +83,7 @@ class HMAConfig:
     """Robots by name; each gets its own action/state stems and heads."""
     head: str = "maskgit"
     """Image head: "maskgit" (discrete codes, cross-entropy, sampled from logits) or "mar" (continuous
-    latents, "soft tokens", a per-token diffusion MLP conditioned on the trunk output, as in MAR)."""
+    latents, a per-token diffusion MLP conditioned on the trunk output, as in MAR)."""
     latent_dim: int = 4
     """mar: channels of one latent cell (the tokenizer's pre-quantisation channels); a trunk token holds
     patch_size**2 cells."""
@@ -171,7 +171,7 @@ class HMAConfig:
                              f"{self.latent_dim=}")
 
     @property
-    def soft(self) -> bool:
+    def continuous(self) -> bool:
         """True for the continuous ("mar") variant: image tokens are float latents (..., latent_dim)."""
         return self.head == "mar"
 

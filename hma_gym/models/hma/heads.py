@@ -442,7 +442,7 @@ class LatticeTable(nn.Module):
 
 
 class DiffusionHead(ImageHead):
-    """Continuous latents ("soft tokens") predicted by a per-token diffusion MLP conditioned on the trunk
+    """Continuous latents predicted by a per-token diffusion MLP conditioned on the trunk
     output (MAR's DiffLoss): ``loss`` is the noise-prediction MSE (DDPM noising, diffusers), ``sample``
     runs DDIM. A slot is the unit: it embeds its p*p latent cells (one linear layer, or ``latent_levels``'
     lattice table) or, if any of them is masked, the learned [MASK] vector; the head denoises all p*p*C
