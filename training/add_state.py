@@ -63,10 +63,11 @@ def source_keys(init: Path, meta: dict) -> list[str]:
     return list(meta["proprio_keys"])
 
 
-def statistics(cfg: AddStateConfig, keys: list[str]) -> tuple[np.ndarray, ...]:
+def statistics(cfg: AddStateConfig, keys: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                                                                dict[str, int]]:
     """Per-dim mean and (floored) std of the state (`keys`, concatenated) and of the actions, over the train
-    demos of the data files: (state_mean, state_std, action_mean, action_std)."""
-    states, actions = [], []
+    demos of the data files, and each key's width: (state_mean, state_std, action_mean, action_std, widths)."""
+    states, actions, widths = [], [], {}
     for path in (cfg.data, *cfg.extra_data):
         with h5py.File(path, "r", locking=False) as f:
             for name in list_demos(path, "train"):
@@ -76,13 +77,15 @@ def statistics(cfg: AddStateConfig, keys: list[str]) -> tuple[np.ndarray, ...]:
                 if missing:
                     raise CheckpointError(f"{path}: {name} has no observation {missing} (collect records "
                                           f"'{OBJECT_KEY}' since issue 25)")
-                states.append(np.concatenate([np.asarray(obs[cfg.key_map.get(k, k)], np.float64).reshape(
-                    len(obs[cfg.key_map.get(k, k)]), -1) for k in keys], axis=1))
+                parts = [np.asarray(obs[cfg.key_map.get(k, k)], np.float64) for k in keys]
+                parts = [p.reshape(len(p), -1) for p in parts]
+                widths = {k: p.shape[1] for k, p in zip(keys, parts, strict=True)}
+                states.append(np.concatenate(parts, axis=1))
                 actions.append(np.asarray(demo["actions"], np.float64))
     if not states:
         raise CheckpointError(f"no train demos in {[cfg.data, *cfg.extra_data]}")
     s, a = np.concatenate(states), np.concatenate(actions)
-    return s.mean(0), np.maximum(s.std(0), cfg.min_std), a.mean(0), np.maximum(a.std(0), cfg.min_std)
+    return s.mean(0), np.maximum(s.std(0), cfg.min_std), a.mean(0), np.maximum(a.std(0), cfg.min_std), widths
 
 
 @torch.no_grad()
@@ -122,7 +125,7 @@ def add_state(cfg: AddStateConfig) -> dict:
     spec = source.config.embodiments.get(cfg.embodiment)
     if spec is None:
         raise CheckpointError(f"{cfg.init} has no embodiment {cfg.embodiment!r} ({source.embodiment_names})")
-    state_mean, state_std, action_mean, action_std = statistics(cfg, new_keys)
+    state_mean, state_std, action_mean, action_std, widths = statistics(cfg, new_keys)
     old_dim = spec.state_dim
     old_state = (norm[f"{prefix}state_mean"].double().numpy(), norm[f"{prefix}state_std"].double().numpy())
     old_action = (norm[f"{prefix}action_mean"].double().numpy(), norm[f"{prefix}action_std"].double().numpy())
@@ -131,7 +134,7 @@ def add_state(cfg: AddStateConfig) -> dict:
     bins, task = [], object_task(cfg.task)
     if task is not None and OBJECT_KEY in added:
         field_offset, field_dim = task.field_offset(task.verdict_field)
-        i = old_dim + sum(_width(cfg, k) for k in added[: added.index(OBJECT_KEY)]) + field_offset + task.verdict_index
+        i = old_dim + sum(widths[k] for k in added[: added.index(OBJECT_KEY)]) + field_offset + task.verdict_index
         edges = (np.asarray(task.verdict_edges) - state_mean[i]) / state_std[i]
         bins.append((int(i), tuple(float(e) for e in edges)))
     specs = dict(source.config.embodiments)
@@ -178,8 +181,3 @@ def add_state(cfg: AddStateConfig) -> dict:
     print(json.dumps(report, indent=2))
     return report
 
-
-def _width(cfg: AddStateConfig, key: str) -> int:
-    with h5py.File(cfg.data, "r", locking=False) as f:
-        name = list_demos(cfg.data)[0]
-        return int(np.prod(f["data"][name]["obs"][cfg.key_map.get(key, key)].shape[1:]))
