@@ -38,6 +38,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                       "a shallower world model from chosen blocks of a trained one, for `train --init`"),
     "add-state": ("training.add_state", "AddStateConfig", "add_state",
                   "a trained world model whose state gains keys (e.g. robomimic's object), for `train --init`"),
+    "train-state": ("training.train_state", "StateTrainConfig", "train_state",
+                    "the world model's proprio + object-state dynamics, whose predicted state gives the verdicts"),
     "pack": ("training.pack", "PackConfig", "pack",
              "assemble a checkpoint directory (tokenizer, dynamics, detector, statistics, initial observations)"),
     "synthesize": ("training.synthesize", "SynthesizeConfig", "synthesize",

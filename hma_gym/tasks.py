@@ -35,6 +35,13 @@ class ObjectTask:
     verdict_edges: tuple[float, ...] = ()
     """Interval edges (world units) a world model predicts that value in (`EmbodimentSpec.state_bins`); the
     success threshold is one of them, so a drawn interval decides the verdict."""
+    pose_fields: tuple[str, ...] = ("cube_pos", "cube_quat")
+    """The object's own pose: it stays exactly put unless something moves it (`StateModel`'s contact gate)."""
+    position_field: str = "cube_pos"
+    """The object's position: its change marks a contact step in the data."""
+    differences: tuple[tuple[str, str, str], ...] = ()
+    """(target, a, b): field target = a - b, each an object field or another observation key (e.g.
+    robomimic's gripper-to-cube vector = cube position - end-effector position)."""
 
     def field_offset(self, name: str) -> tuple[int, int]:
         """(offset, width) of field `name` in the object state."""
@@ -68,6 +75,7 @@ LIFT = ObjectTask(
     table_height=_LIFT_TABLE,
     lift_margin=_LIFT_MARGIN,
     # cube centre height (m): it rests at ~0.82; the success threshold is an edge; lifts reach 1.0-1.07
+    differences=(("gripper_to_cube_pos", "cube_pos", "robot0_eef_pos"),),
     verdict_edges=(0.81, 0.8175, 0.822, 0.827, 0.833, _LIFT_TABLE + _LIFT_MARGIN, 0.85, 0.87, 0.9, 0.95, 1.0),
 )
 

@@ -1,0 +1,174 @@
+"""The world model's low-dimensional dynamics: robot proprio + the task's object state, one step at a time.
+
+The image trunk (`hma_gym.models.hma`) sees the scene; this model carries the numbers a verdict is made of.
+Each step maps the state s_t, its last change s_t - s_{t-1}, the action a_t and the previous action to the
+next state s_{t+1}:
+
+- every dim gets a regressed change (normalised by the spread of that dim's one-step changes in the data);
+- the object's own pose (for Lift: the cube's position and quaternion) moves only when a discrete *contact*
+  output says so. Contact is a classifier of "does the object move this step", trained on the data's own
+  motion (a step moves the object when its position changes by more than `rest_tolerance`). A resting object
+  keeps its pose exactly, so nothing drifts while nothing touches it, and a held object moves with the
+  regressed change: the model commits to one outcome per step instead of averaging "lifted" and "left
+  behind" into a half-lift;
+- dims that are a difference of two others (Lift: gripper-to-cube = cube - gripper) are computed from them,
+  so the state stays self-consistent; quaternions are kept unit length.
+
+Its `uncertainty` is the binary entropy of the contact decision (0 = certain, 1 = a coin flip).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+STATE_MODEL_NAME = "state_model"
+
+
+@dataclass
+class StateModelConfig:
+    keys: list[tuple[str, int]]
+    """(observation key, width) of the state, concatenated in this order."""
+    action_dim: int = 7
+    hidden: int = 256
+    layers: int = 3
+    object_pose: list[int] = field(default_factory=list)
+    """Indices of the dims that rest unless the contact output fires (the object's own pose)."""
+    object_pos: list[int] = field(default_factory=list)
+    """Indices (within the state) of the object's position: its change defines a contact step in the data."""
+    derived: list[tuple[int, int, int, int]] = field(default_factory=list)
+    """(target, a, b, width): state[target:target+w] = state[a:a+w] - state[b:b+w]."""
+    quaternions: list[int] = field(default_factory=list)
+    """Start indices of 4-wide quaternions, renormalised after each step."""
+    rest_tolerance: float = 2e-4
+    """A step moves the object when its position changes by more than this (world units: m)."""
+
+    @property
+    def state_dim(self) -> int:
+        return sum(int(d) for _, d in self.keys)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> StateModelConfig:
+        d = dict(d)
+        d["keys"] = [(str(k), int(w)) for k, w in d["keys"]]
+        d["derived"] = [tuple(int(x) for x in r) for r in d.get("derived", [])]
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class StateModel(nn.Module):
+    """(s_t, s_{t-1}, a_t, a_{t-1}) raw -> s_{t+1} raw, with a committed contact decision; see the module doc."""
+
+    def __init__(self, cfg: StateModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        S, A = cfg.state_dim, cfg.action_dim
+        layers: list[nn.Module] = []
+        width = 2 * S + 2 * A
+        for _ in range(cfg.layers):
+            layers += [nn.Linear(width, cfg.hidden), nn.LayerNorm(cfg.hidden), nn.SiLU()]
+            width = cfg.hidden
+        self.body = nn.Sequential(*layers)
+        self.delta_head = nn.Linear(cfg.hidden, S)
+        self.contact_head = nn.Linear(cfg.hidden, 1)
+        # normalisation statistics, fitted on data by the trainer (saved with the weights)
+        for name, dim in (("state", S), ("delta", S), ("action", A)):
+            self.register_buffer(f"{name}_mean", torch.zeros(dim))
+            self.register_buffer(f"{name}_std", torch.ones(dim))
+        pose = torch.zeros(S, dtype=torch.bool)
+        pose[cfg.object_pose] = True
+        self.register_buffer("pose_mask", pose, persistent=False)
+        derived = torch.zeros(S, dtype=torch.bool)
+        for target, _, _, w in cfg.derived:
+            derived[target:target + w] = True
+        self.register_buffer("derived_mask", derived, persistent=False)
+
+    def features(self, s: Tensor, s_prev: Tensor, a: Tensor, a_prev: Tensor) -> Tensor:
+        """Raw (..., S), (..., S), (..., A), (..., A) -> the body's output (..., hidden)."""
+        x = torch.cat([(s - self.state_mean) / self.state_std, (s - s_prev - self.delta_mean) / self.delta_std,
+                       (a - self.action_mean) / self.action_std, (a_prev - self.action_mean) / self.action_std], -1)
+        return self.body(x)
+
+    def forward(self, s: Tensor, s_prev: Tensor, a: Tensor, a_prev: Tensor) -> tuple[Tensor, Tensor]:
+        """-> normalised change of every dim (..., S) and the contact logit (...)."""
+        h = self.features(s, s_prev, a, a_prev)
+        return self.delta_head(h), self.contact_head(h)[..., 0]
+
+    def apply_change(self, s: Tensor, delta_norm: Tensor, contact: Tensor) -> Tensor:
+        """s (..., S) raw + a normalised change; the object's pose moves only where `contact` (...) is true
+        (a float in [0, 1] blends, as the trainer's teacher forcing does); derived dims and quaternions are
+        then made consistent."""
+        change = delta_norm * self.delta_std + self.delta_mean
+        gate = torch.where(self.pose_mask, contact[..., None].to(change.dtype), torch.ones_like(change))
+        nxt = s + change * gate
+        return self.make_consistent(nxt)
+
+    def make_consistent(self, s: Tensor) -> Tensor:
+        parts = list(s.unbind(-1))
+        for target, a, b, w in self.cfg.derived:
+            for i in range(w):
+                parts[target + i] = parts[a + i] - parts[b + i]
+        out = torch.stack(parts, -1)
+        for q in self.cfg.quaternions:
+            quat = out[..., q:q + 4]
+            out = torch.cat([out[..., :q], quat / quat.norm(dim=-1, keepdim=True).clamp(min=1e-6), out[..., q + 4:]], -1)
+        return out
+
+    @torch.no_grad()
+    def step(self, s: Tensor, s_prev: Tensor, a: Tensor, a_prev: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One committed step: -> s_{t+1} (B, S) raw, contact (B,) bool, uncertainty (B,) in [0, 1]."""
+        delta, logit = self(s.float(), s_prev.float(), a.float(), a_prev.float())
+        p = torch.sigmoid(logit)
+        contact = p > 0.5
+        entropy = -(p * p.clamp(min=1e-12).log2() + (1 - p) * (1 - p).clamp(min=1e-12).log2())
+        return self.apply_change(s.float(), delta, contact.float()), contact, entropy.clamp(0, 1)
+
+    def contact_label(self, s: Tensor, s_next: Tensor) -> Tensor:
+        """The data's contact label of each step: the object's position moved more than `rest_tolerance`."""
+        idx = torch.as_tensor(self.cfg.object_pos, device=s.device)
+        moved = (s_next.index_select(-1, idx) - s.index_select(-1, idx)).abs().amax(-1)
+        return moved > self.cfg.rest_tolerance
+
+
+def rollout_loss(model: StateModel, states: Tensor, actions: Tensor, prev_state: Tensor, prev_action: Tensor,
+                 valid: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """Unrolled training loss over windows: states (B, K+1, S) raw truth, actions (B, K, A), prev_state (B, S) and
+    prev_action (B, A) the step before the window, valid (B, K) bool (steps inside the episode).
+
+    The model runs on its own predictions for K steps (so it learns to correct its own drift), its contact
+    gate teacher-forced by the data's label; losses: the state error after each step in units of the state's
+    spread (derived dims included, so the object's pose relative to the gripper counts), the normalised
+    one-step change of the dims that move, and the contact cross-entropy."""
+    s, s_prev, a_prev = states[:, 0], prev_state, prev_action
+    state_terms, delta_terms, contact_terms, correct = [], [], [], []
+    w = valid.float()
+    for k in range(actions.shape[1]):
+        a = actions[:, k]
+        delta, logit = model(s, s_prev, a, a_prev)
+        truth = states[:, k + 1]
+        label = model.contact_label(states[:, k], truth)
+        target = (truth - s - model.delta_mean) / model.delta_std  # the change that reaches the truth
+        moves = torch.where(model.pose_mask, label[:, None], torch.ones_like(target, dtype=torch.bool))
+        moves = moves & ~model.derived_mask
+        delta_terms.append(((delta - target) ** 2 * moves).sum(-1) / moves.sum(-1).clamp(min=1))
+        contact_terms.append(F.binary_cross_entropy_with_logits(logit, label.float(), reduction="none"))
+        correct.append(((logit > 0) == label).float())
+        nxt = model.apply_change(s, delta, label.float())
+        state_terms.append((((nxt - truth) / model.state_std) ** 2).mean(-1))
+        s_prev, s, a_prev = s, nxt, a
+        # a step past the episode's end restarts from the truth (its terms are masked out anyway)
+        s = torch.where(valid[:, k, None], s, truth)
+
+    def mean(terms: list[Tensor]) -> Tensor:
+        return (torch.stack(terms, 1) * w).sum() / w.sum().clamp(min=1)
+
+    state_mse, delta_mse, contact_ce = mean(state_terms), mean(delta_terms), mean(contact_terms)
+    loss = state_mse + delta_mse + contact_ce
+    return loss, {"loss": loss, "state_mse": state_mse, "delta_mse": delta_mse, "contact_ce": contact_ce,
+                  "contact_acc": mean(correct)}
