@@ -9,7 +9,9 @@
     wm.observe(cache, tokens, states, prev_actions=actions)      # ... becomes history
     frames = wm.decode(tokens); p = wm.success_prob(frames, states)
 
-States and actions enter and leave in their raw units; normalisation happens inside.
+States and actions enter and leave in their raw units; normalisation happens inside. A checkpoint with a
+`state_model` (`hma_gym.models.state_model`) carries the proprio + object-state dynamics that the learned env
+takes its low-dimensional observations and verdicts from.
 """
 
 from __future__ import annotations
@@ -24,12 +26,14 @@ from hma_gym.checkpoint import (
     CheckpointError,
     check_checkpoint_dir,
     check_statistics,
+    load_json,
     load_module_weights,
     load_tensors,
     packed_config,
     read_module_config,
 )
 from hma_gym.models.hma import HMA, HMACache, HMAConfig
+from hma_gym.models.state_model import STATE_MODEL_NAME, StateModel, StateModelConfig
 from hma_gym.models.tokenizer import ImageTokenizer, TokenizerConfig
 
 
@@ -67,6 +71,22 @@ def load_dynamics(directory: str | os.PathLike) -> tuple[HMA, dict]:
     return model.eval(), meta
 
 
+def load_state_model(directory: str | os.PathLike) -> StateModel | None:
+    """The checkpoint's proprio + object-state dynamics (`state_model.safetensors`), or None if it has none."""
+    directory = Path(directory)
+    path = directory / f"{STATE_MODEL_NAME}.safetensors"
+    if not path.is_file():
+        return None
+    config = load_json(directory / "config.json")
+    if STATE_MODEL_NAME not in config:
+        raise CheckpointError(f"{path} exists but {directory / 'config.json'} has no {STATE_MODEL_NAME!r} section")
+    model = StateModel(StateModelConfig.from_dict(config[STATE_MODEL_NAME]))
+    load_module_weights(model, path)
+    check_statistics({name: getattr(model, name) for name in
+                      ("state_mean", "state_std", "delta_mean", "delta_std", "action_mean", "action_std")}, path)
+    return model.float().eval()
+
+
 class WorldModel(nn.Module):
     """Tokenizer + HMA + normaliser (+ success detector) behind raw-unit, batched calls."""
 
@@ -79,8 +99,10 @@ class WorldModel(nn.Module):
         detector: nn.Module | None = None,
         detector_normalization: dict[str, torch.Tensor] | None = None,
         threshold: float = 0.5,
+        state_model: StateModel | None = None,
     ):
         super().__init__()
+        self.state_model = state_model
         if embodiment not in dynamics.config.embodiments:
             raise CheckpointError(f"embodiment {embodiment!r} not in the model ({dynamics.embodiment_names})")
         self.tokenizer, self.dynamics, self.detector = tokenizer, dynamics, detector
@@ -125,7 +147,7 @@ class WorldModel(nn.Module):
         check_statistics({name: norm.get(f"{embodiment}/{name}", norm.get(name)) for name in sizes},
                          directory / "normalization.safetensors", sizes)
         check_statistics(det_norm, directory / "detector_normalization.safetensors")
-        model = cls(tokenizer, dynamics, norm, embodiment, detector, det_norm, threshold)
+        model = cls(tokenizer, dynamics, norm, embodiment, detector, det_norm, threshold, load_state_model(directory))
         return model.to(device).eval()
 
     def compile_inference(self) -> WorldModel:

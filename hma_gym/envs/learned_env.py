@@ -123,7 +123,20 @@ class _LearnedSim:
         # frame is enough: the state is a committed draw); else the detector's probability at least
         # `success_threshold` on `success_frames` frames in a row
         self.object_task = object_task(self.env_config.get("task", ""))
-        if OBJECT_KEY not in dict(self.proprio):
+        # the low-dimensional keys the env predicts: the state model's where the checkpoint has one (it carries
+        # the proprio the trunk sees, plus the object state), else the trunk's own
+        self.state_model = self.wm.state_model
+        self.state_keys = list(self.proprio)
+        if self.state_model is not None:
+            self.state_keys = [(k, int(d)) for k, d in self.state_model.cfg.keys]
+            missing = [kd for kd in self.proprio if kd not in self.state_keys]
+            if missing:
+                raise CheckpointError(f"{path}: the state model predicts {self.state_keys}, not the trunk's {missing}")
+            order = {k: i for i, (k, _) in enumerate(self.state_keys)}
+            offsets = np.cumsum([0] + [d for _, d in self.state_keys])
+            self.trunk_index = torch.as_tensor(np.concatenate(
+                [np.arange(offsets[order[k]], offsets[order[k]] + d) for k, d in self.proprio]), device=self.wm.device)
+        if OBJECT_KEY not in dict(self.state_keys):
             if self.object_task is not None:
                 warnings.warn(
                     f"{path.name}: this world model does not predict the object state, so its success verdict comes "
@@ -148,6 +161,9 @@ class _LearnedSim:
         # the model's own observation (image + its whole state), and the keys the env returns: the GT env's
         # defaults unless `obs_keys` asks for others (e.g. robomimic's `object`)
         self.model_space, self.action_space = env_spaces(self.env_config)
+        for key, dim in self.state_keys:
+            if key not in self.model_space.spaces:
+                self.model_space.spaces[key] = spaces.Box(-np.inf, np.inf, shape=(dim,), dtype=np.float32)
         self.image_key = self.env_config["image_key"]
         if obs_keys is None:
             obs_keys = tuple(k for k in self.model_space.spaces if k != OBJECT_KEY)
@@ -164,7 +180,8 @@ class _LearnedSim:
             raise ValueError(f"end_unjudged needs an uncertainty_limit ({path} has no calibrated one)")
         self.end_unjudged = end_unjudged
         # the range a start's state may take (see START_STD_LIMIT), in the order of `state_vector`
-        mean, std = self.wm.state_mean.cpu().numpy(), self.wm.state_std.cpu().numpy()
+        stats = self.state_model if self.state_model is not None else self.wm
+        mean, std = stats.state_mean.cpu().numpy(), stats.state_std.cpu().numpy()
         self.state_low, self.state_high = mean - START_STD_LIMIT * std, mean + START_STD_LIMIT * std
         self.bank = self.load_bank(path / "init_bank.safetensors")
         self.bank_size = len(self.bank[self.image_key])
@@ -174,6 +191,8 @@ class _LearnedSim:
         self.obs: dict[str, np.ndarray] | None = None
         self.started = np.zeros(n, dtype=bool)
         self.unjudged = np.zeros(n, dtype=bool)
+        self.prev_state: torch.Tensor | None = None  # the state model's s_{t-1} and a_{t-1} of each row
+        self.prev_action: torch.Tensor | None = None
 
     def load_bank(self, path: Path) -> dict[str, np.ndarray]:
         """The initial-observation bank: every observation key, one or more entries, finite and in range."""
@@ -200,7 +219,7 @@ class _LearnedSim:
     def out_of_range(self, key: str, values: np.ndarray) -> str | None:
         """Why the low-dimensional `values` (..., dim) of `key` lie outside the range a start may take, or None."""
         offset = 0
-        for name, dim in self.proprio:
+        for name, dim in self.state_keys:
             if name == key:
                 low, high = self.state_low[offset : offset + dim], self.state_high[offset : offset + dim]
                 flat = np.asarray(values, np.float64).reshape(-1, dim)
@@ -214,13 +233,15 @@ class _LearnedSim:
         return None
 
     # ------------------------------------------------------------------ conversions
-    def state_vector(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+    def state_vector(self, obs: dict[str, np.ndarray], keys: list[tuple[str, int]] | None = None) -> np.ndarray:
+        """The concatenated low-dimensional values of `keys` (default: the trunk's state) of a batch."""
         return np.concatenate([np.asarray(obs[k], np.float32).reshape(len(obs[self.image_key]), -1)
-                               for k, _ in self.proprio], axis=1)
+                               for k, _ in (keys or self.proprio)], axis=1)
 
     def split_state(self, states: np.ndarray) -> dict[str, np.ndarray]:
+        """A batch of predicted states (n, width of `state_keys`) -> one array per key."""
         out, i = {}, 0
-        for key, dim in self.proprio:
+        for key, dim in self.state_keys:
             value = states[:, i : i + dim].astype(np.float32)
             if key.endswith("_quat"):  # keep predicted quaternions unit length
                 value = value / np.maximum(np.linalg.norm(value, axis=1, keepdims=True), 1e-6)
@@ -272,6 +293,12 @@ class _LearnedSim:
         tokens[index.to(tokens.device)] = codes
         states = torch.from_numpy(self.state_vector(self.obs))
         self.wm.observe(self.cache, tokens, states, rows=None if bool(mask.all()) else mask)
+        if self.state_model is not None:  # the state model's history: s_{t-1} = s_0 and no action at the start
+            full = torch.from_numpy(self.state_vector(self.obs, self.state_keys)).to(self.wm.device)
+            if self.prev_state is None:
+                self.prev_state = torch.zeros_like(full)
+                self.prev_action = torch.zeros(self.n, self.action_space.shape[0], device=self.wm.device)
+            self.prev_state[mask], self.prev_action[mask] = full[mask], 0.0
         self.started[rows] = True
         self.streak[rows] = 0
         self.unjudged[rows] = False
@@ -297,9 +324,19 @@ class _LearnedSim:
         tokens, states, entropy = self.wm.generate(
             self.cache, a, steps=self.steps, temperature=self.temperature, generator=self.generator,
             greedy=self.greedy, diffusion_steps=self.diffusion_steps, return_uncertainty=True)
+        if self.state_model is not None:
+            # the low-dimensional step: the state model's; the trunk gets its proprio (so the next frames are
+            # generated from the same arm the verdict is made from)
+            a_dev = a.to(self.wm.device)
+            s = torch.from_numpy(self.state_vector(self.obs, self.state_keys)).to(self.wm.device)
+            full, _, entropy["state"] = self.state_model.step(s, self.prev_state, a_dev, self.prev_action)
+            self.prev_state, self.prev_action = s, a_dev
+            states = full.index_select(1, self.trunk_index)
+        else:
+            full = states
         self.wm.observe(self.cache, tokens, states, a)
         frames = self.wm.decode(tokens)
-        self.obs = {self.image_key: frames.cpu().numpy(), **self.split_state(states.cpu().numpy())}
+        self.obs = {self.image_key: frames.cpu().numpy(), **self.split_state(full.cpu().numpy())}
         if self.object_task is not None:
             prob = self.object_task.success(self.obs[OBJECT_KEY]).astype(np.float64)
             parts = [entropy["image"], entropy["state"]]

@@ -1,0 +1,212 @@
+"""The proprio + object-state dynamics (hma_gym.models.state_model), its trainer, and the learned env's verdicts
+from it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hma_gym.models.state_model import StateModel, StateModelConfig, rollout_loss
+from hma_gym.tasks import LIFT, OBJECT_KEY
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+KEYS = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", OBJECT_KEY)
+Z = 9 + 2  # the cube's height in the state (eef pos 3, eef quat 4, gripper 2, then object: cube pos first)
+
+
+def lift_config(**kw) -> StateModelConfig:
+    from training.train_state import StateTrainConfig, model_config
+
+    widths = dict(zip(KEYS, (3, 4, 2, 10), strict=True))
+    return model_config(StateTrainConfig(data=("x",), hidden=16, layers=1, bins=4, **kw), widths, 7)
+
+
+def start_state(n: int = 3, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(n, 19, generator=g) * 0.1
+    s[:, 3:7] = torch.nn.functional.normalize(s[:, 3:7] + torch.tensor([1.0, 0, 0, 0]), dim=-1)
+    s[:, 12:16] = torch.nn.functional.normalize(s[:, 12:16] + torch.tensor([0, 0, 0, 1.0]), dim=-1)
+    s[:, Z] = 0.82
+    s[:, 16:19] = s[:, 9:12] - s[:, :3]
+    return s
+
+
+def test_layout_from_the_task():
+    cfg = lift_config()
+    assert cfg.state_dim == 19
+    assert cfg.object_pose == list(range(9, 16)) and cfg.object_pos == [9, 10, 11]
+    assert cfg.derived == [(16, 9, 0, 3)]  # gripper-to-cube = cube position - eef position
+    assert cfg.quaternions == [3, 12]
+    assert StateModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("contact", [False, True])
+def test_the_object_moves_only_on_contact_and_the_state_stays_consistent(contact):
+    """A model whose contact output is forced: without contact the object's pose is kept bit for bit whatever
+    the regressed change; with it the pose moves. Either way gripper-to-cube = cube - eef and quaternions are
+    unit length."""
+    torch.manual_seed(0)
+    model = StateModel(lift_config()).eval()
+    with torch.no_grad():
+        model.contact_head.bias.fill_(50.0 if contact else -50.0)
+        model.delta_head.bias.fill_(3.0)
+    s = start_state()
+    a = torch.rand(3, 7) * 2 - 1
+    nxt, fired, unc = model.step(s, s, a, torch.zeros(3, 7))
+    assert bool((fired == contact).all()) and bool((unc < 1e-6).all())
+    if contact:
+        assert not torch.equal(nxt[:, 9:16], s[:, 9:16])
+    else:
+        assert torch.equal(nxt[:, 9:16], s[:, 9:16])
+    assert not torch.allclose(nxt[:, :3], s[:, :3])  # the arm moves regardless
+    torch.testing.assert_close(nxt[:, 16:19], nxt[:, 9:12] - nxt[:, :3])
+    torch.testing.assert_close(nxt[:, 3:7].norm(dim=-1), torch.ones(3))
+    torch.testing.assert_close(nxt[:, 12:16].norm(dim=-1), torch.ones(3))
+
+
+def test_a_step_commits_each_change_to_its_most_likely_interval():
+    model = StateModel(lift_config()).eval()
+    with torch.no_grad():
+        model.bin_edges.copy_(torch.tensor([-1.0, 0.0, 1.0]).expand(19, 3))
+    delta = torch.tensor([[5.0, 5.0, -5.0, 0.5]])
+    logits = torch.full((1, 4, 4), -9.0)
+    logits[0, 0, 0] = logits[0, 1, 3] = logits[0, 2, 3] = logits[0, 3, 1] = 9.0  # (-inf,-1], (1,inf), (1,inf), (-1,0]
+    model.bin_edges = model.bin_edges[:4]
+    out = model.commit(delta, logits)
+    torch.testing.assert_close(out, torch.tensor([[-1.0, 5.0, 1.0, 0.0]]))
+
+
+def test_rollout_loss_trains_contact_and_motion():
+    """A few hundred steps on synthetic windows (the cube moves with the gripper when the gripper is closed
+    and near it): the loss falls and the contact classifier beats chance."""
+    torch.manual_seed(0)
+    model = StateModel(lift_config())
+    B, K = 64, 4
+    g = torch.Generator().manual_seed(1)
+
+    def windows():
+        s = start_state(B, seed=int(torch.randint(0, 10**6, (1,), generator=g)))
+        held = torch.rand(B, generator=g) < 0.5
+        states, actions = [s], []
+        for _ in range(K):
+            a = torch.rand(B, 7, generator=g) * 2 - 1
+            a[:, 6] = torch.where(held, 1.0, -1.0)
+            nxt = states[-1].clone()
+            nxt[:, :3] += 0.01 * a[:, :3]
+            nxt[:, 9:12] += torch.where(held[:, None], 0.01 * a[:, :3], torch.zeros(B, 3))
+            nxt[:, 16:19] = nxt[:, 9:12] - nxt[:, :3]
+            states.append(nxt)
+            actions.append(a)
+        return torch.stack(states, 1), torch.stack(actions, 1)
+
+    from training.train_state import Demo, fit_statistics
+
+    st, ac = windows()
+    fit_statistics(model, [Demo(st[i].numpy(), ac[i].numpy()) for i in range(B)])
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses, accs = [], []
+    for _ in range(150):
+        st, ac = windows()
+        loss, metrics = rollout_loss(model, st, ac, st[:, 0], torch.zeros(B, 7), torch.ones(B, K, dtype=torch.bool))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        accs.append(float(metrics["contact_acc"]))
+    assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
+    assert np.mean(accs[-10:]) > 0.9
+
+
+@pytest.fixture(scope="module")
+def state_checkpoint(tmp_path_factory):
+    """A copy of the shipped default model whose reset bank is the first observations of a few collected GT
+    episodes, given a state model trained for a few steps on them by `train-state --into`."""
+    import shutil
+
+    from hma_gym.checkpoint import load_tensors, save_tensors
+    from hma_gym.data.hdf5 import list_demos, read_demo
+    from hma_gym.envs.learned_env import default_checkpoint
+    from training.collect import CollectConfig, collect
+    from training.train_state import StateTrainConfig, train_state
+
+    tmp = tmp_path_factory.mktemp("state")
+    data = tmp / "d.hdf5"
+    collect(CollectConfig(out=str(data), policy="random-smooth", episodes=4, max_steps=6, seed=11, progress=False,
+                          valid_every=2))
+    ckpt = tmp / "ckpt"
+    shutil.copytree(default_checkpoint(), ckpt)
+    bank = load_tensors(ckpt / "init_bank.safetensors")
+    firsts = [read_demo(data, n)["obs"] for n in list_demos(data, "train")]
+    save_tensors(ckpt / "init_bank.safetensors",
+                 {k: torch.from_numpy(np.stack([f[k][0] for f in firsts])) for k in bank})
+    cfg = dict(data=(str(data),), steps=4, batch_size=4, window=3, eval_every=2, save_every=2, hidden=32, layers=1,
+               bins=4, progress=False, into=str(ckpt))
+    other = tmp / "other.hdf5"
+    collect(CollectConfig(out=str(other), policy="zero", episodes=2, max_steps=2, seed=99, progress=False))
+    with pytest.raises(Exception, match="reset bank"):  # the file the bank was not made from
+        train_state(StateTrainConfig(out=str(tmp / "bad"), bank_data=str(other), **cfg))
+    metrics = train_state(StateTrainConfig(out=str(tmp / "run"), bank_data=str(data), **cfg))
+    assert 0.0 <= metrics["verdict_agreement"] <= 1.0
+    return ckpt
+
+
+def test_train_state_into_a_checkpoint_adds_the_object_state(state_checkpoint):
+    """The learned env of that checkpoint returns `object` when asked (its start: the GT's), stays quiet about
+    unverified verdicts, and a paired start without `object` is refused with a hint."""
+    import warnings
+
+    import gymnasium as gym
+
+    import hma_gym  # noqa: F401
+    from hma_gym.envs.learned_env import UnverifiedVerdictWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnverifiedVerdictWarning)
+        plain = gym.make("HMA-RobomimicLift-v0", checkpoint=state_checkpoint)
+    assert OBJECT_KEY not in plain.observation_space.spaces
+    obs, _ = plain.reset(seed=0)
+    with pytest.raises(ValueError, match="lacks 'object'.*obs_keys"):
+        plain.reset(options={"initial_observation": obs})
+    plain.close()
+    env = gym.make("HMA-RobomimicLift-v0", checkpoint=state_checkpoint, obs_keys=("agentview_image", *KEYS))
+    obs, _ = env.reset(seed=0)
+    assert obs[OBJECT_KEY].shape == (10,) and not LIFT.success(obs[OBJECT_KEY])
+    obs, *_ = env.step(np.zeros(7, np.float32))
+    np.testing.assert_allclose(obs[OBJECT_KEY][7:], obs[OBJECT_KEY][:3] - obs["robot0_eef_pos"], atol=1e-6)
+    env.close()
+
+
+@pytest.mark.parametrize("contact,lifted", [(False, False), (True, True)])
+def test_learned_success_follows_the_predicted_object_state(state_checkpoint, contact, lifted):
+    """The state model's outputs forced: the cube's height change is large and positive; only with contact does
+    the cube move, and the env's verdict is the task's predicate on the predicted object state. The trunk gets
+    the state model's proprio."""
+    import gymnasium as gym
+
+    import hma_gym  # noqa: F401
+
+    env = gym.make("HMA-RobomimicLift-v0", checkpoint=state_checkpoint, obs_keys=("agentview_image", *KEYS))
+    sim = env.unwrapped.sim
+    model = sim.state_model
+    with torch.no_grad():
+        model.contact_head.weight.zero_()
+        model.contact_head.bias.fill_(50.0 if contact else -50.0)
+        model.delta_head.weight.zero_()
+        model.delta_head.bias.zero_()
+        model.bin_head.weight.zero_()
+        model.bin_head.bias.zero_()
+        # the cube's height: its last interval (above every edge) and a change of 0.1 m
+        model.bin_head.bias.view(19, -1)[Z, -1] = 50.0
+        model.delta_head.bias[Z] = (0.1 - model.delta_mean[Z]) / model.delta_std[Z]
+    obs, _ = env.reset(seed=0)
+    start = obs[OBJECT_KEY].copy()
+    obs, reward, terminated, _, info = env.step(np.zeros(7, np.float32))
+    assert info["is_success"] == lifted == bool(LIFT.success(obs[OBJECT_KEY])) == terminated
+    assert reward == float(lifted)
+    if not contact:
+        np.testing.assert_array_equal(obs[OBJECT_KEY][:7], start[:7])
+    else:
+        assert obs[OBJECT_KEY][2] >= start[2] + 0.1 - 1e-4
+    assert 0.0 <= info["uncertainty"] < 0.5
+    env.close()
