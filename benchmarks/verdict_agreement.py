@@ -110,7 +110,7 @@ def run_gt(spec: str, seeds: list[int], max_steps: int, policy_seed: int, obs_ke
 
 
 def run_learned(spec: str, seeds: list[int], starts: list[dict], gt_actions: list[np.ndarray], env_kwargs: dict,
-                num_envs: int, max_steps: int, policy_seed: int) -> dict:
+                num_envs: int, max_steps: int, policy_seed: int, scripted: str = "replay") -> dict:
     env = gym.make_vec("HMA-RobomimicLift-v0", num_envs=min(num_envs, len(seeds)),
                        vectorization_mode="vector_entry_point", **env_kwargs)
     model_keys = tuple(env.unwrapped.sim.model_space.spaces)
@@ -121,7 +121,9 @@ def run_learned(spec: str, seeds: list[int], starts: list[dict], gt_actions: lis
     # scripted policies replay their GT actions even where the learned env returns `object` (they could act
     # on it): a closed-loop expert needs the predicted gripper and cube to within ~1 cm to reach its grasp,
     # so its row would measure hovering, not the failure mode it stands for
-    closed_loop = spec.partition(":")[0] not in SCRIPTED
+    closed_loop = scripted == "closed-loop" or spec.partition(":")[0] not in SCRIPTED
+    if closed_loop and "object" not in env.single_observation_space.spaces and spec.partition(":")[0] in SCRIPTED:
+        raise SystemExit("--scripted closed-loop needs a checkpoint that predicts the object state")
     if closed_loop:
         policy = load_policy(spec, env, seed=policy_seed)
     else:  # replay the GT actions of each episode; the rollout runs episodes wave by wave, one per env
@@ -172,6 +174,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--variant", default="", help="a shipped variant (maskgit, fast, fsq15k, mar)")
     parser.add_argument("--num-envs", type=int, default=50, help="learned envs stepped in one model call")
     parser.add_argument("--policy-seed", type=int, default=0)
+    parser.add_argument("--scripted", choices=("replay", "closed-loop"), default="replay",
+                        help="scripted policies: replay their GT actions (same actions, same outcome?) or act on "
+                             "the learned env's own predicted state, as a user's policy does")
     parser.add_argument("--result", default="verdict_agreement", help="name of the result JSON/PNG")
     parser.add_argument("--gt-only", action="store_true",
                         help="only run (and cache in outputs/verdict/) the GT side, e.g. while a model trains")
@@ -193,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{name}: GT success {np.mean(gt):.2f} ({gt_s:.0f} s)", flush=True)
             continue
         learned = run_learned(spec, seeds, starts, actions, env_kwargs, args.num_envs, args.max_steps,
-                              args.policy_seed)
+                              args.policy_seed, scripted=args.scripted)
         confusion = episode_confusion([{"success": s} for s in gt], [{"success": s} for s in learned["success"]])
         rows.append({"name": name, "policy": spec, "learned_mode": learned["mode"],
                      "gt_success": float(np.mean(gt)), "learned_success": float(np.mean(learned["success"])),

@@ -19,7 +19,7 @@ def lift_config(**kw) -> StateModelConfig:
     from training.train_state import StateTrainConfig, model_config
 
     widths = dict(zip(KEYS, (3, 4, 2, 10), strict=True))
-    return model_config(StateTrainConfig(data=("x",), hidden=16, layers=1, bins=4, **kw), widths, 7)
+    return model_config(StateTrainConfig(data=("x",), hidden=16, layers=1, **kw), widths, 7)
 
 
 def start_state(n: int = 3, seed: int = 0) -> torch.Tensor:
@@ -63,18 +63,6 @@ def test_the_object_moves_only_on_contact_and_the_state_stays_consistent(contact
     torch.testing.assert_close(nxt[:, 16:19], nxt[:, 9:12] - nxt[:, :3])
     torch.testing.assert_close(nxt[:, 3:7].norm(dim=-1), torch.ones(3))
     torch.testing.assert_close(nxt[:, 12:16].norm(dim=-1), torch.ones(3))
-
-
-def test_a_step_commits_each_change_to_its_most_likely_interval():
-    model = StateModel(lift_config()).eval()
-    with torch.no_grad():
-        model.bin_edges.copy_(torch.tensor([-1.0, 0.0, 1.0]).expand(19, 3))
-    delta = torch.tensor([[5.0, 5.0, -5.0, 0.5]])
-    logits = torch.full((1, 4, 4), -9.0)
-    logits[0, 0, 0] = logits[0, 1, 3] = logits[0, 2, 3] = logits[0, 3, 1] = 9.0  # (-inf,-1], (1,inf), (1,inf), (-1,0]
-    model.bin_edges = model.bin_edges[:4]
-    out = model.commit(delta, logits)
-    torch.testing.assert_close(out, torch.tensor([[-1.0, 5.0, 1.0, 0.0]]))
 
 
 def test_rollout_loss_trains_contact_and_motion():
@@ -141,7 +129,7 @@ def state_checkpoint(tmp_path_factory):
     save_tensors(ckpt / "init_bank.safetensors",
                  {k: torch.from_numpy(np.stack([f[k][0] for f in firsts])) for k in bank})
     cfg = dict(data=(str(data),), steps=4, batch_size=4, window=3, eval_every=2, save_every=2, hidden=32, layers=1,
-               bins=4, progress=False, into=str(ckpt))
+               progress=False, into=str(ckpt))
     other = tmp / "other.hdf5"
     collect(CollectConfig(out=str(other), policy="zero", episodes=2, max_steps=2, seed=99, progress=False))
     with pytest.raises(Exception, match="reset bank"):  # the file the bank was not made from
@@ -194,10 +182,7 @@ def test_learned_success_follows_the_predicted_object_state(state_checkpoint, co
         model.contact_head.bias.fill_(50.0 if contact else -50.0)
         model.delta_head.weight.zero_()
         model.delta_head.bias.zero_()
-        model.bin_head.weight.zero_()
-        model.bin_head.bias.zero_()
-        # the cube's height: its last interval (above every edge) and a change of 0.1 m
-        model.bin_head.bias.view(19, -1)[Z, -1] = 50.0
+        # the cube's height: a change of 0.1 m
         model.delta_head.bias[Z] = (0.1 - model.delta_mean[Z]) / model.delta_std[Z]
     obs, _ = env.reset(seed=0)
     start = obs[OBJECT_KEY].copy()

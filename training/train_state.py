@@ -57,8 +57,6 @@ class StateTrainConfig(LoopConfig):
     """Steps each training window is unrolled over."""
     hidden: int = 256
     layers: int = 3
-    bins: int = 32
-    """Intervals of each dim's change (`StateModelConfig.bins`)."""
     eval_demos: int = 300
     """At most this many valid demos per file are replayed in the held-out evaluation."""
     into: str = ""
@@ -125,7 +123,7 @@ def model_config(cfg: StateTrainConfig, widths: dict[str, int], action_dim: int)
     quats = [offsets[k] for k in cfg.keys if k.endswith("_quat")]
     quats += [obj(f)[0] for f, w in task.fields if f.endswith("_quat") and w == 4]
     return StateModelConfig(keys=[(k, widths[k]) for k in cfg.keys], action_dim=action_dim, hidden=cfg.hidden,
-                            layers=cfg.layers, bins=cfg.bins, object_pose=pose, object_pos=list(range(pos_start, pos_start + pos_width)),
+                            layers=cfg.layers, object_pose=pose, object_pos=list(range(pos_start, pos_start + pos_width)),
                             derived=derived, quaternions=quats)
 
 
@@ -146,12 +144,6 @@ def fit_statistics(model: StateModel, demos: list[Demo]) -> None:
     model.delta_std.copy_(d_std.clamp(min=1e-5))
     model.action_mean.copy_(actions.mean(0))
     model.action_std.copy_(actions.std(0).clamp(min=1e-2))
-    # interval edges: quantiles of each dim's normalised change (the pose dims' over contact steps)
-    norm = (delta - model.delta_mean) / model.delta_std
-    q = torch.linspace(0, 1, model.cfg.bins + 1, dtype=torch.float64)[1:-1]
-    for i in range(norm.shape[1]):
-        values = norm[moving, i] if bool(pose[i]) and moving.any() else norm[:, i]
-        model.bin_edges[i] = torch.quantile(values.double()[:1_000_000], q).float()
 
 
 def window_sampler(demos: list[Demo], window: int, batch_size: int):

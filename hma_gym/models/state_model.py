@@ -4,10 +4,7 @@ The image trunk (`hma_gym.models.hma`) sees the scene; this model carries the nu
 Each step maps the state s_t, its last change s_t - s_{t-1}, the action a_t and the previous action to the
 next state s_{t+1}:
 
-- every dim gets a regressed change (normalised by the spread of that dim's one-step changes in the data)
-  and a categorical distribution over `bins` intervals of that change (quantiles of the data's changes); a
-  step commits to the most likely interval and keeps the regressed change inside it, so a change with two
-  outcomes (fingers that stop on the cube or close on air) takes one of them, not their average;
+- every dim gets a regressed change (normalised by the spread of that dim's one-step changes in the data);
 - the object's own pose (for Lift: the cube's position and quaternion) moves only when a discrete *contact*
   output says so. Contact is a classifier of "does the object move this step", trained on the data's own
   motion (a step moves the object when its position changes by more than `rest_tolerance`). A resting object
@@ -32,6 +29,14 @@ from torch import Tensor
 STATE_MODEL_NAME = "state_model"
 
 
+def _mlp(width: int, hidden: int, layers: int) -> nn.Sequential:
+    out: list[nn.Module] = []
+    for _ in range(layers):
+        out += [nn.Linear(width, hidden), nn.LayerNorm(hidden), nn.SiLU()]
+        width = hidden
+    return nn.Sequential(*out)
+
+
 @dataclass
 class StateModelConfig:
     keys: list[tuple[str, int]]
@@ -47,8 +52,6 @@ class StateModelConfig:
     """(target, a, b, width): state[target:target+w] = state[a:a+w] - state[b:b+w]."""
     quaternions: list[int] = field(default_factory=list)
     """Start indices of 4-wide quaternions, renormalised after each step."""
-    bins: int = 32
-    """Intervals of each dim's change (see the module doc)."""
     rest_tolerance: float = 2e-4
     """A step moves the object when its position changes by more than this (world units: m)."""
 
@@ -74,15 +77,8 @@ class StateModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         S, A = cfg.state_dim, cfg.action_dim
-        layers: list[nn.Module] = []
-        width = 2 * S + 2 * A
-        for _ in range(cfg.layers):
-            layers += [nn.Linear(width, cfg.hidden), nn.LayerNorm(cfg.hidden), nn.SiLU()]
-            width = cfg.hidden
-        self.body = nn.Sequential(*layers)
+        self.body = _mlp(2 * S + 2 * A, cfg.hidden, cfg.layers)
         self.delta_head = nn.Linear(cfg.hidden, S)
-        self.bin_head = nn.Linear(cfg.hidden, S * cfg.bins)
-        self.register_buffer("bin_edges", torch.zeros(S, cfg.bins - 1))  # normalised changes, ascending per dim
         self.contact_head = nn.Linear(cfg.hidden, 1)
         # normalisation statistics, fitted on data by the trainer (saved with the weights)
         for name, dim in (("state", S), ("delta", S), ("action", A)):
@@ -96,29 +92,12 @@ class StateModel(nn.Module):
             derived[target:target + w] = True
         self.register_buffer("derived_mask", derived, persistent=False)
 
-    def features(self, s: Tensor, s_prev: Tensor, a: Tensor, a_prev: Tensor) -> Tensor:
-        """Raw (..., S), (..., S), (..., A), (..., A) -> the body's output (..., hidden)."""
-        x = torch.cat([(s - self.state_mean) / self.state_std, (s - s_prev - self.delta_mean) / self.delta_std,
-                       (a - self.action_mean) / self.action_std, (a_prev - self.action_mean) / self.action_std], -1)
-        return self.body(x)
-
-    def forward(self, s: Tensor, s_prev: Tensor, a: Tensor, a_prev: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """-> normalised change of every dim (..., S), its interval logits (..., S, bins), the contact logit (...)."""
-        h = self.features(s, s_prev, a, a_prev)
-        return self.delta_head(h), self.bin_head(h).unflatten(-1, (-1, self.cfg.bins)), self.contact_head(h)[..., 0]
-
-    def bin_of(self, delta_norm: Tensor) -> Tensor:
-        """The interval (..., S) long each normalised change (..., S) falls in."""
-        return (delta_norm[..., None] > self.bin_edges).sum(-1)
-
-    def commit(self, delta_norm: Tensor, bin_logits: Tensor) -> Tensor:
-        """Keep each regressed change inside its most likely interval."""
-        k = bin_logits.argmax(-1)
-        inf = torch.full_like(self.bin_edges[:, :1], torch.inf)
-        bounds = torch.cat([-inf, self.bin_edges, inf], 1).expand(*k.shape[:-1], -1, -1)
-        low = bounds.gather(-1, k[..., None])[..., 0]
-        high = bounds.gather(-1, k[..., None] + 1)[..., 0]
-        return torch.minimum(torch.maximum(delta_norm, low), high)
+    def forward(self, s: Tensor, s_prev: Tensor, a: Tensor, a_prev: Tensor) -> tuple[Tensor, Tensor]:
+        """Raw (..., S), (..., S), (..., A), (..., A) -> normalised change of every dim (..., S), contact logit (...)."""
+        x_s, x_d = (s - self.state_mean) / self.state_std, (s - s_prev - self.delta_mean) / self.delta_std
+        x_a = torch.cat([(a - self.action_mean) / self.action_std, (a_prev - self.action_mean) / self.action_std], -1)
+        h = self.body(torch.cat([x_s, x_d, x_a], -1))
+        return self.delta_head(h), self.contact_head(h)[..., 0]
 
     def apply_change(self, s: Tensor, delta_norm: Tensor, contact: Tensor) -> Tensor:
         """s (..., S) raw + a normalised change; the object's pose moves only where `contact` (...) is true
@@ -144,8 +123,7 @@ class StateModel(nn.Module):
     @torch.no_grad()
     def step(self, s: Tensor, s_prev: Tensor, a: Tensor, a_prev: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """One committed step: -> s_{t+1} (B, S) raw, contact (B,) bool, uncertainty (B,) in [0, 1]."""
-        delta, bin_logits, logit = self(s.float(), s_prev.float(), a.float(), a_prev.float())
-        delta = self.commit(delta, bin_logits)
+        delta, logit = self(s.float(), s_prev.float(), a.float(), a_prev.float())
         p = torch.sigmoid(logit)
         contact = p > 0.5
         entropy = -(p * p.clamp(min=1e-12).log2() + (1 - p) * (1 - p).clamp(min=1e-12).log2())
@@ -168,19 +146,17 @@ def rollout_loss(model: StateModel, states: Tensor, actions: Tensor, prev_state:
     spread (derived dims included, so the object's pose relative to the gripper counts), the normalised
     one-step change of the dims that move, and the contact cross-entropy."""
     s, s_prev, a_prev = states[:, 0], prev_state, prev_action
-    state_terms, delta_terms, bin_terms, contact_terms, correct = [], [], [], [], []
+    state_terms, delta_terms, contact_terms, correct = [], [], [], []
     w = valid.float()
     for k in range(actions.shape[1]):
         a = actions[:, k]
-        delta, bin_logits, logit = model(s, s_prev, a, a_prev)
+        delta, logit = model(s, s_prev, a, a_prev)
         truth = states[:, k + 1]
         label = model.contact_label(states[:, k], truth)
         target = (truth - s - model.delta_mean) / model.delta_std  # the change that reaches the truth
         moves = torch.where(model.pose_mask, label[:, None], torch.ones_like(target, dtype=torch.bool))
         moves = moves & ~model.derived_mask
         delta_terms.append(((delta - target) ** 2 * moves).sum(-1) / moves.sum(-1).clamp(min=1))
-        ce = F.cross_entropy(bin_logits.flatten(0, -2), model.bin_of(target).flatten(), reduction="none")
-        bin_terms.append((ce.view_as(target) * moves).sum(-1) / moves.sum(-1).clamp(min=1))
         contact_terms.append(F.binary_cross_entropy_with_logits(logit, label.float(), reduction="none"))
         correct.append(((logit > 0) == label).float())
         nxt = model.apply_change(s, delta, label.float())
@@ -193,8 +169,6 @@ def rollout_loss(model: StateModel, states: Tensor, actions: Tensor, prev_state:
         return (torch.stack(terms, 1) * w).sum() / w.sum().clamp(min=1)
 
     state_mse, delta_mse, contact_ce = mean(state_terms), mean(delta_terms), mean(contact_terms)
-    bin_ce = mean(bin_terms)
-    loss = state_mse + delta_mse + bin_ce + contact_ce
-    return loss, {"loss": loss, "state_mse": state_mse, "delta_mse": delta_mse, "bin_ce": bin_ce,
-                  "contact_ce": contact_ce,
+    loss = state_mse + delta_mse + contact_ce
+    return loss, {"loss": loss, "state_mse": state_mse, "delta_mse": delta_mse, "contact_ce": contact_ce,
                   "contact_acc": mean(correct)}
