@@ -3,19 +3,22 @@
 Diffusion Policy), each run on the same paired starts in the GT env and the learned env.
 
     python -m benchmarks.verdict_agreement [--episodes 50] [--seed 900000] [--checkpoint DIR | --variant V]
-        [--policies NAME ...] [--num-envs 50] [--result verdict_agreement]
+        [--policies NAME ...] [--num-envs 50] [--scripted replay|closed-loop] [--result verdict_agreement]
 
 Per policy the GT env runs it closed-loop for the full episode (`max_episode_steps`, no termination on
 success; success = the task predicate held at some step) and records its actions. The learned env then
-starts from the same GT reset observations (paired) and either runs the policy closed-loop, where the
-policy can act there (it reads only observations), or replays the GT actions open-loop (the scripted
-policies: a closed-loop expert in the learned env would act on predicted positions, so its row would not
-stand for the failure mode it names). Actions
-of obs-blind policies (random, zero) are the same in both sims, so every row is a per-episode verdict
-comparison on the same starts. Seeds 900000+ are disjoint from every collection seed of the project.
+starts from the same GT reset observations (paired) and runs the policy closed-loop (it reads only the
+env's observations), except that the scripted policies replay their GT actions open-loop by default
+(`--scripted replay`: same actions, same outcome?); `--scripted closed-loop` has them act on the learned
+env's predicted gripper and cube, as a user's policy would. Actions of obs-blind policies (random, zero) are
+the same in both sims, so every row is a per-episode verdict comparison on the same starts. With a state
+model, each row also gives the picture's verdict (the checkpoint's pixel detector on the generated frames)
+and how often it agrees with the state's (`image_state_agreement`). Seeds 900000+ are disjoint from every
+collection seed of the project.
 
 Writes benchmarks/results/RESULT.json (per policy: GT rate, learned rate, per-episode agreement, false
-successes/failures, unjudged episodes; over the bank: pearson, spearman, mmrv, mean agreement) and
+successes/failures, unjudged episodes, image/state agreement; over the bank: pearson, spearman, mmrv, mean
+agreement) and
 RESULT.png (learned vs GT success per policy, diagonal drawn).
 """
 
@@ -29,6 +32,7 @@ from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
+import torch
 
 import hma_gym
 from benchmarks.common import RESULTS, write_result
@@ -131,10 +135,20 @@ def run_learned(spec: str, seeds: list[int], starts: list[dict], gt_actions: lis
     keys = set(env.single_observation_space.spaces)
     options = [{"initial_observation": {k: v for k, v in s.items() if k in keys}} for s in starts]
     unjudged: dict[int, bool] = {}
+    # the picture's own verdict, where the state model gives the env's: the checkpoint's pixel detector on each
+    # generated frame (with the predicted proprio), so that image and state can be checked to tell one story
+    sim = env.unwrapped.sim
+    image_success: dict[int, bool] = {}
+    threshold = float(sim.config.get("generation", {}).get("success_threshold", sim.wm.threshold))
+    with_detector = sim.state_model is not None and sim.wm.detector is not None
 
     def record(i, obs, action, reward, next_obs, info):
         if info.get("unjudged"):
             unjudged[i] = True
+        if with_detector and not image_success.get(i):
+            frame = torch.from_numpy(np.ascontiguousarray(next_obs[sim.image_key]))[None]
+            state = torch.from_numpy(sim.state_vector({k: v[None] for k, v in next_obs.items()}))
+            image_success[i] = bool(sim.wm.success_prob(frame, state)[0] >= threshold)
 
     t0 = time.perf_counter()
     result = hma_gym.rollout(env, policy, len(seeds), seeds=seeds, reset_options=options,
@@ -144,7 +158,8 @@ def run_learned(spec: str, seeds: list[int], starts: list[dict], gt_actions: lis
     env.close()
     return {"success": [e.success for e in result.episodes], "lengths": [e.length for e in result.episodes],
             "unjudged": [bool(unjudged.get(i)) for i in range(len(seeds))], "mode":
-            "closed-loop" if closed_loop else "replay", "wall_s": wall, "checkpoint": checkpoint}
+            "closed-loop" if closed_loop else "replay", "wall_s": wall, "checkpoint": checkpoint,
+            "image_success": [bool(image_success.get(i)) for i in range(len(seeds))] if with_detector else None}
 
 
 class WaveReplay(ReplayPolicy):
@@ -204,6 +219,10 @@ def main(argv: list[str] | None = None) -> dict:
                      "gt_success": float(np.mean(gt)), "learned_success": float(np.mean(learned["success"])),
                      **confusion, "unjudged": int(sum(learned["unjudged"])),
                      "learned_mean_length": float(np.mean(learned["lengths"])),
+                     **({} if learned["image_success"] is None else {
+                         "image_success": float(np.mean(learned["image_success"])),
+                         "image_state_agreement": float(np.mean(np.equal(learned["image_success"],
+                                                                         learned["success"])))}),
                      "wall_s": {"gt": gt_s, "learned": learned["wall_s"]},
                      "per_episode": {"gt": gt, "learned": learned["success"]}})
         gt_all.append(rows[-1]["gt_success"])
@@ -218,6 +237,8 @@ def main(argv: list[str] | None = None) -> dict:
         **stats,
         "bootstrap_ci95": bootstrap(*verdicts, 2000),
         "mean_per_episode_agreement": float(np.mean([r["per_episode_agreement"] for r in rows])),
+        **({"mean_image_state_agreement": float(np.mean([r["image_state_agreement"] for r in rows]))}
+           if rows and "image_state_agreement" in rows[0] else {}),
         "max_abs_rate_error": float(max(abs(g - lr) for g, lr in zip(gt_all, learned_all, strict=True))),
         "episodes_per_policy": args.episodes,
         "seeds": [seeds[0], seeds[-1]],

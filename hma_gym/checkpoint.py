@@ -11,7 +11,7 @@ A packed HMA checkpoint holds:
 | `detector_normalization.safetensors` | the detector's state statistics |
 | `normalization.safetensors` | per-embodiment state/action mean and std |
 | `init_bank.safetensors` | ground-truth initial observations (one tensor per observation key) |
-| `state_model.safetensors` (optional) | proprio + object-state dynamics (`hma_gym.models.state_model`), its config under `state_model` in config.json |
+| `state_model.safetensors` | (optional) proprio + object-state dynamics (`hma_gym.models.state_model`) |
 """
 
 from __future__ import annotations

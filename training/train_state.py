@@ -123,7 +123,8 @@ def model_config(cfg: StateTrainConfig, widths: dict[str, int], action_dim: int)
     quats = [offsets[k] for k in cfg.keys if k.endswith("_quat")]
     quats += [obj(f)[0] for f, w in task.fields if f.endswith("_quat") and w == 4]
     return StateModelConfig(keys=[(k, widths[k]) for k in cfg.keys], action_dim=action_dim, hidden=cfg.hidden,
-                            layers=cfg.layers, object_pose=pose, object_pos=list(range(pos_start, pos_start + pos_width)),
+                            layers=cfg.layers, object_pose=pose,
+                            object_pos=list(range(pos_start, pos_start + pos_width)),
                             derived=derived, quaternions=quats)
 
 

@@ -142,8 +142,8 @@ class _LearnedSim:
                     f"{path.name}: this world model does not predict the object state, so its success verdict comes "
                     "from a pixel detector trained on clean ground-truth frames; it is not to be trusted for "
                     "policies unlike the model's training data (uniform random actions 'succeed' in every episode; "
-                    "MuJoCo: none). No shipped checkpoint predicts the object state yet (issue 25); one that does "
-                    "(hma-gym add-state, then train --init: docs/training.md) is scored by the task's own predicate",
+                    "MuJoCo: none). Give it a state model (hma-gym train-state --into: docs/training.md) to have it "
+                    "scored by the task's own predicate on the predicted object state",
                     UnverifiedVerdictWarning, stacklevel=4)
             self.object_task = None
         default_frames = 1 if self.object_task else int(generation.get("success_frames", 1))
@@ -314,12 +314,13 @@ class _LearnedSim:
     def step(self, actions: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
         """Advance every row by one frame. Returns observations, success, success probability and uncertainty.
 
-        Success: the task's predicate (`hma_gym.tasks`) on the predicted object state, where the model
-        predicts one (probability 0 or 1: the state is one committed draw), else the detector's probability
-        reached `success_threshold`; on the last `success_frames` frames of the row's episode. Uncertainty:
-        the mean of the model's normalised entropies of this frame's image tokens and binned state values
-        (`HMA.generate_frame`), 0 = certain, 1 = uniform. A row whose uncertainty passed `uncertainty_limit`
-        is marked in `self.unjudged` for the rest of its episode."""
+        Success: the task's predicate (`hma_gym.tasks`) on the object state predicted by the checkpoint's
+        state model (`hma_gym.models.state_model`; probability 0 or 1: each step commits to contact or not),
+        else the detector's probability reached `success_threshold`; on the last `success_frames` frames of
+        the row's episode. Uncertainty: the mean of the normalised entropy of this frame's image tokens
+        (`HMA.generate_frame`) and, with a state model, the entropy of its contact decision; 0 = certain,
+        1 = uniform. A row whose uncertainty passed `uncertainty_limit` is marked in `self.unjudged` for the
+        rest of its episode."""
         a = torch.from_numpy(np.ascontiguousarray(actions, dtype=np.float32))
         tokens, states, entropy = self.wm.generate(
             self.cache, a, steps=self.steps, temperature=self.temperature, generator=self.generator,
@@ -385,12 +386,17 @@ class HMAEnv(gym.Env):
     `agentview_image` uint8 (64, 64, 3) and `robot0_eef_pos` (3,), `robot0_eef_quat` (4,),
     `robot0_gripper_qpos` (2,) float32, all predicted by the model.
 
-    ## Rewards and episode end
-    A success detector trained on ground-truth labels scores every generated frame: reward 1.0 and
-    `info["is_success"]` once its probability has passed `success_threshold` on `success_frames`
-    frames in a row (both from the checkpoint's `generation` settings unless given; probability in
-    `info["success_prob"]`); `terminated` on success unless `terminate_on_success=False`. Truncation
-    comes from the registered `max_episode_steps` (100 for Lift).
+    ## Low-dimensional state and verdicts
+    A checkpoint with a state model (`hma_gym.models.state_model`, added by `hma-gym train-state
+    --into`; the shipped default and `fast` have one) predicts the proprio and robomimic's `object` state
+    step by step from the actions; `obs_keys` may ask for `object`. Success is then the task's own
+    predicate (`hma_gym.tasks`, the GT env's too) on the predicted object state: reward 1.0 and
+    `info["is_success"]` when it holds. Without a state model, a success detector trained on
+    ground-truth frames scores every generated frame instead (probability past `success_threshold` on
+    `success_frames` frames in a row), with an `UnverifiedVerdictWarning`: it does not fail policies
+    unlike its training data. `terminated` on success unless `terminate_on_success=False`. Truncation
+    comes from the registered `max_episode_steps` (100 for Lift). `info["uncertainty"]` (0-1) and
+    `info["unjudged"]` say when the model is outside what it knows (`uncertainty_limit`, `end_unjudged`).
 
     ## Starting state
     `reset(seed=s)` draws an initial observation from the checkpoint's bank of ground-truth initial

@@ -93,7 +93,8 @@ class StateModel(nn.Module):
         self.register_buffer("derived_mask", derived, persistent=False)
 
     def forward(self, s: Tensor, s_prev: Tensor, a: Tensor, a_prev: Tensor) -> tuple[Tensor, Tensor]:
-        """Raw (..., S), (..., S), (..., A), (..., A) -> normalised change of every dim (..., S), contact logit (...)."""
+        """Raw s, s_prev (..., S) and a, a_prev (..., A) -> normalised change of every dim (..., S), contact
+        logit (...)."""
         x_s, x_d = (s - self.state_mean) / self.state_std, (s - s_prev - self.delta_mean) / self.delta_std
         x_a = torch.cat([(a - self.action_mean) / self.action_std, (a_prev - self.action_mean) / self.action_std], -1)
         h = self.body(torch.cat([x_s, x_d, x_a], -1))
@@ -117,7 +118,8 @@ class StateModel(nn.Module):
         out = torch.stack(parts, -1)
         for q in self.cfg.quaternions:
             quat = out[..., q:q + 4]
-            out = torch.cat([out[..., :q], quat / quat.norm(dim=-1, keepdim=True).clamp(min=1e-6), out[..., q + 4:]], -1)
+            unit = quat / quat.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+            out = torch.cat([out[..., :q], unit, out[..., q + 4:]], -1)
         return out
 
     @torch.no_grad()
