@@ -36,8 +36,6 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
               "train the HMA world model on a robomimic file (needs a trained tokenizer)"),
     "select-layers": ("training.select_layers", "SelectLayersConfig", "select_layers",
                       "a shallower world model from chosen blocks of a trained one, for `train --init`"),
-    "add-state": ("training.add_state", "AddStateConfig", "add_state",
-                  "a trained world model whose state gains keys (e.g. robomimic's object), for `train --init`"),
     "train-state": ("training.train_state", "StateTrainConfig", "train_state",
                     "the world model's proprio + object-state dynamics, whose predicted state gives the verdicts"),
     "pack": ("training.pack", "PackConfig", "pack",

@@ -29,12 +29,10 @@ class ObjectTask:
     """Height of the table top in the world frame (m): robosuite's arena `table_offset[2]`."""
     lift_margin: float
     """The cube counts as lifted when its centre is more than this above the table top (m)."""
-    verdict_field: str = "cube_pos"
-    verdict_index: int = 2
-    """The value the predicate thresholds: component `verdict_index` of field `verdict_field`."""
     verdict_edges: tuple[float, ...] = ()
-    """Interval edges (world units) a world model predicts that value in (`EmbodimentSpec.state_bins`); the
-    success threshold is one of them, so a drawn interval decides the verdict."""
+    """Interval edges (world units) of the value the predicate thresholds (Lift: the cube's height), the
+    success threshold among them: the intervals the object-state run of docs/experiments.md predicted that
+    value in (a route since removed, superseded by `StateModel`; nothing reads them now)."""
     pose_fields: tuple[str, ...] = ("cube_pos", "cube_quat")
     """The object's own pose: it stays exactly put unless something moves it (`StateModel`'s contact gate)."""
     position_field: str = "cube_pos"

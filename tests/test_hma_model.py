@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from hma_gym.checkpoint import CheckpointError
 from hma_gym.models.hma import (
     HMA,
     HMA_PRESETS,
@@ -92,7 +93,7 @@ def test_overfit_one_batch(patch_size: int, head: str) -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert set(metrics) == {"loss", "ce", "state_mse", "state_bin_ce", "action_mse", "accuracy"}
+    assert set(metrics) == {"loss", "ce", "state_mse", "action_mse", "accuracy"}
     assert seeded_loss(model, batch) < start
 
 
@@ -373,6 +374,12 @@ def test_config_reads_the_keys_of_removed_options_where_they_are_off() -> None:
     assert HMAConfig.from_dict({**cfg, "round_latent_input": False}) == HMAConfig.from_dict(cfg)
     with pytest.raises(ValueError, match="interpolating lattice input was removed"):
         HMAConfig.from_dict({**mar, "round_latent_input": False})
+    # an embodiment's binned state values (removed: superseded by the state model)
+    arm = {"action_dim": 3, "state_dim": 5}
+    old = {**cfg, "embodiments": {"arm": {**arm, "state_bins": []}}}
+    assert HMAConfig.from_dict(old) == HMAConfig.from_dict({**cfg, "embodiments": {"arm": arm}})
+    with pytest.raises(CheckpointError, match=r"state_bins=\[\[2, \[0.5\]\]\]: binned state values were removed"):
+        HMAConfig.from_dict({**cfg, "embodiments": {"arm": {**arm, "state_bins": [[2, [0.5]]]}}})
 
 
 @pytest.mark.parametrize(

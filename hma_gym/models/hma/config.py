@@ -7,6 +7,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from hma_gym.checkpoint import CheckpointError
+
 OBJECTIVES = ("forward", "full", "passive", "policy")
 """Masking objectives, see ``HMA.forward``."""
 
@@ -20,11 +22,6 @@ class EmbodimentSpec:
 
     action_dim: int
     state_dim: int
-    state_bins: tuple[tuple[int, tuple[float, ...]], ...] = ()
-    """(state index, increasing edges in normalised units) of the state values that are also predicted as
-    a category: which interval between the edges (or beyond them) the value falls in. Generation samples
-    the interval and keeps the regressed value inside it, so an outcome that hinges on a threshold (a cube
-    lifted past the success margin or not) is one committed draw, not an average of the two."""
 
     def __post_init__(self) -> None:
         if int(self.action_dim) < 1:
@@ -32,15 +29,18 @@ class EmbodimentSpec:
         if int(self.state_dim) < 1:
             raise ValueError(f"state_dim must be >= 1. Got {self.state_dim=}")
         self.action_dim, self.state_dim = int(self.action_dim), int(self.state_dim)
-        bins = tuple((int(i), tuple(float(e) for e in edges)) for i, edges in self.state_bins)
-        for i, edges in bins:
-            if not 0 <= i < self.state_dim:
-                raise ValueError(f"state_bins index {i} is outside the state (state_dim {self.state_dim})")
-            if not edges or any(b <= a for a, b in zip(edges, edges[1:], strict=False)):
-                raise ValueError(f"state_bins edges of index {i} must be one or more increasing values. Got {edges}")
-        if len({i for i, _ in bins}) != len(bins):
-            raise ValueError(f"state_bins names an index twice. Got {[i for i, _ in bins]}")
-        self.state_bins = bins
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EmbodimentSpec:
+        """A spec from its JSON dict. ``state_bins`` (binned state values, removed: superseded by the state
+        model, no shipped model used it) is read where empty, refused otherwise."""
+        d = dict(d)
+        bins = d.pop("state_bins", ())
+        if bins:
+            raise CheckpointError(f"state_bins={bins}: binned state values were removed (superseded by the state "
+                                  "model, hma-gym train-state; no shipped model used them). This model cannot be "
+                                  "loaded")
+        return cls(**d)
 
 
 def _default_objective_probs() -> dict[str, float]:
@@ -113,7 +113,7 @@ class HMAConfig:
     def __post_init__(self) -> None:
         # from_dict / JSON give plain dicts
         self.embodiments = {
-            name: spec if isinstance(spec, EmbodimentSpec) else EmbodimentSpec(**spec)
+            name: spec if isinstance(spec, EmbodimentSpec) else EmbodimentSpec.from_dict(spec)
             for name, spec in self.embodiments.items()
         }
         self.objective_probs = {k: float(v) for k, v in self.objective_probs.items()}

@@ -8,7 +8,6 @@ size.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -37,8 +36,7 @@ class ActionStem(nn.Module):
 
 
 class EmbodimentModules(nn.Module):
-    """Everything one robot owns: action stem, state stem, action head, state head (and, for the state values
-    named in ``spec.state_bins``, one linear head of interval logits each)."""
+    """Everything one robot owns: action stem, state stem, action head, state head."""
 
     def __init__(self, spec: EmbodimentSpec, d_model: int, n_action_tokens: int):
         super().__init__()
@@ -50,9 +48,6 @@ class EmbodimentModules(nn.Module):
         self.action_head = MLP(n * D, D, spec.action_dim)  # from the n action-token outputs
         self.state_norm = nn.LayerNorm(D)
         self.state_head = MLP(D, D, spec.state_dim)
-        self.bin_heads = nn.ModuleList(nn.Linear(D, len(edges) + 1) for _, edges in spec.state_bins)
-        for i, (_, edges) in enumerate(spec.state_bins):
-            self.register_buffer(f"bin_edges_{i}", torch.tensor(edges), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -68,12 +63,6 @@ class EmbodimentModules(nn.Module):
     def predict_state(self, h: Tensor) -> Tensor:
         """h: (..., D) trunk output of the state token -> (..., state_dim)."""
         return self.state_head(self.state_norm(h))
-
-    def state_bins(self, h: Tensor) -> list[tuple[int, Tensor, Tensor]]:
-        """h: (..., D) -> for each binned state value: (its index, edges (K-1,), logits (..., K))."""
-        z = self.state_norm(h)
-        return [(i, getattr(self, f"bin_edges_{j}"), head(z))
-                for j, ((i, _), head) in enumerate(zip(self.spec.state_bins, self.bin_heads, strict=True))]
 
 
 class Embodiments(nn.ModuleDict):
@@ -155,45 +144,6 @@ class Embodiments(nn.ModuleDict):
             return (F.pad(s, (0, width - s.shape[-1])),)
 
         return self._by_embodiment(groups, h.shape[0], fn)[0]
-
-    def state_bin_loss(self, groups: Groups, h: Tensor, states: Tensor, weight: Tensor) -> Tensor:
-        """Cross-entropy of the interval each binned state value falls in: h (B, F, D) state-token outputs,
-        states (B, F, S) targets, weight (B, F) bool (the frames predicted). 0 when no robot has bins."""
-        total, count = h.new_zeros((), dtype=torch.float32), 0
-        for name, rows in groups:
-            w = weight.index_select(0, rows)
-            for i, edges, logits in self[name].state_bins(h.index_select(0, rows)):
-                target = torch.bucketize(states.index_select(0, rows)[..., i].float().contiguous(), edges)
-                ce = F.cross_entropy(logits.float().flatten(0, -2), target.flatten(), reduction="none")
-                total = total + (ce * w.flatten()).sum() / w.sum().clamp(min=1)
-                count += 1
-        return total / max(count, 1)
-
-    @torch.no_grad()
-    def sample_state_bins(self, groups: Groups, h: Tensor, state: Tensor, temperature: float,
-                          generator: torch.Generator | None, greedy: bool) -> tuple[Tensor, Tensor]:
-        """Commit each binned state value to one interval: h (B, D) state-token outputs, state (B, S) the
-        regressed state. An interval is drawn from softmax(logits / temperature) (argmax if greedy) and the
-        value is kept inside it. Returns the state and (B,) the mean entropy of the interval distributions,
-        as a fraction of log(number of intervals) (0 for robots without bins)."""
-        state, entropy = state.clone(), h.new_zeros(h.shape[0], dtype=torch.float32)
-        for name, rows in groups:
-            bins = self[name].state_bins(h.index_select(0, rows))
-            for i, edges, logits in bins:
-                logp = logits.float().log_softmax(-1)  # (b, K)
-                entropy[rows] += -(logp.exp() * logp).sum(-1) / math.log(logp.shape[-1]) / len(bins)
-                if greedy:
-                    k = logp.argmax(-1)
-                else:
-                    k = torch.multinomial((logp / temperature).softmax(-1), 1, generator=generator)[:, 0]
-                # interval k is (bounds[k], bounds[k+1]] (torch.bucketize's); a value is kept a hair inside
-                # both edges, one of which may be the very threshold a verdict compares with (so rounding in
-                # the denormalisation cannot carry it across)
-                bounds = F.pad(edges, (1, 1), value=math.inf)
-                bounds[0] = -math.inf
-                low, high = bounds[k] + 1e-4, bounds[k + 1] - 1e-4
-                state[rows, i] = torch.minimum(torch.maximum(state[rows, i].float(), low), high).to(state.dtype)
-        return state, entropy
 
     def _own(self, x: Tensor, name: str, kind: str) -> Tensor:
         """x (..., width) padded -> (..., dim) of embodiment ``name`` (kind: action_dim or state_dim)."""

@@ -236,8 +236,7 @@ class HMA(nn.Module):
         and their true actions, except under "passive", where the model never sees actions.
 
         Returns (loss, metrics); metrics are detached 0-dim tensors: loss, the image head's (ce and
-        accuracy of the argmax on masked tokens, or diff_mse), state_mse, state_bin_ce (the cross-entropy of
-        the binned state values' intervals, 0 without ``state_bins``), action_mse.
+        accuracy of the argmax on masked tokens, or diff_mse), state_mse, action_mse.
         """
         cfg = self.config
         tokens = self._flat_tokens(batch["tokens"], 2)  # (B, T, G) codes, mar: (B, T, G, C) latents
@@ -280,15 +279,13 @@ class HMA(nn.Module):
         pred_states = self.embodiments.predict_states(groups, h[:, :, -1], width)  # (B, T', S_max)
         w = predicted[:, sl, None] & self.embodiments.dim_mask(ids, "state_dim", width)[:, None]
         state_mse = _masked_mse(pred_states, states[:, sl], w)
-        state_bin_ce = self.embodiments.state_bin_loss(groups, h[:, :, -1], states[:, sl], predicted[:, sl])
         width = actions.shape[-1]
         pred_actions = self.embodiments.predict_actions(groups, h[:, :, S : S + cfg.n_action_tokens], width)
         w = action_target[:, sl, None] & self.embodiments.dim_mask(ids, "action_dim", width)[:, None]
         action_mse = _masked_mse(pred_actions, prev_actions[:, sl], w)  # (B, T', A_max) against a_{t-1}
 
-        loss = image_loss + cfg.state_loss_weight * (state_mse + state_bin_ce) + cfg.action_loss_weight * action_mse
-        metrics = {"loss": loss, **image_metrics, "state_mse": state_mse, "state_bin_ce": state_bin_ce,
-                   "action_mse": action_mse}
+        loss = image_loss + cfg.state_loss_weight * state_mse + cfg.action_loss_weight * action_mse
+        metrics = {"loss": loss, **image_metrics, "state_mse": state_mse, "action_mse": action_mse}
         return loss, {k: v.detach() for k, v in metrics.items()}
 
     def _two_stream_hidden(
@@ -435,10 +432,10 @@ class HMA(nn.Module):
         equal inputs and generator state give equal outputs. ``greedy=True``: no randomness at all (argmax
         codes revealed most-confident first; noise-free DDIM in slot order). Does not modify the cache.
         Returns tokens (B, g, g) long (mar: latents (B, g, g, C)) and the state (B, max_state_dim) predicted
-        at the last pass (zero beyond each row's state_dim), its binned values (``state_bins``) drawn like the
-        image. ``return_uncertainty``: also a dict of (B,) fractions in [0, 1]: ``image``, the mean entropy of
-        the image tokens' code distributions at the first pass (all masked; NaN for a mar model) over
-        log(vocab_size), and ``state``, the mean entropy of the state intervals over log(intervals).
+        at the last pass (zero beyond each row's state_dim). ``return_uncertainty``: also a dict of (B,)
+        float32 fractions in [0, 1]: ``image``, the mean entropy of the image tokens' code distributions at the
+        first pass (all masked; NaN for a mar model) over log(vocab_size), and ``state``, zeros (the state is
+        regressed, with no distribution to measure; a checkpoint's state model reports its own).
         """
         if steps < 1:
             raise ValueError(f"steps must be >= 1. Got {steps=}")
@@ -461,15 +458,14 @@ class HMA(nn.Module):
                                         diffusion_steps)
             known, n_known = known | reveal, n_next
         state = self.embodiments.predict_states(groups, h[:, None, -1], self.max_state_dim)[:, 0]  # (B, S)
-        state, state_entropy = self.embodiments.sample_state_bins(groups, h[:, -1], state, temperature, generator,
-                                                                   greedy)
         g = self.config.grid
         frame = frame.view(B, g, g, *head.token_shape)
         if not return_uncertainty:
             return frame, state
         if image_entropy is None:  # a diffusion head has no distribution over codes
             image_entropy = torch.full((B,), math.nan, device=device)
-        return frame, state, {"image": image_entropy.float(), "state": state_entropy}
+        return frame, state, {"image": image_entropy.float(),
+                              "state": torch.zeros(B, dtype=torch.float32, device=device)}
 
 
 def unmask_schedule(units: int, steps: int) -> list[int]:
