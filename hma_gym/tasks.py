@@ -29,10 +29,6 @@ class ObjectTask:
     """Height of the table top in the world frame (m): robosuite's arena `table_offset[2]`."""
     lift_margin: float
     """The cube counts as lifted when its centre is more than this above the table top (m)."""
-    verdict_edges: tuple[float, ...] = ()
-    """Interval edges (world units) of the value the predicate thresholds (Lift: the cube's height), the
-    success threshold among them: the intervals the object-state run of docs/experiments.md predicted that
-    value in (a route since removed, superseded by `StateModel`; nothing reads them now)."""
     pose_fields: tuple[str, ...] = ("cube_pos", "cube_quat")
     """The object's own pose: it stays exactly put unless something moves it (`StateModel`'s contact gate)."""
     position_field: str = "cube_pos"
@@ -72,9 +68,7 @@ LIFT = ObjectTask(
     fields=(("cube_pos", 3), ("cube_quat", 4), ("gripper_to_cube_pos", 3)),
     table_height=_LIFT_TABLE,
     lift_margin=_LIFT_MARGIN,
-    # cube centre height (m): it rests at ~0.82; the success threshold is an edge; lifts reach 1.0-1.07
     differences=(("gripper_to_cube_pos", "cube_pos", "robot0_eef_pos"),),
-    verdict_edges=(0.81, 0.8175, 0.822, 0.827, 0.833, _LIFT_TABLE + _LIFT_MARGIN, 0.85, 0.87, 0.9, 0.95, 1.0),
 )
 
 OBJECT_TASKS: dict[str, ObjectTask] = {"Lift": LIFT}
