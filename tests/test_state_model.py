@@ -129,7 +129,7 @@ def state_checkpoint(tmp_path_factory):
     save_tensors(ckpt / "init_bank.safetensors",
                  {k: torch.from_numpy(np.stack([f[k][0] for f in firsts])) for k in bank})
     cfg = dict(data=(str(data),), steps=4, batch_size=4, window=3, eval_every=2, save_every=2, hidden=32, layers=1,
-               progress=False, into=str(ckpt))
+               progress=False, into=(str(ckpt),))
     other = tmp / "other.hdf5"
     collect(CollectConfig(out=str(other), policy="zero", episodes=2, max_steps=2, seed=99, progress=False))
     with pytest.raises(Exception, match="reset bank"):  # the file the bank was not made from

@@ -10,7 +10,7 @@ valid demos' actions open-loop from their first state for the whole episode and 
 predicate on the predicted object state with the same predicate on the recorded one: the verdict agreement
 that matters for the learned env.
 
-`--into CHECKPOINT` puts the result into a packed checkpoint: `state_model.safetensors`, its config under
+`--into CHECKPOINT ...` puts the result into packed checkpoints: `state_model.safetensors`, its config under
 `state_model` in config.json, and the object state added to the reset bank (read from `--bank-data`, the file
 whose train-split first observations made the bank). The learned env then returns the object state, takes its
 proprio from this model, and scores success with the task's predicate.
@@ -53,14 +53,16 @@ class StateTrainConfig(LoopConfig):
     warmup: int = 200
     eval_every: int = 1000
     save_every: int = 1000
+    contact_weight: float = 1.0
+    """Weight of the contact cross-entropy in the loss."""
     window: int = 16
     """Steps each training window is unrolled over."""
     hidden: int = 256
     layers: int = 3
     eval_demos: int = 300
     """At most this many valid demos per file are replayed in the held-out evaluation."""
-    into: str = ""
-    """Packed checkpoint to put the trained model into (see the module doc)."""
+    into: tuple[str, ...] = ()
+    """Packed checkpoints to put the trained model into (see the module doc)."""
     bank_data: str = "data/lift.hdf5"
     """With --into: the file whose train-split first observations are the checkpoint's reset bank."""
 
@@ -215,30 +217,35 @@ def verdict_metrics(model: StateModel, demos: list[Demo], task_name: str) -> dic
             "final_object_pos_error": float(np.mean(err)), "final_first_key_error": float(np.mean(eef))}
 
 
-def attach(cfg: StateTrainConfig, model: StateModel) -> None:
-    """Put the trained model into the packed checkpoint `cfg.into` (see the module doc)."""
-    ckpt = Path(cfg.into)
-    config = load_json(ckpt / "config.json")
-    env = config["env"]
+def bank_object_states(cfg: StateTrainConfig, ckpt: Path) -> np.ndarray:
+    """The object state of each start of `ckpt`'s reset bank: the first observations of `cfg.bank_data`'s train
+    demos, checked to be those very starts (their proprio equals the bank's)."""
+    env = load_json(ckpt / "config.json")["env"]
     bank = load_tensors(ckpt / "init_bank.safetensors")
     names = list_demos(cfg.bank_data, "train")[: len(bank[env["image_key"]])]
     with h5py.File(cfg.bank_data, "r", locking=False) as f:
         first = {k: np.stack([np.asarray(f["data"][n]["obs"][k][0], np.float32) for n in names])
-                 for k, _ in model.cfg.keys}
-    for key, _ in env["proprio"]:  # the bank's existing keys must be those very starts
-        if key in first and not np.allclose(first[key], bank[key].numpy(), atol=1e-5):
-            raise CheckpointError(f"--bank-data {cfg.bank_data}: its first train observations are not "
-                                  f"{ckpt}'s reset bank ({key!r} differs); pass the file the bank was made from")
-    bank[OBJECT_KEY] = torch.from_numpy(first[OBJECT_KEY])
+                 for k in (OBJECT_KEY, *(k for k, _ in env["proprio"]))}
+    for key, _ in env["proprio"]:
+        if first[key].shape != tuple(bank[key].shape) or not np.allclose(first[key], bank[key].numpy(), atol=1e-5):
+            raise CheckpointError(f"--bank-data {cfg.bank_data}: its first train observations are not {ckpt}'s "
+                                  f"reset bank ({key!r} differs); pass the file the bank was made from")
+    return first[OBJECT_KEY]
+
+
+def attach(cfg: StateTrainConfig, model: StateModel, ckpt: Path, object_states: np.ndarray) -> None:
+    """Put the trained model into the packed checkpoint `ckpt`, and the object state into its bank."""
+    bank = load_tensors(ckpt / "init_bank.safetensors")
+    bank[OBJECT_KEY] = torch.from_numpy(object_states)
     save_tensors(ckpt / "init_bank.safetensors", bank)
-    save_tensors(ckpt / f"{STATE_MODEL_NAME}.safetensors",
-                 {k: v.half() if v.is_floating_point() and "mean" not in k and "std" not in k else v
-                  for k, v in model.state_dict().items()})
+    save_tensors(ckpt / f"{STATE_MODEL_NAME}.safetensors", model.state_dict())  # float32: 0.6 MB
+    config = load_json(ckpt / "config.json")
     config[STATE_MODEL_NAME] = {**model.cfg.to_dict(), "data": list(cfg.data), "trained_steps": cfg.steps}
     save_json(ckpt / "config.json", config)
 
 
 def train_state(cfg: StateTrainConfig) -> dict:
+    banks = {Path(c): bank_object_states(cfg, Path(c)) for c in cfg.into}  # refuse a wrong --bank-data up front
     train = load_demos(cfg.data, cfg.keys, "train")
     valid = load_demos(cfg.data, cfg.keys, "valid")
     with h5py.File(cfg.data[0], "r", locking=False) as f:
@@ -255,9 +262,10 @@ def train_state(cfg: StateTrainConfig) -> dict:
 
     metrics = train_loop(
         cfg, model, window_sampler(train, cfg.window, cfg.batch_size),
-        lambda m, b: rollout_loss(m, b["states"], b["actions"], b["prev_state"], b["prev_action"], b["valid"]),
+        lambda m, b: rollout_loss(m, b["states"], b["actions"], b["prev_state"], b["prev_action"], b["valid"],
+                                  cfg.contact_weight),
         lambda m: verdict_metrics(m, eval_demos, cfg.task), export, to_jsonable(cfg), desc="train-state")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    if cfg.into:
-        attach(cfg, model.cpu().eval())
+    for ckpt, object_states in banks.items():
+        attach(cfg, model.cpu().eval(), ckpt, object_states)
     return metrics
