@@ -27,7 +27,7 @@ import numpy as np
 
 import hma_gym
 from hma_gym.checkpoint import load_json, save_json
-from hma_gym.envs.learned_env import HMAVectorEnv, default_checkpoint
+from hma_gym.envs.learned_env import HMAVectorEnv, checkpoint_state_keys, default_checkpoint
 from hma_gym.metrics import binary_metrics
 from policies.base import ReplayPolicy
 from training.data import DataConfig, Episode, load_episodes
@@ -127,9 +127,9 @@ def calibrate_success(cfg: CalibrateConfig) -> dict:
     if not 0 < cfg.uncertainty_quantile <= 1:
         raise ValueError(f"uncertainty_quantile must be in (0, 1]. Got {cfg.uncertainty_quantile=}")
     data = DataConfig(**{k: getattr(cfg, k) for k in DataConfig.__dataclass_fields__})
-    env_config = load_json(Path(checkpoint) / "config.json")["env"]
-    data.image_size = int(env_config["image_size"])
-    data.proprio_keys = tuple(k for k, _ in env_config["proprio"])  # the model's state, e.g. with `object`
+    config = load_json(Path(checkpoint) / "config.json")
+    data.image_size = int(config["env"]["image_size"])
+    data.proprio_keys = tuple(k for k, _ in checkpoint_state_keys(config))  # e.g. with `object`
     episodes = load_episodes(data, cfg.split, progress=cfg.progress)
     labels = np.array([bool(e.success.any()) for e in episodes])
     # one row per episode; the success rule is not applied (episodes run to their end)

@@ -55,6 +55,13 @@ def env_spaces(env_config: dict) -> tuple[spaces.Dict, spaces.Box]:
     return spaces.Dict(obs), action
 
 
+def checkpoint_state_keys(config: dict) -> list[tuple[str, int]]:
+    """(key, width) of the low-dimensional observations a checkpoint's learned env predicts, in order: its state
+    model's (proprio + object state) where it has one, else the world model's own proprio."""
+    keys = config.get("state_model", {}).get("keys") or config["env"]["proprio"]
+    return [(str(k), int(d)) for k, d in keys]
+
+
 def space_difference(a: gym.Space, b: gym.Space, name: str = "") -> str | None:
     """A readable description of how two spaces differ, or None when they are equal."""
     if isinstance(a, spaces.Dict) and isinstance(b, spaces.Dict):
