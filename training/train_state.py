@@ -53,8 +53,6 @@ class StateTrainConfig(LoopConfig):
     warmup: int = 200
     eval_every: int = 1000
     save_every: int = 1000
-    contact_weight: float = 1.0
-    """Weight of the contact cross-entropy in the loss."""
     window: int = 16
     """Steps each training window is unrolled over."""
     hidden: int = 256
@@ -262,8 +260,7 @@ def train_state(cfg: StateTrainConfig) -> dict:
 
     metrics = train_loop(
         cfg, model, window_sampler(train, cfg.window, cfg.batch_size),
-        lambda m, b: rollout_loss(m, b["states"], b["actions"], b["prev_state"], b["prev_action"], b["valid"],
-                                  cfg.contact_weight),
+        lambda m, b: rollout_loss(m, b["states"], b["actions"], b["prev_state"], b["prev_action"], b["valid"]),
         lambda m: verdict_metrics(m, eval_demos, cfg.task), export, to_jsonable(cfg), desc="train-state")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     for ckpt, object_states in banks.items():

@@ -139,7 +139,7 @@ class StateModel(nn.Module):
 
 
 def rollout_loss(model: StateModel, states: Tensor, actions: Tensor, prev_state: Tensor, prev_action: Tensor,
-                 valid: Tensor, contact_weight: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
+                 valid: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
     """Unrolled training loss over windows: states (B, K+1, S) raw truth, actions (B, K, A), prev_state (B, S) and
     prev_action (B, A) the step before the window, valid (B, K) bool (steps inside the episode).
 
@@ -171,6 +171,6 @@ def rollout_loss(model: StateModel, states: Tensor, actions: Tensor, prev_state:
         return (torch.stack(terms, 1) * w).sum() / w.sum().clamp(min=1)
 
     state_mse, delta_mse, contact_ce = mean(state_terms), mean(delta_terms), mean(contact_terms)
-    loss = state_mse + delta_mse + contact_weight * contact_ce
+    loss = state_mse + delta_mse + contact_ce
     return loss, {"loss": loss, "state_mse": state_mse, "delta_mse": delta_mse, "contact_ce": contact_ce,
                   "contact_acc": mean(correct)}
