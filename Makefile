@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = "0" ] || echo sudo)
 APT_PACKAGES := libegl1 libegl-mesa0 libgl1-mesa-dri libgl1 libglx-mesa0 chromium chromium-driver g++
 export MUJOCO_GL ?= egl
 
-.PHONY: setup demo test lint bench interaction-data lift-data lift-checkpoint dp-lift lift-mar lift-mar-warm lift-mar-ft lift-fast tokenizer-15k mix-data tokens-15k lift-15k-pack lift-15k-cpu mixture-data mixture-tasks pretraining-study pretraining-study-tasks clean-venv
+.PHONY: setup demo test lint bench interaction-data state-model lift-data lift-checkpoint dp-lift lift-mar lift-mar-warm lift-mar-ft lift-fast tokenizer-15k mix-data tokens-15k lift-15k-pack lift-15k-cpu mixture-data mixture-tasks pretraining-study pretraining-study-tasks clean-venv
 
 setup: $(STAMP)
 
@@ -131,7 +131,7 @@ lift-fast: mix-data
 	$(HMA) eval-model --checkpoint hma_gym/assets/lift_fast --data data/lift.hdf5 --stride 16 --random-actions 2 \
 	  --greedy --out benchmarks/results/eval_model_lift_fast_greedy.json
 
-# Issue 25's interaction data: what policies do, not only what experts do (2,000 GT episodes, ~75 min on one core;
+# Issue 25's interaction data: what policies do, not only what experts do (2,500 GT episodes, ~95 min on one core;
 # each file is collected only when missing, and a killed collection resumes where it stopped). Every file records
 # robomimic's `object` key. Seeds 100000-149999: disjoint from every evaluation seed (10000+, 20000+, 900000+).
 MIX_DIR ?= data/mix
@@ -148,6 +148,19 @@ interaction-data: setup
 	$(HMA) collect --policy random --total 200 --seed 120000 --out $(MIX_DIR)/random.hdf5
 	$(HMA) collect --policy random-smooth --total 300 --seed 130000 --out $(MIX_DIR)/random_smooth.hdf5
 	$(HMA) collect --policy dp-lift --total 200 --seed 140000 --out $(MIX_DIR)/dp_shipped.hdf5
+	$(HMA) collect --total 500 --seed 150000 --action-noise 0.05 --failure-probs '{"missed_grasp": 1.0}' \
+	  --severity '{"missed_grasp": [0.01, 0.05]}' --out $(MIX_DIR)/near_miss.hdf5
+
+# The shipped state model (proprio + object-state dynamics; its verdicts are the learned env's), trained on the
+# interaction data and put into every shipped checkpoint, whose reset banks come from data/lift.hdf5 (make
+# lift-data). ~15 min on one thread (4,000 steps of 256 windows of 16 steps).
+STATE_DATA := $(MIX_DIR)/expert_failures.hdf5 $(MIX_DIR)/near_miss.hdf5 $(MIX_DIR)/random.hdf5 \
+  $(MIX_DIR)/random_smooth.hdf5 $(MIX_DIR)/noisy_expert.hdf5 data/lift.hdf5
+state-model: setup
+	$(HMA) train-state --data $(STATE_DATA) --out runs/state_model --steps 4000 --eval-every 1000 \
+	  --save-every 1000 --eval-demos 100 --threads 1 --no-progress \
+	  --into hma_gym/assets/lift hma_gym/assets/lift_fast hma_gym/assets/lift_mar hma_gym/assets/lift_15k \
+	  --bank-data data/lift.hdf5
 
 # The 15,360-code FSQ tokenizer (hma_gym/assets/tokenizer_15k; ~40 min on this CPU), scored beside the shipped
 # checkpoints' one on every held-out frame. No shipped world model uses it yet: its codes need a new dynamics model.
