@@ -141,7 +141,7 @@ def state_checkpoint(tmp_path_factory):
 
 def test_train_state_into_a_checkpoint_adds_the_object_state(state_checkpoint):
     """The learned env of that checkpoint returns `object` when asked (its start: the GT's), stays quiet about
-    unverified verdicts, and a paired start without `object` is refused with a hint."""
+    unverified verdicts, and a start without `object` gets the object state of the bank's nearest frame."""
     import warnings
 
     import gymnasium as gym
@@ -153,9 +153,16 @@ def test_train_state_into_a_checkpoint_adds_the_object_state(state_checkpoint):
         warnings.simplefilter("error", UnverifiedVerdictWarning)
         plain = gym.make("HMA-RobomimicLift-v0", checkpoint=state_checkpoint)
     assert OBJECT_KEY not in plain.observation_space.spaces
-    obs, _ = plain.reset(seed=0)
-    with pytest.raises(ValueError, match="lacks 'object'.*obs_keys"):
-        plain.reset(options={"initial_observation": obs})
+    obs, _ = plain.reset(seed=3)
+    sim = plain.unwrapped.sim
+    drawn = sim.obs[OBJECT_KEY][0].copy()
+    plain.reset(options={"initial_observation": obs})  # a start without `object`: taken from the nearest frame
+    np.testing.assert_allclose(sim.obs[OBJECT_KEY][0], drawn, atol=1e-6)  # a bank start: its own
+    shifted = dict(obs, robot0_eef_pos=obs["robot0_eef_pos"] + np.float32(0.01))
+    plain.reset(options={"initial_observation": shifted})  # gripper-to-cube follows the given gripper
+    np.testing.assert_allclose(sim.obs[OBJECT_KEY][0][7:], drawn[7:] - 0.01, atol=1e-5)
+    with pytest.raises(ValueError, match="lacks 'agentview_image'"):
+        plain.reset(options={"initial_observation": {k: v for k, v in obs.items() if k != "agentview_image"}})
     plain.close()
     env = gym.make("HMA-RobomimicLift-v0", checkpoint=state_checkpoint, obs_keys=("agentview_image", *KEYS))
     obs, _ = env.reset(seed=0)
@@ -195,3 +202,49 @@ def test_learned_success_follows_the_predicted_object_state(state_checkpoint, co
         assert obs[OBJECT_KEY][2] >= start[2] + 0.1 - 1e-4
     assert 0.0 <= info["uncertainty"] < 0.5
     env.close()
+
+
+def test_a_checkpoint_without_a_state_model_warns_that_its_verdict_is_unverified(tmp_path):
+    """The shipped checkpoints carry a state model and make quietly; the same checkpoint without it falls back
+    to the pixel detector and says that its verdict does not fail bad policies."""
+    import json
+    import shutil
+    import warnings
+
+    import gymnasium as gym
+
+    import hma_gym  # noqa: F401
+    from hma_gym.envs.learned_env import VARIANTS, UnverifiedVerdictWarning, default_checkpoint
+
+    for variant in VARIANTS:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UnverifiedVerdictWarning)
+            gym.make("HMA-RobomimicLift-v0", variant=variant).close()
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(default_checkpoint(), ckpt)
+    (ckpt / "state_model.safetensors").unlink()
+    config = json.loads((ckpt / "config.json").read_text())
+    del config["state_model"]
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.warns(UnverifiedVerdictWarning, match="does not predict the object state.*train-state"):
+        env = gym.make("HMA-RobomimicLift-v0", checkpoint=ckpt)
+    assert OBJECT_KEY not in env.unwrapped.sim.model_space.spaces
+    env.close()
+
+
+def test_a_state_model_file_without_its_config_is_refused(tmp_path):
+    import json
+    import shutil
+
+    from hma_gym.checkpoint import CheckpointError
+    from hma_gym.envs.learned_env import default_checkpoint
+    from hma_gym.world_model import load_state_model
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(default_checkpoint(), ckpt)
+    assert load_state_model(ckpt) is not None
+    config = json.loads((ckpt / "config.json").read_text())
+    del config["state_model"]
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="no 'state_model' section"):
+        load_state_model(ckpt)

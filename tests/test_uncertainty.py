@@ -37,7 +37,8 @@ def test_learned_env_uncertainty_is_finite_and_higher_on_noise():
 
     import hma_gym  # noqa: F401
 
-    env = gym.make("HMA-RobomimicLift-v0")
+    keys = ("agentview_image", "robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object")
+    env = gym.make("HMA-RobomimicLift-v0", obs_keys=keys)  # a start needs the cube's state too
     obs, info = env.reset(seed=0)
     assert info["uncertainty"] == 0.0 and info["unjudged"] is False
     action = np.zeros(7, np.float32)

@@ -262,6 +262,8 @@ class _LearnedSim:
             raise ValueError(f"initial_observation must be a dict of arrays, got {type(obs).__name__}")
         out = {}
         for key, space in self.model_space.spaces.items():
+            if key == OBJECT_KEY and key not in obs and self.image_key in obs:
+                continue  # estimated below from the image
             if key not in obs:
                 hint = (" (the world model's state includes it: make the GT env with obs_keys including "
                         f"{OBJECT_KEY!r})") if key == OBJECT_KEY else ""
@@ -277,7 +279,22 @@ class _LearnedSim:
             if why:
                 raise ValueError(f"initial_observation: {why}")
             out[key] = value.astype(space.dtype)
+        if OBJECT_KEY in self.model_space.spaces and OBJECT_KEY not in out:
+            out[OBJECT_KEY] = self.estimate_object(out)
         return out
+
+    def estimate_object(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        """The object state of a start given without it (e.g. a GT observation with the default keys): that of
+        the bank start whose frame is nearest in pixels (the scene at reset differs by where the cube lies),
+        with its derived parts (gripper-to-cube) recomputed for the given gripper. Exact only for a start of
+        the bank itself; for a GT reset the cube is placed within ~5 mm (docs/envs.md). Pass `object` for
+        exact paired runs."""
+        frames = self.bank[self.image_key].reshape(self.bank_size, -1).astype(np.int32)
+        nearest = int(((frames - obs[self.image_key].reshape(1, -1).astype(np.int32)) ** 2).sum(1).argmin())
+        full = {**obs, OBJECT_KEY: self.bank[OBJECT_KEY][nearest]}
+        state = torch.from_numpy(self.state_vector({k: v[None] for k, v in full.items()}, self.state_keys))
+        state = self.state_model.make_consistent(state.to(self.wm.device)).cpu().numpy()
+        return self.split_state(state)[OBJECT_KEY][0]
 
     # ------------------------------------------------------------------ episode control
     def reset_rows(self, rows: np.ndarray, starts: list[dict[str, np.ndarray]]) -> None:
