@@ -81,7 +81,7 @@ def test_every_bank_start_and_gt_reset_passes_the_range_check(variant):
 
 def test_a_reset_after_a_nan_episode_steps_finite(fast_env):
     """A row that went NaN (an absurd start put in behind the check) is clean again after its reset."""
-    start = gt_start(1)
+    start = fast_env.sim.check_observation(gt_start(1))  # every key the model needs (its `object` too)
     absurd = {**start, "robot0_eef_pos": np.full(3, 1e30, np.float32)}
     venv = HMAVectorEnv(2, variant="fast")
     venv.reset(seed=0)
