@@ -30,9 +30,16 @@ def test_verdict_agreement_records_paired_verdicts(tmp_path, monkeypatch):
     assert saved["max_abs_rate_error"] == max(abs(r["gt_success"] - r["learned_success"]) for r in rows.values())
     # the GT side is cached: a second run reads it (and gives the same GT verdicts) without MuJoCo
     assert len(list((tmp_path / "cache").glob("gt_*.npz"))) == 2
+    # with a state model, the picture's verdict is recorded beside the state's
+    for r in rows.values():
+        assert 0.0 <= r["image_state_agreement"] <= 1.0 and 0.0 <= r["image_success"] <= 1.0
     monkeypatch.setattr(va.gym, "make", _refuse_gt(va.gym.make))
     again = va.main(args)
     assert [r["per_episode"]["gt"] for r in again["policies"]] == [r["per_episode"]["gt"] for r in payload["policies"]]
+    # scripted policies can also act on the learned env's own predicted state
+    closed = va.main([*args[:-1], "va_closed", "--scripted", "closed-loop"])
+    assert {r["name"]: r["learned_mode"] for r in closed["policies"]} == {"random": "closed-loop",
+                                                                          "missed_2cm": "closed-loop"}
 
 
 def _refuse_gt(make):
