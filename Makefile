@@ -157,8 +157,7 @@ interaction-data: setup
 STATE_DATA := $(MIX_DIR)/expert_failures.hdf5 $(MIX_DIR)/near_miss.hdf5 $(MIX_DIR)/random.hdf5 \
   $(MIX_DIR)/random_smooth.hdf5 $(MIX_DIR)/noisy_expert.hdf5 data/lift.hdf5
 state-model: setup
-	$(HMA) train-state --data $(STATE_DATA) --out runs/state_model --steps 4000 --eval-every 1000 \
-	  --save-every 1000 --eval-demos 100 --threads 1 --no-progress \
+	$(HMA) train-state --data $(STATE_DATA) --out runs/state_model --threads 1 --no-progress \
 	  --into hma_gym/assets/lift hma_gym/assets/lift_fast hma_gym/assets/lift_mar hma_gym/assets/lift_15k \
 	  --bank-data data/lift.hdf5
 

@@ -43,11 +43,11 @@ class StateTrainConfig(LoopConfig):
     data: tuple[str, ...] = ("data/lift.hdf5",)
     """robomimic files recorded with the object state (their train/valid masks split them)."""
     keys: tuple[str, ...] = DEFAULT_STATE_KEYS
-    """Low-dimensional observation keys of the state, in order (the object key last)."""
+    """Low-dimensional observation keys of the state, in order (the object key among them)."""
     task: str = "Lift"
     """robosuite task: its object-state layout (`hma_gym.tasks`) says which dims rest and which are derived."""
     out: str = "runs/state_model"
-    steps: int = 6000
+    steps: int = 4000
     batch_size: int = 256
     lr: float = 1e-3
     warmup: int = 200
@@ -57,7 +57,7 @@ class StateTrainConfig(LoopConfig):
     """Steps each training window is unrolled over."""
     hidden: int = 256
     layers: int = 3
-    eval_demos: int = 300
+    eval_demos: int = 100
     """At most this many valid demos per file are replayed in the held-out evaluation."""
     into: tuple[str, ...] = ()
     """Packed checkpoints to put the trained model into (see the module doc)."""
@@ -200,13 +200,13 @@ def replay(model: StateModel, demos: list[Demo]) -> tuple[np.ndarray, np.ndarray
 def verdict_metrics(model: StateModel, demos: list[Demo], task_name: str) -> dict[str, float]:
     """Open-loop verdict agreement with the recorded object state (success at any step of the episode)."""
     task = object_task(task_name)
-    o = model.cfg.state_dim - task.object_dim  # the object key is last (StateTrainConfig checks it is present)
+    names = [k for k, _ in model.cfg.keys]
+    o = sum(w for _, w in model.cfg.keys[: names.index(OBJECT_KEY)])
+    obj, pos = slice(o, o + task.object_dim), model.cfg.object_pos
     pred, lengths = replay(model, demos)
-    pred_success = np.array([task.success(p[: n + 1, o:]).any() for p, n in zip(pred, lengths, strict=True)])
-    true_success = np.array([task.success(d.states[:, o:]).any() for d in demos])
-    start, width = task.field_offset(task.position_field)
-    err = [np.linalg.norm(p[n, o + start : o + start + width] - d.states[n, o + start : o + start + width])
-           for p, d, n in zip(pred, demos, lengths, strict=True)]
+    pred_success = np.array([task.success(p[: n + 1, obj]).any() for p, n in zip(pred, lengths, strict=True)])
+    true_success = np.array([task.success(d.states[:, obj]).any() for d in demos])
+    err = [np.linalg.norm(p[n, pos] - d.states[n, pos]) for p, d, n in zip(pred, demos, lengths, strict=True)]
     eef = [np.linalg.norm(p[n, :3] - d.states[n, :3]) for p, d, n in zip(pred, demos, lengths, strict=True)]
     return {"verdict_agreement": float((pred_success == true_success).mean()),
             "false_success": float((pred_success & ~true_success).mean()),

@@ -133,16 +133,15 @@ class _LearnedSim:
         # the low-dimensional keys the env predicts: the state model's where the checkpoint has one (it carries
         # the proprio the trunk sees, plus the object state), else the trunk's own
         self.state_model = self.wm.state_model
-        self.state_keys = list(self.proprio)
+        self.state_keys = checkpoint_state_keys(self.config)
         if self.state_model is not None:
-            self.state_keys = [(k, int(d)) for k, d in self.state_model.cfg.keys]
             missing = [kd for kd in self.proprio if kd not in self.state_keys]
             if missing:
                 raise CheckpointError(f"{path}: the state model predicts {self.state_keys}, not the trunk's {missing}")
-            order = {k: i for i, (k, _) in enumerate(self.state_keys)}
-            offsets = np.cumsum([0] + [d for _, d in self.state_keys])
-            self.trunk_index = torch.as_tensor(np.concatenate(
-                [np.arange(offsets[order[k]], offsets[order[k]] + d) for k, d in self.proprio]), device=self.wm.device)
+            widths = [d for _, d in self.state_keys]
+            start = dict(zip([k for k, _ in self.state_keys], np.cumsum([0] + widths)[:-1], strict=True))
+            self.trunk_index = torch.as_tensor([start[k] + i for k, d in self.proprio for i in range(d)],
+                                               device=self.wm.device)
         if OBJECT_KEY not in dict(self.state_keys):
             if self.object_task is not None:
                 warnings.warn(
@@ -198,7 +197,9 @@ class _LearnedSim:
         self.obs: dict[str, np.ndarray] | None = None
         self.started = np.zeros(n, dtype=bool)
         self.unjudged = np.zeros(n, dtype=bool)
-        self.prev_state: torch.Tensor | None = None  # the state model's s_{t-1} and a_{t-1} of each row
+        # the state model's s_t, s_{t-1} and a_{t-1} of each row
+        self.state: torch.Tensor | None = None
+        self.prev_state: torch.Tensor | None = None
         self.prev_action: torch.Tensor | None = None
 
     def load_bank(self, path: Path) -> dict[str, np.ndarray]:
@@ -319,10 +320,11 @@ class _LearnedSim:
         self.wm.observe(self.cache, tokens, states, rows=None if bool(mask.all()) else mask)
         if self.state_model is not None:  # the state model's history: s_{t-1} = s_0 and no action at the start
             full = torch.from_numpy(self.state_vector(self.obs, self.state_keys)).to(self.wm.device)
-            if self.prev_state is None:
-                self.prev_state = torch.zeros_like(full)
+            if self.state is None:
+                self.state, self.prev_state = torch.zeros_like(full), torch.zeros_like(full)
                 self.prev_action = torch.zeros(self.n, self.action_space.shape[0], device=self.wm.device)
-            self.prev_state[mask], self.prev_action[mask] = full[mask], 0.0
+            self.state[mask] = self.prev_state[mask] = full[mask]
+            self.prev_action[mask] = 0.0
         self.started[rows] = True
         self.streak[rows] = 0
         self.unjudged[rows] = False
@@ -353,9 +355,8 @@ class _LearnedSim:
             # the low-dimensional step: the state model's; the trunk gets its proprio (so the next frames are
             # generated from the same arm the verdict is made from)
             a_dev = a.to(self.wm.device)
-            s = torch.from_numpy(self.state_vector(self.obs, self.state_keys)).to(self.wm.device)
-            full, _, entropy["state"] = self.state_model.step(s, self.prev_state, a_dev, self.prev_action)
-            self.prev_state, self.prev_action = s, a_dev
+            full, _, entropy["state"] = self.state_model.step(self.state, self.prev_state, a_dev, self.prev_action)
+            self.prev_state, self.state, self.prev_action = self.state, full, a_dev
             states = full.index_select(1, self.trunk_index)
         else:
             full = states
