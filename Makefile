@@ -150,11 +150,14 @@ interaction-data: setup
 	$(HMA) collect --policy dp-lift --total 200 --seed 140000 --out $(MIX_DIR)/dp_shipped.hdf5
 	$(HMA) collect --total 500 --seed 150000 --action-noise 0.05 --failure-probs '{"missed_grasp": 1.0}' \
 	  --severity '{"missed_grasp": [0.01, 0.05]}' --out $(MIX_DIR)/near_miss.hdf5
+	$(HMA) collect --total 1000 --seed 160000 --action-noise 0.05 --failure-probs '{"missed_grasp": 1.0}' \
+	  --severity '{"missed_grasp": [0.015, 0.07]}' --out $(MIX_DIR)/near_miss_wide.hdf5
 
 # The shipped state model (proprio + object-state dynamics; its verdicts are the learned env's), trained on the
 # interaction data and put into every shipped checkpoint, whose reset banks come from data/lift.hdf5 (make
 # lift-data). ~15 min on one thread (4,000 steps of 256 windows of 16 steps).
-STATE_DATA := $(MIX_DIR)/expert_failures.hdf5 $(MIX_DIR)/near_miss.hdf5 $(MIX_DIR)/random.hdf5 \
+STATE_DATA := $(MIX_DIR)/expert_failures.hdf5 $(MIX_DIR)/near_miss.hdf5 $(MIX_DIR)/near_miss_wide.hdf5 \
+  $(MIX_DIR)/random.hdf5 \
   $(MIX_DIR)/random_smooth.hdf5 $(MIX_DIR)/noisy_expert.hdf5 data/lift.hdf5
 state-model: setup
 	$(HMA) train-state --data $(STATE_DATA) --out runs/state_model --threads 1 --no-progress \

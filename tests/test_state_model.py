@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from hma_gym.models.state_model import StateModel, StateModelConfig, rollout_loss
+from hma_gym.models.state_model import StateModel, StateModelConfig, grasp_labels, rollout_loss
 from hma_gym.tasks import LIFT, OBJECT_KEY
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -51,9 +51,10 @@ def test_the_object_moves_only_on_contact_and_the_state_stays_consistent(contact
     with torch.no_grad():
         model.contact_head.bias.fill_(50.0 if contact else -50.0)
         model.delta_head.bias.fill_(3.0)
+        model.grasp_net[-1].bias.fill_(-50.0)
     s = start_state()
     a = torch.rand(3, 7) * 2 - 1
-    nxt, fired, unc = model.step(s, s, a, torch.zeros(3, 7))
+    nxt, grasp, fired, unc = model.step(s, s, a, torch.zeros(3, 7), torch.zeros(3))
     assert bool((fired == contact).all()) and bool((unc < 1e-6).all())
     if contact:
         assert not torch.equal(nxt[:, 9:16], s[:, 9:16])
@@ -92,11 +93,13 @@ def test_rollout_loss_trains_contact_and_motion():
 
     st, ac = windows()
     fit_statistics(model, [Demo(st[i].numpy(), ac[i].numpy()) for i in range(B)])
+    no_grasp = torch.zeros(B, K)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses, accs = [], []
     for _ in range(150):
         st, ac = windows()
-        loss, metrics = rollout_loss(model, st, ac, st[:, 0], torch.zeros(B, 7), torch.ones(B, K, dtype=torch.bool))
+        loss, metrics = rollout_loss(model, st, ac, st[:, 0], torch.zeros(B, 7), torch.ones(B, K, dtype=torch.bool),
+                                     no_grasp, no_grasp.bool())
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -104,6 +107,58 @@ def test_rollout_loss_trains_contact_and_motion():
         accs.append(float(metrics["contact_acc"]))
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
     assert np.mean(accs[-10:]) > 0.9
+
+
+def test_grasp_labels_tell_a_close_that_lifts_from_one_that_does_not():
+    """A close command is labelled by what followed it until the next close: did the cube rise more than 1.5 cm
+    above its lowest point? The label holds from the close to the next one; each episode's closes weigh 1."""
+    command = np.where(np.arange(20) >= 2, 1.0, -1.0)  # closes at step 2
+    rest = np.full(21, 0.82)
+    lifted = rest.copy()
+    lifted[12:] = np.linspace(0.82, 0.90, 9)
+    held, weight = grasp_labels(lifted, command)
+    assert weight.tolist() == [float(t == 2) for t in range(20)]  # the label is read at the close command
+    assert held.tolist() == [float(t >= 2) for t in range(20)]
+    assert not grasp_labels(rest, command)[0].any()  # closed beside the cube: it stayed
+    tipped = rest.copy()
+    tipped[10:] = 0.828  # pushed onto an edge: not lifted
+    assert not grasp_labels(tipped, command)[0].any()
+    settling = np.concatenate([np.linspace(0.83, 0.82, 5), rest[5:]])  # the cube settling after the reset
+    assert not grasp_labels(settling, command)[0].any()
+    twice = command.copy()
+    twice[10:12] = -1.0  # opened at 10, closed again at 12 (after which the cube rose): two closes
+    held, weight = grasp_labels(lifted, twice)
+    assert held.tolist() == [float(t >= 12) for t in range(20)]  # 2-11: nothing rose before the next close
+    np.testing.assert_allclose(weight, [0.5 * (t in (2, 12)) for t in range(20)])
+
+
+@pytest.mark.parametrize("between", [False, True])
+def test_the_grasp_is_decided_at_the_close_command_and_kept_until_the_gripper_opens(between):
+    """The grasp classifier's decision is read only when the gripper command turns positive; later steps keep
+    it whatever the classifier says, until the next close command. The decision is an input of the
+    dynamics."""
+    torch.manual_seed(0)
+    model = StateModel(lift_config()).eval()
+    with torch.no_grad():
+        model.grasp_net[-1].bias.fill_(50.0 if between else -50.0)
+    s = start_state(1)
+    close, open_ = torch.zeros(1, 7), torch.zeros(1, 7)
+    close[:, 6], open_[:, 6] = 1.0, -1.0
+    grasp = torch.zeros(1)
+    _, grasp, _, _ = model.step(s, s, open_, open_, grasp)
+    assert grasp.item() == 0.0  # no close command
+    _, grasp, _, _ = model.step(s, s, close, open_, grasp)
+    assert grasp.item() == float(between)
+    with torch.no_grad():
+        model.grasp_net[-1].bias.fill_(-50.0 if between else 50.0)  # the classifier changes its mind
+    _, grasp, _, _ = model.step(s, s, close, close, grasp)
+    assert grasp.item() == float(between)  # kept
+    _, grasp, _, _ = model.step(s, s, open_, close, grasp)
+    assert grasp.item() == float(between)  # kept after the gripper opens
+    _, grasp, _, _ = model.step(s, s, close, open_, grasp)
+    assert grasp.item() == float(not between)  # re-decided at the next close
+    x = model.features(s, s, close, close)
+    assert not torch.equal(model(x, torch.zeros(1))[0], model(x, torch.ones(1))[0])
 
 
 @pytest.fixture(scope="module")
@@ -248,3 +303,4 @@ def test_a_state_model_file_without_its_config_is_refused(tmp_path):
     (ckpt / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="no 'state_model' section"):
         load_state_model(ckpt)
+

@@ -29,7 +29,7 @@ import torch
 from hma_gym.checkpoint import CheckpointError, load_json, load_tensors, save_json, save_module, save_tensors
 from hma_gym.config import to_jsonable
 from hma_gym.data.hdf5 import DatasetError, list_demos, validate_file
-from hma_gym.models.state_model import STATE_MODEL_NAME, StateModel, StateModelConfig, rollout_loss
+from hma_gym.models.state_model import STATE_MODEL_NAME, StateModel, StateModelConfig, grasp_labels, rollout_loss
 from hma_gym.tasks import OBJECT_KEY, object_task
 from training.loop import LoopConfig, train_loop
 
@@ -78,6 +78,13 @@ class StateTrainConfig(LoopConfig):
 class Demo:
     states: np.ndarray  # (L+1, S) float32: obs of every step, then the last next_obs
     actions: np.ndarray  # (L, A) float32
+    grasp: np.ndarray | None = None  # (L,) float32: the grasp decision in force (`grasp_labels`)
+    grasp_weight: np.ndarray | None = None  # (L,) float32: the weight of the grasp label (> 0 at close commands)
+
+    def label_grasps(self, cfg: StateModelConfig) -> Demo:
+        self.grasp, self.grasp_weight = grasp_labels(self.states[:, cfg.object_pos[-1]], self.actions[:, -1],
+                                                     cfg.held_rise)
+        return self
 
 
 def load_demos(paths: tuple[str, ...], keys: tuple[str, ...], split: str) -> list[Demo]:
@@ -147,8 +154,11 @@ def fit_statistics(model: StateModel, demos: list[Demo]) -> None:
     model.action_std.copy_(actions.std(0).clamp(min=1e-2))
 
 
-def window_sampler(demos: list[Demo], window: int, batch_size: int):
-    """batch_fn for train_loop: `batch_size` windows, each from a demo drawn by length, zero-padded past its end."""
+def window_sampler(demos: list[Demo], window: int, batch_size: int, start_every: int = 8):
+    """batch_fn for train_loop: `batch_size` windows, each from a demo drawn by length, zero-padded past its end;
+    the demos' grasp labels (`Demo.label_grasps`) come with them. Every `start_every`-th window starts at its
+    episode's first step (drawn uniformly a step in ~100 would rarely be: the learned env starts every
+    episode there, s_{t-1} = s_0 and no previous action)."""
     lengths = np.array([len(d.actions) for d in demos])
     probs = lengths / lengths.sum()
     S, A = demos[0].states.shape[1], demos[0].actions.shape[1]
@@ -158,16 +168,20 @@ def window_sampler(demos: list[Demo], window: int, batch_size: int):
         actions = np.zeros((batch_size, window, A), np.float32)
         prev_s, prev_a = np.zeros((batch_size, S), np.float32), np.zeros((batch_size, A), np.float32)
         valid = np.zeros((batch_size, window), bool)
+        grasp, weight = np.zeros((batch_size, window), np.float32), np.zeros((batch_size, window), np.float32)
         for i, j in enumerate(rng.choice(len(demos), batch_size, p=probs)):
             d = demos[j]
-            t = int(rng.integers(len(d.actions)))
+            # one window in `start_every` opens its episode (the reset, where the cube settles onto the table)
+            t = 0 if i % start_every == 0 else int(rng.integers(len(d.actions)))
             k = min(window, len(d.actions) - t)
             states[i, : k + 1], actions[i, :k], valid[i, :k] = d.states[t : t + k + 1], d.actions[t : t + k], True
+            grasp[i, :k], weight[i, :k] = d.grasp[t : t + k], d.grasp_weight[t : t + k]
             states[i, k + 1 :] = d.states[t + k]
             prev_s[i] = d.states[t - 1] if t > 0 else d.states[0]
             prev_a[i] = d.actions[t - 1] if t > 0 else 0.0
         return {k: torch.from_numpy(v) for k, v in
-                dict(states=states, actions=actions, prev_state=prev_s, prev_action=prev_a, valid=valid).items()}
+                dict(states=states, actions=actions, prev_state=prev_s, prev_action=prev_a, valid=valid,
+                     grasp=grasp, grasp_weight=weight).items()}
 
     return batch
 
@@ -185,10 +199,11 @@ def replay(model: StateModel, demos: list[Demo]) -> tuple[np.ndarray, np.ndarray
     a_all = torch.from_numpy(actions).to(device)
     s = torch.from_numpy(np.stack([d.states[0] for d in demos])).to(device)
     s_prev, a_prev = s.clone(), torch.zeros(n, A, device=device)
+    grasp = torch.zeros(n, device=device)
     out = np.full((n, L + 1, S), np.nan, np.float32)
     out[:, 0] = s.cpu().numpy()
     for t in range(L):
-        nxt, _, _ = model.step(s, s_prev, a_all[:, t], a_prev)
+        nxt, grasp, _, _ = model.step(s, s_prev, a_all[:, t], a_prev, grasp)
         s_prev, s, a_prev = s, nxt, a_all[:, t]
         out[:, t + 1] = s.cpu().numpy()
     lengths = np.array([len(d.actions) for d in demos])
@@ -250,6 +265,7 @@ def train_state(cfg: StateTrainConfig) -> dict:
         name = list_demos(cfg.data[0], "train")[0]
         widths = {k: int(np.prod(f["data"][name]["obs"][k].shape[1:])) for k in cfg.keys}
     model = StateModel(model_config(cfg, widths, train[0].actions.shape[1]))
+    train = [d.label_grasps(model.cfg) for d in train]
     fit_statistics(model, train)
     rng = np.random.default_rng(cfg.seed)
     eval_demos = [valid[i] for i in sorted(rng.permutation(len(valid))[: cfg.eval_demos * len(cfg.data)])]
@@ -260,7 +276,8 @@ def train_state(cfg: StateTrainConfig) -> dict:
 
     metrics = train_loop(
         cfg, model, window_sampler(train, cfg.window, cfg.batch_size),
-        lambda m, b: rollout_loss(m, b["states"], b["actions"], b["prev_state"], b["prev_action"], b["valid"]),
+        lambda m, b: rollout_loss(m, b["states"], b["actions"], b["prev_state"], b["prev_action"], b["valid"],
+                                  b["grasp"], b["grasp_weight"]),
         lambda m: verdict_metrics(m, eval_demos, cfg.task), export, to_jsonable(cfg), desc="train-state")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     for ckpt, object_states in banks.items():

@@ -197,10 +197,11 @@ class _LearnedSim:
         self.obs: dict[str, np.ndarray] | None = None
         self.started = np.zeros(n, dtype=bool)
         self.unjudged = np.zeros(n, dtype=bool)
-        # the state model's s_t, s_{t-1} and a_{t-1} of each row
+        # the state model's s_t, s_{t-1}, a_{t-1} and grasp decision of each row
         self.state: torch.Tensor | None = None
         self.prev_state: torch.Tensor | None = None
         self.prev_action: torch.Tensor | None = None
+        self.grasp: torch.Tensor | None = None
 
     def load_bank(self, path: Path) -> dict[str, np.ndarray]:
         """The initial-observation bank: every observation key, one or more entries, finite and in range."""
@@ -318,13 +319,15 @@ class _LearnedSim:
         tokens[index.to(tokens.device)] = codes
         states = torch.from_numpy(self.state_vector(self.obs))
         self.wm.observe(self.cache, tokens, states, rows=None if bool(mask.all()) else mask)
-        if self.state_model is not None:  # the state model's history: s_{t-1} = s_0 and no action at the start
+        if self.state_model is not None:  # the state model's history: s_{t-1} = s_0, no action, no grasp
             full = torch.from_numpy(self.state_vector(self.obs, self.state_keys)).to(self.wm.device)
             if self.state is None:
                 self.state, self.prev_state = torch.zeros_like(full), torch.zeros_like(full)
                 self.prev_action = torch.zeros(self.n, self.action_space.shape[0], device=self.wm.device)
+                self.grasp = torch.zeros(self.n, device=self.wm.device)
             self.state[mask] = self.prev_state[mask] = full[mask]
             self.prev_action[mask] = 0.0
+            self.grasp[mask] = 0.0
         self.started[rows] = True
         self.streak[rows] = 0
         self.unjudged[rows] = False
@@ -344,9 +347,9 @@ class _LearnedSim:
         state model (`hma_gym.models.state_model`; probability 0 or 1: each step commits to contact or not),
         else the detector's probability reached `success_threshold`; on the last `success_frames` frames of
         the row's episode. Uncertainty: the mean of the normalised entropy of this frame's image tokens
-        (`HMA.generate_frame`) and, with a state model, the entropy of its contact decision; 0 = certain,
-        1 = uniform. A row whose uncertainty passed `uncertainty_limit` is marked in `self.unjudged` for the
-        rest of its episode."""
+        (`HMA.generate_frame`) and, with a state model, the entropy of its contact decision (at a close
+        command, of its grasp decision if larger); 0 = certain, 1 = uniform. A row whose uncertainty passed
+        `uncertainty_limit` is marked in `self.unjudged` for the rest of its episode."""
         a = torch.from_numpy(np.ascontiguousarray(actions, dtype=np.float32))
         tokens, states, entropy = self.wm.generate(
             self.cache, a, steps=self.steps, temperature=self.temperature, generator=self.generator,
@@ -355,7 +358,8 @@ class _LearnedSim:
             # the low-dimensional step: the state model's; the trunk gets its proprio (so the next frames are
             # generated from the same arm the verdict is made from)
             a_dev = a.to(self.wm.device)
-            full, _, entropy["state"] = self.state_model.step(self.state, self.prev_state, a_dev, self.prev_action)
+            full, self.grasp, _, entropy["state"] = self.state_model.step(self.state, self.prev_state, a_dev,
+                                                                          self.prev_action, self.grasp)
             self.prev_state, self.state, self.prev_action = self.state, full, a_dev
             states = full.index_select(1, self.trunk_index)
         else:

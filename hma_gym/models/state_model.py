@@ -11,16 +11,25 @@ next state s_{t+1}:
   keeps its pose exactly, so nothing drifts while nothing touches it, and a held object moves with the
   regressed change: the model commits to one outcome per step instead of averaging "lifted" and "left
   behind" into a half-lift;
+- whether a grasp holds is decided once, when the gripper is told to close: a *grasp* classifier reads the
+  state at that step and commits to "this close takes hold of the object" or not; the decision is an input
+  of every later step until the next close command. Without it, the motion after a close 2-4 cm beside the
+  cube is a regression that averages "holds" and "closes on air" (fingers stopped half-way, which the
+  contact output then reads as a hold). The data's label of a close (`grasp_labels`): the object rose more
+  than `held_rise` above its lowest point so far before the next close command (lifted: fingers that only
+  press on it or close beside it cannot raise it);
 - dims that are a difference of two others (Lift: gripper-to-cube = cube - gripper) are computed from them,
   so the state stays self-consistent; quaternions are kept unit length.
 
-Its `uncertainty` is the binary entropy of the contact decision (0 = certain, 1 = a coin flip).
+Its `uncertainty` is the binary entropy of the contact decision, and at a close command the larger of that and
+the grasp decision's (0 = certain, 1 = a coin flip).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -54,6 +63,8 @@ class StateModelConfig:
     """Start indices of 4-wide quaternions, renormalised after each step."""
     rest_tolerance: float = 2e-4
     """A step moves the object when its position changes by more than this (world units: m)."""
+    held_rise: float = 0.015
+    """A close command took hold of the object when the object then rose more than this (m; `grasp_labels`)."""
 
     @property
     def state_dim(self) -> int:
@@ -77,9 +88,10 @@ class StateModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         S, A = cfg.state_dim, cfg.action_dim
-        self.body = _mlp(2 * S + 2 * A, cfg.hidden, cfg.layers)
+        self.body = _mlp(2 * S + 2 * A + 1, cfg.hidden, cfg.layers)
         self.delta_head = nn.Linear(cfg.hidden, S)
         self.contact_head = nn.Linear(cfg.hidden, 1)
+        self.grasp_net = nn.Sequential(_mlp(2 * S + 2 * A, cfg.hidden // 2, 2), nn.Linear(cfg.hidden // 2, 1))
         # normalisation statistics, fitted on data by the trainer (saved with the weights)
         for name, dim in (("state", S), ("delta", S), ("action", A)):
             self.register_buffer(f"{name}_mean", torch.zeros(dim))
@@ -92,13 +104,27 @@ class StateModel(nn.Module):
             derived[target:target + w] = True
         self.register_buffer("derived_mask", derived, persistent=False)
 
-    def forward(self, s: Tensor, s_prev: Tensor, a: Tensor, a_prev: Tensor) -> tuple[Tensor, Tensor]:
-        """Raw s, s_prev (..., S) and a, a_prev (..., A) -> normalised change of every dim (..., S), contact
-        logit (...)."""
+    def features(self, s: Tensor, s_prev: Tensor, a: Tensor, a_prev: Tensor) -> Tensor:
         x_s, x_d = (s - self.state_mean) / self.state_std, (s - s_prev - self.delta_mean) / self.delta_std
         x_a = torch.cat([(a - self.action_mean) / self.action_std, (a_prev - self.action_mean) / self.action_std], -1)
-        h = self.body(torch.cat([x_s, x_d, x_a], -1))
+        return torch.cat([x_s, x_d, x_a], -1)
+
+    def forward(self, x: Tensor, grasp: Tensor) -> tuple[Tensor, Tensor]:
+        """Features (`features`) and the grasp decision (...) in {0, 1} -> normalised change of every dim
+        (..., S), contact logit (...)."""
+        h = self.body(torch.cat([x, grasp[..., None].to(x.dtype)], -1))
         return self.delta_head(h), self.contact_head(h)[..., 0]
+
+    def grasp_logit(self, x: Tensor) -> Tensor:
+        """Features -> logit of "this close takes hold of the object", read at a close command."""
+        return self.grasp_net(x)[..., 0]
+
+    @staticmethod
+    def grasp_update(a: Tensor, a_prev: Tensor, grasp: Tensor, decided: Tensor) -> tuple[Tensor, Tensor]:
+        """The grasp decision after action a: `decided` (...) at a close command (the gripper command, the
+        last action dim, turns positive), else kept. Also returns where a close command is."""
+        edge = (a[..., -1] > 0) & ~(a_prev[..., -1] > 0)
+        return torch.where(edge, decided.to(grasp.dtype), grasp), edge
 
     def apply_change(self, s: Tensor, delta_norm: Tensor, contact: Tensor) -> Tensor:
         """s (..., S) raw + a normalised change; the object's pose moves only where `contact` (...) is true
@@ -123,13 +149,19 @@ class StateModel(nn.Module):
         return out
 
     @torch.no_grad()
-    def step(self, s: Tensor, s_prev: Tensor, a: Tensor, a_prev: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """One committed step: -> s_{t+1} (B, S) raw, contact (B,) bool, uncertainty (B,) in [0, 1]."""
-        delta, logit = self(s.float(), s_prev.float(), a.float(), a_prev.float())
+    def step(self, s: Tensor, s_prev: Tensor, a: Tensor, a_prev: Tensor,
+             grasp: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One committed step from the grasp decision in force (B,) -> s_{t+1} (B, S) raw, the grasp decision
+        after this step (B,), contact (B,) bool, uncertainty (B,) in [0, 1]."""
+        s, s_prev, a, a_prev = s.float(), s_prev.float(), a.float(), a_prev.float()
+        x = self.features(s, s_prev, a, a_prev)
+        p_grasp = torch.sigmoid(self.grasp_logit(x))
+        grasp, edge = self.grasp_update(a, a_prev, grasp.float(), p_grasp > 0.5)
+        delta, logit = self(x, grasp)
         p = torch.sigmoid(logit)
         contact = p > 0.5
-        entropy = -(p * p.clamp(min=1e-12).log2() + (1 - p) * (1 - p).clamp(min=1e-12).log2())
-        return self.apply_change(s.float(), delta, contact.float()), contact, entropy.clamp(0, 1)
+        uncertainty = torch.where(edge, torch.maximum(entropy(p), entropy(p_grasp)), entropy(p))
+        return self.apply_change(s, delta, contact.float()), grasp, contact, uncertainty
 
     def contact_label(self, s: Tensor, s_next: Tensor) -> Tensor:
         """The data's contact label of each step: the object's position moved more than `rest_tolerance`."""
@@ -138,21 +170,56 @@ class StateModel(nn.Module):
         return moved > self.cfg.rest_tolerance
 
 
+def entropy(p: Tensor) -> Tensor:
+    """Binary entropy in bits, in [0, 1]."""
+    h = -(p * p.clamp(min=1e-12).log2() + (1 - p) * (1 - p).clamp(min=1e-12).log2())
+    return h.clamp(0, 1)
+
+
+def grasp_labels(height: np.ndarray, command: np.ndarray, rise: float = 0.015) -> tuple[np.ndarray, np.ndarray]:
+    """The data's grasp decision of one episode: the object's height (L+1,) per observation and the gripper
+    command (L,) per action (> 0 closes) -> the decision in force at each step (L,) float and the weight of
+    the grasp classifier's label at each step (L,) float.
+
+    A close command (the command turns positive) took hold when, before the next close command, the object
+    rose more than `rise` above the lowest it had been so far. The decision holds from the close command to
+    the next one (0 before the first). Weights: 1 / (number of close commands) at each close command, so
+    every episode's closes weigh as much as one close (a random policy closes the gripper ~25 times an
+    episode, an expert once); 0 elsewhere."""
+    L = len(command)
+    decision, weight = np.zeros(L, np.float32), np.zeros(L, np.float32)
+    closing = command > 0
+    edges = np.flatnonzero(closing & ~np.concatenate([[False], closing[:-1]]))
+    bounds = [*edges, L]
+    for e, nxt in zip(bounds[:-1], bounds[1:], strict=True):
+        decision[e:nxt] = height[e + 1 : nxt + 1].max() > height[: e + 1].min() + rise
+    weight[edges] = 1.0 / max(len(edges), 1)
+    return decision, weight
+
+
 def rollout_loss(model: StateModel, states: Tensor, actions: Tensor, prev_state: Tensor, prev_action: Tensor,
-                 valid: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+                 valid: Tensor, grasp: Tensor, grasp_weight: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
     """Unrolled training loss over windows: states (B, K+1, S) raw truth, actions (B, K, A), prev_state (B, S) and
-    prev_action (B, A) the step before the window, valid (B, K) bool (steps inside the episode).
+    prev_action (B, A) the step before the window, valid (B, K) bool (steps inside the episode), grasp (B, K)
+    the data's grasp decision in force at each step and grasp_weight (B, K) the weight of its label (> 0 at
+    close commands; `grasp_labels`).
 
     The model runs on its own predictions for K steps (so it learns to correct its own drift), its contact
-    gate teacher-forced by the data's label; losses: the state error after each step in units of the state's
-    spread (derived dims included, so the object's pose relative to the gripper counts), the normalised
-    one-step change of the dims that move, and the contact cross-entropy."""
+    gate and grasp decision teacher-forced by the data's labels; losses: the state error after each step in
+    units of the state's spread (derived dims included, so the object's pose relative to the gripper counts),
+    the normalised one-step change of the dims that move, the contact cross-entropy, and the grasp classifier's
+    cross-entropy at close commands (read from the model's own state there, as at inference)."""
     s, s_prev, a_prev = states[:, 0], prev_state, prev_action
     state_terms, delta_terms, contact_terms, correct = [], [], [], []
+    grasp_terms, grasp_right = [], []
     w = valid.float()
     for k in range(actions.shape[1]):
         a = actions[:, k]
-        delta, logit = model(s, s_prev, a, a_prev)
+        x = model.features(s, s_prev, a, a_prev)
+        delta, logit = model(x, grasp[:, k])
+        g_logit = model.grasp_logit(x)
+        grasp_terms.append(F.binary_cross_entropy_with_logits(g_logit, grasp[:, k], reduction="none"))
+        grasp_right.append(((g_logit > 0) == (grasp[:, k] > 0.5)).float())
         truth = states[:, k + 1]
         label = model.contact_label(states[:, k], truth)
         target = (truth - s - model.delta_mean) / model.delta_std  # the change that reaches the truth
@@ -167,10 +234,13 @@ def rollout_loss(model: StateModel, states: Tensor, actions: Tensor, prev_state:
         # a step past the episode's end restarts from the truth (its terms are masked out anyway)
         s = torch.where(valid[:, k, None], s, truth)
 
-    def mean(terms: list[Tensor]) -> Tensor:
-        return (torch.stack(terms, 1) * w).sum() / w.sum().clamp(min=1)
+    def mean(terms: list[Tensor], weight: Tensor = w) -> Tensor:
+        return (torch.stack(terms, 1) * weight).sum() / weight.sum().clamp(min=1)
 
     state_mse, delta_mse, contact_ce = mean(state_terms), mean(delta_terms), mean(contact_terms)
-    loss = state_mse + delta_mse + contact_ce
+    known = grasp_weight * valid
+    grasp_ce = mean(grasp_terms, known)
+    loss = state_mse + delta_mse + contact_ce + grasp_ce
     return loss, {"loss": loss, "state_mse": state_mse, "delta_mse": delta_mse, "contact_ce": contact_ce,
-                  "contact_acc": mean(correct)}
+                  "contact_acc": mean(correct), "grasp_ce": grasp_ce, "grasp_acc": mean(grasp_right, known),
+                  "grasp_labels": (known > 0).sum()}
