@@ -5,7 +5,8 @@ of behaviours (`make interaction-data`: expert failure modes, random and noisy p
 to know what happens when a grasp misses as well as when it holds. Only low-dimensional keys are read.
 
 Training runs the model on its own predictions over windows of `window` steps (teacher-forcing only the
-contact gate), so that it learns to stay on track over a whole episode. The held-out evaluation replays the
+contact gate and the grasp decision, whose labels come from the data: `grasp_labels`), so that it learns to
+stay on track over a whole episode. The held-out evaluation replays the
 valid demos' actions open-loop from their first state for the whole episode and compares the task's success
 predicate on the predicted object state with the same predicate on the recorded one: the verdict agreement
 that matters for the learned env.
