@@ -131,9 +131,9 @@ lift-fast: mix-data
 	$(HMA) eval-model --checkpoint hma_gym/assets/lift_fast --data data/lift.hdf5 --stride 16 --random-actions 2 \
 	  --greedy --out benchmarks/results/eval_model_lift_fast_greedy.json
 
-# Issue 25's interaction data: what policies do, not only what experts do (2,500 GT episodes, ~95 min on one core;
-# each file is collected only when missing, and a killed collection resumes where it stopped). Every file records
-# robomimic's `object` key. Seeds 100000-149999: disjoint from every evaluation seed (10000+, 20000+, 900000+).
+# Issue 25's interaction data: what policies do, not only what experts do (3,500 GT episodes, ~2 h 15 min on one
+# core; each file is collected only when missing, and a killed collection resumes where it stopped). Every file
+# records robomimic's `object` key. Seeds 100000-160999: disjoint from every evaluation seed (10000+, 20000+, 900000+).
 MIX_DIR ?= data/mix
 MIX_SEVERITY := '{"missed_grasp": [0, 0.06], "close_early": [0.02, 0.065], "close_late": [0, 0.05], \
   "release_mid_lift": [0, 0.04], "push": [0, 0.06]}'
@@ -155,10 +155,10 @@ interaction-data: setup
 
 # The shipped state model (proprio + object-state dynamics; its verdicts are the learned env's), trained on the
 # interaction data and put into every shipped checkpoint, whose reset banks come from data/lift.hdf5 (make
-# lift-data). ~15 min on one thread (4,000 steps of 256 windows of 16 steps).
+# lift-data). ~8 min on one thread (4,000 steps of 256 windows of 16 steps). dp_shipped.hdf5 is not in it: with it,
+# zero and random actions were scored 0.10-0.12 (docs/experiments.md).
 STATE_DATA := $(MIX_DIR)/expert_failures.hdf5 $(MIX_DIR)/near_miss.hdf5 $(MIX_DIR)/near_miss_wide.hdf5 \
-  $(MIX_DIR)/random.hdf5 \
-  $(MIX_DIR)/random_smooth.hdf5 $(MIX_DIR)/noisy_expert.hdf5 data/lift.hdf5
+  $(MIX_DIR)/random.hdf5 $(MIX_DIR)/random_smooth.hdf5 $(MIX_DIR)/noisy_expert.hdf5 data/lift.hdf5
 state-model: setup
 	$(HMA) train-state --data $(STATE_DATA) --out runs/state_model --threads 1 --no-progress \
 	  --into hma_gym/assets/lift hma_gym/assets/lift_fast hma_gym/assets/lift_mar hma_gym/assets/lift_15k \

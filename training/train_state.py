@@ -82,10 +82,9 @@ class Demo:
     grasp: np.ndarray | None = None  # (L,) float32: the grasp decision in force (`grasp_labels`)
     grasp_weight: np.ndarray | None = None  # (L,) float32: the weight of the grasp label (> 0 at close commands)
 
-    def label_grasps(self, cfg: StateModelConfig) -> Demo:
+    def label_grasps(self, cfg: StateModelConfig) -> None:
         self.grasp, self.grasp_weight = grasp_labels(self.states[:, cfg.object_pos[-1]], self.actions[:, -1],
                                                      cfg.held_rise)
-        return self
 
 
 def load_demos(paths: tuple[str, ...], keys: tuple[str, ...], split: str) -> list[Demo]:
@@ -266,7 +265,8 @@ def train_state(cfg: StateTrainConfig) -> dict:
         name = list_demos(cfg.data[0], "train")[0]
         widths = {k: int(np.prod(f["data"][name]["obs"][k].shape[1:])) for k in cfg.keys}
     model = StateModel(model_config(cfg, widths, train[0].actions.shape[1]))
-    train = [d.label_grasps(model.cfg) for d in train]
+    for d in train:
+        d.label_grasps(model.cfg)
     fit_statistics(model, train)
     rng = np.random.default_rng(cfg.seed)
     eval_demos = [valid[i] for i in sorted(rng.permutation(len(valid))[: cfg.eval_demos * len(cfg.data)])]
