@@ -155,10 +155,10 @@ interaction-data: setup
 
 # The shipped state model (proprio + object-state dynamics; its verdicts are the learned env's), trained on the
 # interaction data and put into every shipped checkpoint, whose reset banks come from data/lift.hdf5 (make
-# lift-data). ~8 min on one thread (4,000 steps of 256 windows of 16 steps). dp_shipped.hdf5 is not in it: with it,
-# zero and random actions were scored 0.10-0.12 (docs/experiments.md).
+# lift-data). ~8 min on one thread (4,000 steps of 256 windows of 16 steps).
 STATE_DATA := $(MIX_DIR)/expert_failures.hdf5 $(MIX_DIR)/near_miss.hdf5 $(MIX_DIR)/near_miss_wide.hdf5 \
-  $(MIX_DIR)/random.hdf5 $(MIX_DIR)/random_smooth.hdf5 $(MIX_DIR)/noisy_expert.hdf5 data/lift.hdf5
+  $(MIX_DIR)/random.hdf5 $(MIX_DIR)/random_smooth.hdf5 $(MIX_DIR)/noisy_expert.hdf5 data/lift.hdf5 \
+  $(MIX_DIR)/dp_shipped.hdf5
 state-model: setup
 	$(HMA) train-state --data $(STATE_DATA) --out runs/state_model --threads 1 --no-progress \
 	  --into hma_gym/assets/lift hma_gym/assets/lift_fast hma_gym/assets/lift_mar hma_gym/assets/lift_15k \

@@ -54,7 +54,7 @@ def test_the_object_moves_only_on_contact_and_the_state_stays_consistent(contact
         model.grasp_net[-1].bias.fill_(-50.0)
     s = start_state()
     a = torch.rand(3, 7) * 2 - 1
-    nxt, grasp, fired, unc = model.step(s, s, a, torch.zeros(3, 7), torch.zeros(3))
+    nxt, grasp, _, fired, unc = model.step(s, s, a, torch.zeros(3, 7), torch.zeros(3), torch.zeros(3))
     assert bool((fired == contact).all()) and bool((unc < 1e-6).all())
     if contact:
         assert not torch.equal(nxt[:, 9:16], s[:, 9:16])
@@ -110,8 +110,9 @@ def test_rollout_loss_trains_contact_and_motion():
 
 
 def test_grasp_labels_tell_a_close_that_lifts_from_one_that_does_not():
-    """A close command is labelled by what followed it until the next close: did the cube rise more than 1.5 cm
-    above its lowest point? The label holds from the close to the next one; each episode's closes weigh 1."""
+    """A close command is labelled by what followed it until the next close (after more than `gap` open steps):
+    did the cube rise more than 1.5 cm above its lowest point? The label holds from the close to the next one;
+    each episode's closes weigh 1."""
     command = np.where(np.arange(20) >= 2, 1.0, -1.0)  # closes at step 2
     rest = np.full(21, 0.82)
     lifted = rest.copy()
@@ -126,37 +127,70 @@ def test_grasp_labels_tell_a_close_that_lifts_from_one_that_does_not():
     settling = np.concatenate([np.linspace(0.83, 0.82, 5), rest[5:]])  # the cube settling after the reset
     assert not grasp_labels(settling, command)[0].any()
     twice = command.copy()
-    twice[10:12] = -1.0  # opened at 10, closed again at 12 (after which the cube rose): two closes
+    twice[7:12] = -1.0  # opened at 7 for 5 steps, closed again at 12 (after which the cube rose): a new grasp
     held, weight = grasp_labels(lifted, twice)
     assert held.tolist() == [float(t >= 12) for t in range(20)]  # 2-11: nothing rose before the next close
     np.testing.assert_allclose(weight, [0.5 * (t in (2, 12)) for t in range(20)])
+    flicker = command.copy()
+    flicker[10:12] = -1.0  # opened for 2 steps only (a sampled policy's flicker): the grasp goes on
+    held, weight = grasp_labels(lifted, flicker)
+    assert held.tolist() == [float(t >= 2) for t in range(20)]
+    np.testing.assert_allclose(weight, [0.5 * (t in (2, 12)) for t in range(20)])
+    assert grasp_labels(lifted, flicker, gap=1)[0].tolist() == [float(t >= 12) for t in range(20)]
 
 
-@pytest.mark.parametrize("between", [False, True])
-def test_the_grasp_is_decided_at_the_close_command_and_kept_until_the_gripper_opens(between):
-    """The grasp classifier's decision is read only when the gripper command turns positive; later steps keep
-    it whatever the classifier says, until the next close command. The decision is an input of the
-    dynamics."""
+def test_grasp_labels_decide_where_a_close_has_lasted_grasp_steps():
+    """With steps=3 the decision is where the close command has lasted 3 steps; a close given up after 2 (the
+    expert's early release) decides nothing."""
+    command = np.full(20, -1.0)
+    command[2:4] = 1.0  # given up after 2 steps
+    command[8:] = 1.0  # closed for good at 8: decided at 10
+    lifted = np.full(21, 0.82)
+    lifted[14:] = np.linspace(0.82, 0.90, 7)
+    held, weight = grasp_labels(lifted, command, steps=3)
+    assert weight.tolist() == [float(t == 10) for t in range(20)]
+    assert held.tolist() == [float(t >= 10) for t in range(20)]
+    assert not grasp_labels(np.full(21, 0.82), command, steps=3)[0].any()
+
+
+@pytest.mark.parametrize("steps", [1, 5])
+@pytest.mark.parametrize("held", [False, True])
+def test_the_grasp_is_decided_after_grasp_steps_close_commands_and_kept_until_the_next(held, steps):
+    """The grasp classifier's decision is read only where a close command has lasted `grasp_steps` steps (a
+    close given up sooner decides nothing); later steps keep it whatever the classifier says, through open
+    commands, until the next decision. The decision is an input of the dynamics."""
     torch.manual_seed(0)
-    model = StateModel(lift_config()).eval()
+    model = StateModel(lift_config(grasp_steps=steps)).eval()
     with torch.no_grad():
-        model.grasp_net[-1].bias.fill_(50.0 if between else -50.0)
+        model.grasp_net[-1].bias.fill_(50.0 if held else -50.0)
     s = start_state(1)
     close, open_ = torch.zeros(1, 7), torch.zeros(1, 7)
     close[:, 6], open_[:, 6] = 1.0, -1.0
-    grasp = torch.zeros(1)
-    _, grasp, _, _ = model.step(s, s, open_, open_, grasp)
-    assert grasp.item() == 0.0  # no close command
-    _, grasp, _, _ = model.step(s, s, close, open_, grasp)
-    assert grasp.item() == float(between)
+    grasp, closed = torch.zeros(1), torch.zeros(1)
+
+    def step(a, a_prev):
+        nonlocal grasp, closed
+        _, grasp, closed, _, _ = model.step(s, s, a, a_prev, grasp, closed)
+        return grasp.item()
+
+    assert step(open_, open_) == 0.0  # no close command
+    prev = open_
+    for _ in range(steps - 1):  # a close given up before the grasp is decided
+        assert step(close, prev) == 0.0
+        prev = close
+    assert step(open_, prev) == 0.0 and closed.item() == 0
+    prev = open_
+    for k in range(steps):
+        assert step(close, prev) == (float(held) if k == steps - 1 else 0.0)
+        prev = close
     with torch.no_grad():
-        model.grasp_net[-1].bias.fill_(-50.0 if between else 50.0)  # the classifier changes its mind
-    _, grasp, _, _ = model.step(s, s, close, close, grasp)
-    assert grasp.item() == float(between)  # kept
-    _, grasp, _, _ = model.step(s, s, open_, close, grasp)
-    assert grasp.item() == float(between)  # kept after the gripper opens
-    _, grasp, _, _ = model.step(s, s, close, open_, grasp)
-    assert grasp.item() == float(not between)  # re-decided at the next close
+        model.grasp_net[-1].bias.fill_(-50.0 if held else 50.0)  # the classifier changes its mind
+    assert step(close, close) == float(held)  # kept
+    assert step(open_, close) == float(held)  # kept after the gripper opens
+    prev = open_
+    for k in range(steps):  # re-decided once the next close has lasted `grasp_steps`
+        assert step(close, prev) == float(held if k < steps - 1 else not held)
+        prev = close
     x = model.features(s, s, close, close)
     assert not torch.equal(model(x, torch.zeros(1))[0], model(x, torch.ones(1))[0])
 
@@ -227,11 +261,11 @@ def test_train_state_into_a_checkpoint_adds_the_object_state(state_checkpoint):
     env.close()
 
 
-@pytest.mark.parametrize("contact,lifted", [(False, False), (True, True)])
-def test_learned_success_follows_the_predicted_object_state(state_checkpoint, contact, lifted):
+@pytest.mark.parametrize("contact,held,lifted", [(False, True, False), (True, True, True), (True, False, False)])
+def test_learned_success_follows_the_predicted_object_state(state_checkpoint, contact, held, lifted):
     """The state model's outputs forced: the cube's height change is large and positive; only with contact does
-    the cube move, and the env's verdict is the task's predicate on the predicted object state. The trunk gets
-    the state model's proprio."""
+    the cube move, only under a close that holds can it rise past its rest height + `held_rise`, and the env's
+    verdict is the task's predicate on the predicted object state. The trunk gets the state model's proprio."""
     import gymnasium as gym
 
     import hma_gym  # noqa: F401
@@ -239,22 +273,33 @@ def test_learned_success_follows_the_predicted_object_state(state_checkpoint, co
     env = gym.make("HMA-RobomimicLift-v0", checkpoint=state_checkpoint, obs_keys=("agentview_image", *KEYS))
     sim = env.unwrapped.sim
     model = sim.state_model
+    cap = model.cfg.rest_height + model.cfg.held_rise
     with torch.no_grad():
         model.contact_head.weight.zero_()
         model.contact_head.bias.fill_(50.0 if contact else -50.0)
+        model.grasp_net[-1].weight.zero_()
+        model.grasp_net[-1].bias.fill_(50.0 if held else -50.0)
         model.delta_head.weight.zero_()
         model.delta_head.bias.zero_()
         # the cube's height: a change of 0.1 m
         model.delta_head.bias[Z] = (0.1 - model.delta_mean[Z]) / model.delta_std[Z]
     obs, _ = env.reset(seed=0)
     start = obs[OBJECT_KEY].copy()
-    obs, reward, terminated, _, info = env.step(np.zeros(7, np.float32))
+    close = np.zeros(7, np.float32)
+    close[-1] = 1.0  # close commands: the grasp decision is read at the `grasp_steps`-th
+    for _ in range(model.cfg.grasp_steps - 1):  # not decided yet: the cube rises at most to the cap
+        obs, reward, terminated, _, info = env.step(close)
+        assert not info["is_success"] and not terminated and obs[OBJECT_KEY][2] <= cap + 1e-6
+    before = obs[OBJECT_KEY][2] if model.cfg.grasp_steps > 1 else start[2]
+    obs, reward, terminated, _, info = env.step(close)
     assert info["is_success"] == lifted == bool(LIFT.success(obs[OBJECT_KEY])) == terminated
     assert reward == float(lifted)
     if not contact:
         np.testing.assert_array_equal(obs[OBJECT_KEY][:7], start[:7])
+    elif held:
+        assert obs[OBJECT_KEY][2] >= before + 0.1 - 1e-4
     else:
-        assert obs[OBJECT_KEY][2] >= start[2] + 0.1 - 1e-4
+        assert start[2] < obs[OBJECT_KEY][2] <= cap + 1e-6
     assert 0.0 <= info["uncertainty"] < 0.5
     env.close()
 

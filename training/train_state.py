@@ -58,6 +58,10 @@ class StateTrainConfig(LoopConfig):
     """Steps each training window is unrolled over."""
     hidden: int = 256
     layers: int = 3
+    grasp_steps: int = 5
+    """The grasp is decided at the 5th consecutive close command: the fingers are still in the air for every
+    grasp then (they reach a 4 cm cube ~6 steps after the command), and a grasp given up sooner (the scripted
+    expert's early release: 2-6 steps) decides nothing."""
     eval_demos: int = 100
     """At most this many valid demos per file are replayed in the held-out evaluation."""
     into: tuple[str, ...] = ()
@@ -80,11 +84,11 @@ class Demo:
     states: np.ndarray  # (L+1, S) float32: obs of every step, then the last next_obs
     actions: np.ndarray  # (L, A) float32
     grasp: np.ndarray | None = None  # (L,) float32: the grasp decision in force (`grasp_labels`)
-    grasp_weight: np.ndarray | None = None  # (L,) float32: the weight of the grasp label (> 0 at close commands)
+    grasp_weight: np.ndarray | None = None  # (L,) float32: the weight of the grasp label (> 0 where decided)
 
     def label_grasps(self, cfg: StateModelConfig) -> None:
         self.grasp, self.grasp_weight = grasp_labels(self.states[:, cfg.object_pos[-1]], self.actions[:, -1],
-                                                     cfg.held_rise)
+                                                     cfg.held_rise, cfg.regrasp_gap, cfg.grasp_steps)
 
 
 def load_demos(paths: tuple[str, ...], keys: tuple[str, ...], split: str) -> list[Demo]:
@@ -130,7 +134,7 @@ def model_config(cfg: StateTrainConfig, widths: dict[str, int], action_dim: int)
     quats = [offsets[k] for k in cfg.keys if k.endswith("_quat")]
     quats += [obj(f)[0] for f, w in task.fields if f.endswith("_quat") and w == 4]
     return StateModelConfig(keys=[(k, widths[k]) for k in cfg.keys], action_dim=action_dim, hidden=cfg.hidden,
-                            layers=cfg.layers, object_pose=pose,
+                            layers=cfg.layers, grasp_steps=cfg.grasp_steps, object_pose=pose,
                             object_pos=list(range(pos_start, pos_start + pos_width)),
                             derived=derived, quaternions=quats)
 
@@ -199,11 +203,11 @@ def replay(model: StateModel, demos: list[Demo]) -> tuple[np.ndarray, np.ndarray
     a_all = torch.from_numpy(actions).to(device)
     s = torch.from_numpy(np.stack([d.states[0] for d in demos])).to(device)
     s_prev, a_prev = s.clone(), torch.zeros(n, A, device=device)
-    grasp = torch.zeros(n, device=device)
+    grasp, closed = torch.zeros(n, device=device), torch.zeros(n, device=device)
     out = np.full((n, L + 1, S), np.nan, np.float32)
     out[:, 0] = s.cpu().numpy()
     for t in range(L):
-        nxt, grasp, _, _ = model.step(s, s_prev, a_all[:, t], a_prev, grasp)
+        nxt, grasp, closed, _, _ = model.step(s, s_prev, a_all[:, t], a_prev, grasp, closed)
         s_prev, s, a_prev = s, nxt, a_all[:, t]
         out[:, t + 1] = s.cpu().numpy()
     lengths = np.array([len(d.actions) for d in demos])
@@ -265,6 +269,7 @@ def train_state(cfg: StateTrainConfig) -> dict:
         name = list_demos(cfg.data[0], "train")[0]
         widths = {k: int(np.prod(f["data"][name]["obs"][k].shape[1:])) for k in cfg.keys}
     model = StateModel(model_config(cfg, widths, train[0].actions.shape[1]))
+    model.cfg.rest_height = float(np.median([d.states[:, model.cfg.object_pos[-1]].min() for d in train]))
     for d in train:
         d.label_grasps(model.cfg)
     fit_statistics(model, train)

@@ -197,11 +197,12 @@ class _LearnedSim:
         self.obs: dict[str, np.ndarray] | None = None
         self.started = np.zeros(n, dtype=bool)
         self.unjudged = np.zeros(n, dtype=bool)
-        # the state model's s_t, s_{t-1}, a_{t-1} and grasp decision of each row
+        # the state model's s_t, s_{t-1}, a_{t-1}, grasp decision and count of consecutive close commands per row
         self.state: torch.Tensor | None = None
         self.prev_state: torch.Tensor | None = None
         self.prev_action: torch.Tensor | None = None
         self.grasp: torch.Tensor | None = None
+        self.closed: torch.Tensor | None = None
 
     def load_bank(self, path: Path) -> dict[str, np.ndarray]:
         """The initial-observation bank: every observation key, one or more entries, finite and in range."""
@@ -325,9 +326,10 @@ class _LearnedSim:
                 self.state, self.prev_state = torch.zeros_like(full), torch.zeros_like(full)
                 self.prev_action = torch.zeros(self.n, self.action_space.shape[0], device=self.wm.device)
                 self.grasp = torch.zeros(self.n, device=self.wm.device)
+                self.closed = torch.zeros(self.n, device=self.wm.device)
             self.state[mask] = self.prev_state[mask] = full[mask]
             self.prev_action[mask] = 0.0
-            self.grasp[mask] = 0.0
+            self.grasp[mask] = self.closed[mask] = 0.0
         self.started[rows] = True
         self.streak[rows] = 0
         self.unjudged[rows] = False
@@ -347,8 +349,8 @@ class _LearnedSim:
         state model (`hma_gym.models.state_model`; probability 0 or 1: each step commits to contact or not),
         else the detector's probability reached `success_threshold`; on the last `success_frames` frames of
         the row's episode. Uncertainty: the mean of the normalised entropy of this frame's image tokens
-        (`HMA.generate_frame`) and, with a state model, the entropy of its contact decision (at a close
-        command, of its grasp decision if larger); 0 = certain, 1 = uniform. A row whose uncertainty passed
+        (`HMA.generate_frame`) and, with a state model, the entropy of its contact decision (where a grasp
+        is decided, of its grasp decision if larger); 0 = certain, 1 = uniform. A row whose uncertainty passed
         `uncertainty_limit` is marked in `self.unjudged` for the rest of its episode."""
         a = torch.from_numpy(np.ascontiguousarray(actions, dtype=np.float32))
         tokens, states, entropy = self.wm.generate(
@@ -358,8 +360,8 @@ class _LearnedSim:
             # the low-dimensional step: the state model's; the trunk gets its proprio (so the next frames are
             # generated from the same arm the verdict is made from)
             a_dev = a.to(self.wm.device)
-            full, self.grasp, _, entropy["state"] = self.state_model.step(self.state, self.prev_state, a_dev,
-                                                                          self.prev_action, self.grasp)
+            full, self.grasp, self.closed, _, entropy["state"] = self.state_model.step(
+                self.state, self.prev_state, a_dev, self.prev_action, self.grasp, self.closed)
             self.prev_state, self.state, self.prev_action = self.state, full, a_dev
             states = full.index_select(1, self.trunk_index)
         else:

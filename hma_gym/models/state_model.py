@@ -11,18 +11,22 @@ next state s_{t+1}:
   keeps its pose exactly, so nothing drifts while nothing touches it, and a held object moves with the
   regressed change: the model commits to one outcome per step instead of averaging "lifted" and "left
   behind" into a half-lift;
-- whether a grasp holds is decided once, when the gripper is told to close: a *grasp* classifier reads the
-  state at that step and commits to "this close takes hold of the object" or not; the decision is an input
-  of every later step until the next close command. Without it, the motion after a close 2-4 cm beside the
-  cube is a regression that averages "holds" and "closes on air" (fingers stopped half-way, which the
-  contact output then reads as a hold). The data's label of a close (`grasp_labels`): the object rose more
-  than `held_rise` above its lowest point so far before the next close command (lifted: fingers that only
-  press on it or close beside it cannot raise it);
+- whether a grasp holds is decided once per close: when the gripper command has been "close" for
+  `grasp_steps` steps in a row, a *grasp* classifier reads the state and commits to "this close takes hold of
+  the object" or not; the decision is an input of every later step until the next decision. Without it, the
+  motion after a close 2-4 cm beside the cube is a regression that averages "holds" and "closes on air"
+  (fingers stopped half-way, which the contact output then reads as a hold). Deciding a few steps into the
+  close (the fingers are still in the air then) lets a grasp given up at once decide nothing, and lets the
+  classifier see how the arm moves as the fingers close. The data's label (`grasp_labels`): the object rose
+  more than `held_rise` above its lowest point so far before the next decision (lifted: fingers that only
+  press on it or close beside it cannot raise it). By that definition an object that no close holds never
+  rises further, and the model keeps it so (`apply_change`): without a grasp the task's success height is
+  out of reach, however the regressed changes drift;
 - dims that are a difference of two others (Lift: gripper-to-cube = cube - gripper) are computed from them,
   so the state stays self-consistent; quaternions are kept unit length.
 
-Its `uncertainty` is the binary entropy of the contact decision, and at a close command the larger of that and
-the grasp decision's (0 = certain, 1 = a coin flip).
+Its `uncertainty` is the binary entropy of the contact decision, and where a grasp is decided the larger of that
+and the grasp decision's (0 = certain, 1 = a coin flip).
 """
 
 from __future__ import annotations
@@ -65,6 +69,13 @@ class StateModelConfig:
     """A step moves the object when its position changes by more than this (world units: m)."""
     held_rise: float = 0.015
     """A close command took hold of the object when the object then rose more than this (m; `grasp_labels`)."""
+    regrasp_gap: int = 3
+    """A close command after at most this many open steps continues the previous close (`grasp_labels`)."""
+    grasp_steps: int = 1
+    """The grasp is decided at this many consecutive steps of a close command (1: at the command itself)."""
+    rest_height: float | None = None
+    """The object's height at rest (m; the trainer fits it: the median of each episode's lowest height). Where
+    set, an object that no close holds stays below ``rest_height + held_rise`` (`apply_change`)."""
 
     @property
     def state_dim(self) -> int:
@@ -116,23 +127,33 @@ class StateModel(nn.Module):
         return self.delta_head(h), self.contact_head(h)[..., 0]
 
     def grasp_logit(self, x: Tensor) -> Tensor:
-        """Features -> logit of "this close takes hold of the object", read at a close command."""
+        """Features -> logit of "this close takes hold of the object", read where a grasp is decided."""
         return self.grasp_net(x)[..., 0]
 
-    @staticmethod
-    def grasp_update(a: Tensor, a_prev: Tensor, grasp: Tensor, decided: Tensor) -> tuple[Tensor, Tensor]:
-        """The grasp decision after action a: `decided` (...) at a close command (the gripper command, the
-        last action dim, turns positive), else kept. Also returns where a close command is."""
-        edge = (a[..., -1] > 0) & ~(a_prev[..., -1] > 0)
-        return torch.where(edge, decided.to(grasp.dtype), grasp), edge
+    def grasp_update(self, a: Tensor, closed: Tensor, grasp: Tensor, decided: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The grasp decision after action a, given the number of consecutive close commands (the gripper
+        command, the last action dim, positive) before it: `decided` (...) where a close command has lasted
+        `grasp_steps` steps with a, else kept. Returns the decision, the new count and where it was decided."""
+        closed = torch.where(a[..., -1] > 0, closed + 1, torch.zeros_like(closed))
+        point = closed == self.cfg.grasp_steps
+        return torch.where(point, decided.to(grasp.dtype), grasp), closed, point
 
-    def apply_change(self, s: Tensor, delta_norm: Tensor, contact: Tensor) -> Tensor:
+    def apply_change(self, s: Tensor, delta_norm: Tensor, contact: Tensor, grasp: Tensor) -> Tensor:
         """s (..., S) raw + a normalised change; the object's pose moves only where `contact` (...) is true
-        (a float in [0, 1] blends, as the trainer's teacher forcing does); derived dims and quaternions are
-        then made consistent."""
+        (a float in [0, 1] blends, as the trainer's teacher forcing does). Where the grasp decision in force
+        (...) is "not held", the object's height is kept below ``rest_height + held_rise``: by the grasp label's
+        own definition no object rose further without a close that held it (none of the 3,700 training
+        episodes did). Derived dims and quaternions are then made consistent."""
         change = delta_norm * self.delta_std + self.delta_mean
         gate = torch.where(self.pose_mask, contact[..., None].to(change.dtype), torch.ones_like(change))
-        nxt = self.make_consistent(s + change * gate)
+        nxt = s + change * gate
+        if self.cfg.rest_height is not None:
+            h = self.cfg.object_pos[-1]
+            cap = torch.where(grasp > 0.5, torch.full_like(grasp, torch.inf),
+                              torch.full_like(grasp, self.cfg.rest_height + self.cfg.held_rise))
+            nxt = torch.cat([nxt[..., :h], torch.minimum(nxt[..., h], cap.to(nxt.dtype))[..., None], nxt[..., h + 1:]],
+                            -1)
+        nxt = self.make_consistent(nxt)
         # a resting pose is kept bit for bit (no drift from renormalising its quaternion)
         return torch.where(self.pose_mask & (contact[..., None] == 0), s, nxt)
 
@@ -149,19 +170,20 @@ class StateModel(nn.Module):
         return out
 
     @torch.no_grad()
-    def step(self, s: Tensor, s_prev: Tensor, a: Tensor, a_prev: Tensor,
-             grasp: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """One committed step from the grasp decision in force (B,) -> s_{t+1} (B, S) raw, the grasp decision
-        after this step (B,), contact (B,) bool, uncertainty (B,) in [0, 1]."""
+    def step(self, s: Tensor, s_prev: Tensor, a: Tensor, a_prev: Tensor, grasp: Tensor,
+             closed: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """One committed step from the grasp decision in force (B,) and the count of consecutive close commands
+        before a (B,) -> s_{t+1} (B, S) raw, the grasp decision and the count after this step (B,), contact
+        (B,) bool, uncertainty (B,) in [0, 1]."""
         s, s_prev, a, a_prev = s.float(), s_prev.float(), a.float(), a_prev.float()
         x = self.features(s, s_prev, a, a_prev)
         p_grasp = torch.sigmoid(self.grasp_logit(x))
-        grasp, edge = self.grasp_update(a, a_prev, grasp.float(), p_grasp > 0.5)
+        grasp, closed, point = self.grasp_update(a, closed, grasp.float(), p_grasp > 0.5)
         delta, logit = self(x, grasp)
         p = torch.sigmoid(logit)
         contact = p > 0.5
-        uncertainty = torch.where(edge, torch.maximum(entropy(p), entropy(p_grasp)), entropy(p))
-        return self.apply_change(s, delta, contact.float()), grasp, contact, uncertainty
+        uncertainty = torch.where(point, torch.maximum(entropy(p), entropy(p_grasp)), entropy(p))
+        return self.apply_change(s, delta, contact.float(), grasp), grasp, closed, contact, uncertainty
 
     def contact_label(self, s: Tensor, s_next: Tensor) -> Tensor:
         """The data's contact label of each step: the object's position moved more than `rest_tolerance`."""
@@ -176,24 +198,34 @@ def entropy(p: Tensor) -> Tensor:
     return h.clamp(0, 1)
 
 
-def grasp_labels(height: np.ndarray, command: np.ndarray, rise: float = 0.015) -> tuple[np.ndarray, np.ndarray]:
+def grasp_labels(height: np.ndarray, command: np.ndarray, rise: float = 0.015, gap: int = 3,
+                 steps: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """The data's grasp decision of one episode: the object's height (L+1,) per observation and the gripper
     command (L,) per action (> 0 closes) -> the decision in force at each step (L,) float and the weight of
     the grasp classifier's label at each step (L,) float.
 
-    A close command (the command turns positive) took hold when, before the next close command, the object
-    rose more than `rise` above the lowest it had been so far. The decision holds from the close command to
-    the next one (0 before the first). Weights: 1 / (number of close commands) at each close command, so
-    every episode's closes weigh as much as one close (a random policy closes the gripper ~25 times an
-    episode, an expert once); 0 elsewhere."""
+    A grasp is decided where a close command has lasted `steps` steps (a shorter close, e.g. a grasp given
+    up at once, decides nothing). It took hold when, before the gripper is next decided again after more than
+    `gap` open steps, the object rose more than `rise` above the lowest it had been so far. A close that
+    follows at most `gap` open steps continues the one before (a flickering command, as a Diffusion Policy's
+    sampled chunks give, does not let go of the cube): both are judged over the same span. The decision
+    holds from one decision to the next (0 before the first). Weights: 1 / (number of decisions) at each
+    decision, so every episode's decisions weigh as much as one (a random policy closes the gripper ~25
+    times an episode, an expert once); 0 elsewhere."""
     L = len(command)
     decision, weight = np.zeros(L, np.float32), np.zeros(L, np.float32)
     closing = command > 0
-    edges = np.flatnonzero(closing & ~np.concatenate([[False], closing[:-1]]))
-    bounds = [*edges, L]
-    for e, nxt in zip(bounds[:-1], bounds[1:], strict=True):
-        decision[e:nxt] = height[e + 1 : nxt + 1].max() > height[: e + 1].min() + rise
-    weight[edges] = 1.0 / max(len(edges), 1)
+    run = np.zeros(L, np.int64)  # consecutive close commands up to and including each step
+    for t in range(L):
+        run[t] = run[t - 1] + 1 if closing[t] and t else int(closing[t])
+    points = np.flatnonzero(run == steps)
+    # the end of each decision's span: the next decision after more than `gap` open steps
+    regrasp = [d for i, d in enumerate(points) if i == 0 or (~closing[points[i - 1]:d]).sum() > gap]
+    bounds = [*points, L]
+    for d, nxt in zip(bounds[:-1], bounds[1:], strict=True):
+        end = next((r for r in regrasp if r > d), L)
+        decision[d:nxt] = height[d + 1 : end + 1].max() > height[: d + 1].min() + rise
+    weight[points] = 1.0 / max(len(points), 1)
     return decision, weight
 
 
@@ -201,14 +233,14 @@ def rollout_loss(model: StateModel, states: Tensor, actions: Tensor, prev_state:
                  valid: Tensor, grasp: Tensor, grasp_weight: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
     """Unrolled training loss over windows: states (B, K+1, S) raw truth, actions (B, K, A), prev_state (B, S) and
     prev_action (B, A) the step before the window, valid (B, K) bool (steps inside the episode), grasp (B, K)
-    the data's grasp decision in force at each step and grasp_weight (B, K) the weight of its label (> 0 at
-    close commands; `grasp_labels`).
+    the data's grasp decision in force at each step and grasp_weight (B, K) the weight of its label (> 0 where
+    a grasp is decided; `grasp_labels`).
 
     The model runs on its own predictions for K steps (so it learns to correct its own drift), its contact
     gate and grasp decision teacher-forced by the data's labels; losses: the state error after each step in
     units of the state's spread (derived dims included, so the object's pose relative to the gripper counts),
     the normalised one-step change of the dims that move, the contact cross-entropy, and the grasp classifier's
-    cross-entropy at close commands (read from the model's own state there, as at inference)."""
+    cross-entropy where a grasp is decided (read from the model's own state there, as at inference)."""
     s, s_prev, a_prev = states[:, 0], prev_state, prev_action
     state_terms, delta_terms, contact_terms, correct = [], [], [], []
     grasp_terms, grasp_right = [], []
@@ -228,7 +260,7 @@ def rollout_loss(model: StateModel, states: Tensor, actions: Tensor, prev_state:
         delta_terms.append(((delta - target) ** 2 * moves).sum(-1) / moves.sum(-1).clamp(min=1))
         contact_terms.append(F.binary_cross_entropy_with_logits(logit, label.float(), reduction="none"))
         correct.append(((logit > 0) == label).float())
-        nxt = model.apply_change(s, delta, label.float())
+        nxt = model.apply_change(s, delta, label.float(), grasp[:, k])
         state_terms.append((((nxt - truth) / model.state_std) ** 2).mean(-1))
         s_prev, s, a_prev = s, nxt, a
         # a step past the episode's end restarts from the truth (its terms are masked out anyway)
