@@ -163,6 +163,11 @@ state-model: setup
 	$(HMA) train-state --data $(STATE_DATA) --out runs/state_model --threads 1 --no-progress \
 	  --into hma_gym/assets/lift hma_gym/assets/lift_fast hma_gym/assets/lift_mar hma_gym/assets/lift_15k \
 	  --bank-data data/lift.hdf5
+	# each checkpoint's uncertainty limit: what 95% of 80 held-out episodes never pass (~1.5 min each)
+	for v in lift lift_fast lift_mar lift_15k; do \
+	  $(HMA) calibrate-success --checkpoint hma_gym/assets/$$v --data data/lift.hdf5 \
+	    --extra-data $(MIX_DIR)/expert_failures.hdf5 $(MIX_DIR)/dp_shipped.hdf5 --max-demos 40 --write --no-progress \
+	    --out benchmarks/results/uncertainty_limit_$$v.json; done
 
 # The 15,360-code FSQ tokenizer (hma_gym/assets/tokenizer_15k; ~40 min on this CPU), scored beside the shipped
 # checkpoints' one on every held-out frame. No shipped world model uses it yet: its codes need a new dynamics model.

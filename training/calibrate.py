@@ -13,8 +13,10 @@ which the learned env reads.
 A checkpoint whose world model predicts the task's object state is scored by the task's predicate on that
 state instead (no rule to choose); for it the report gives that verdict's agreement with the episodes' true
 outcomes. For every checkpoint the per-step uncertainty (`info["uncertainty"]`) of these in-distribution
-replays is recorded, and its `uncertainty_quantile` quantile becomes `generation.uncertainty_limit`: the
-level above which a step is outside what the model saw in training (unjudged).
+replays is recorded; the `uncertainty_quantile` quantile of each episode's largest step becomes
+`generation.uncertainty_limit`: the level above which a step is outside what the model saw in training (its
+episode is unjudged). An episode is unjudged by its worst step, so the limit is a quantile over episodes, not
+over steps: at 0.95, about 1 in 20 in-distribution episodes is unjudged.
 """
 
 from __future__ import annotations
@@ -51,8 +53,9 @@ class CalibrateConfig(DataConfig):
     """Sampling seed of the first replay."""
     out: str = "outputs/calibrate_success.json"
     """JSON report path."""
-    uncertainty_quantile: float = 0.99
-    """Quantile of the replays' per-step uncertainty taken as the checkpoint's uncertainty_limit."""
+    uncertainty_quantile: float = 0.95
+    """Quantile of the replayed episodes' largest per-step uncertainty taken as the checkpoint's
+    uncertainty_limit (the share of in-distribution episodes that stay judged)."""
     write: bool = False
     """Store the chosen rule (generation.success_threshold/_frames; for detector checkpoints) and the
     uncertainty limit (generation.uncertainty_limit) in the checkpoint's config.json."""
@@ -141,7 +144,7 @@ def calibrate_success(cfg: CalibrateConfig) -> dict:
     probs = np.concatenate([p for p, _ in runs])
     uncertainty = np.concatenate([u for _, u in runs])
     labels_all = np.tile(labels, cfg.repeats)
-    limit = float(np.nanquantile(uncertainty, cfg.uncertainty_quantile))
+    limit = float(np.nanquantile(np.nanmax(uncertainty, axis=1), cfg.uncertainty_quantile))
     if state_verdict:  # the task's predicate on the predicted state: one frame, probability 0 or 1
         rows = score_rules(probs, labels_all, (0.5,), 1)
         best = default = rows[0]
