@@ -215,16 +215,18 @@ def main(argv: list[str] | None = None) -> dict:
         learned = run_learned(spec, seeds, starts, actions, env_kwargs, args.num_envs, args.max_steps,
                               args.policy_seed, scripted=args.scripted)
         confusion = episode_confusion([{"success": s} for s in gt], [{"success": s} for s in learned["success"]])
+        judged = [(g == v) for g, v, u in zip(gt, learned["success"], learned["unjudged"], strict=True) if not u]
         rows.append({"name": name, "policy": spec, "learned_mode": learned["mode"],
                      "gt_success": float(np.mean(gt)), "learned_success": float(np.mean(learned["success"])),
                      **confusion, "unjudged": int(sum(learned["unjudged"])),
+                     "judged_agreement": float(np.mean(judged)) if judged else None,
                      "learned_mean_length": float(np.mean(learned["lengths"])),
                      **({} if learned["image_success"] is None else {
                          "image_success": float(np.mean(learned["image_success"])),
                          "image_state_agreement": float(np.mean(np.equal(learned["image_success"],
                                                                          learned["success"])))}),
                      "wall_s": {"gt": gt_s, "learned": learned["wall_s"]},
-                     "per_episode": {"gt": gt, "learned": learned["success"]}})
+                     "per_episode": {"gt": gt, "learned": learned["success"], "unjudged": learned["unjudged"]}})
         gt_all.append(rows[-1]["gt_success"])
         learned_all.append(rows[-1]["learned_success"])
         print({k: v for k, v in rows[-1].items() if k != "per_episode"}, flush=True)
@@ -237,6 +239,11 @@ def main(argv: list[str] | None = None) -> dict:
         **stats,
         "bootstrap_ci95": bootstrap(*verdicts, 2000),
         "mean_per_episode_agreement": float(np.mean([r["per_episode_agreement"] for r in rows])),
+        # over the episodes the checkpoint's uncertainty limit leaves judged, pooled over the bank
+        "judged_episode_agreement": float(np.mean([g == v for r in rows for g, v, u in zip(
+            r["per_episode"]["gt"], r["per_episode"]["learned"], r["per_episode"]["unjudged"], strict=True)
+            if not u] or [np.nan])),
+        "judged_episodes": int(sum(len(r["per_episode"]["gt"]) - r["unjudged"] for r in rows)),
         **({"mean_image_state_agreement": float(np.mean([r["image_state_agreement"] for r in rows]))}
            if rows and "image_state_agreement" in rows[0] else {}),
         "max_abs_rate_error": float(max(abs(g - lr) for g, lr in zip(gt_all, learned_all, strict=True))),
