@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
     # the GT side records every key a model's paired start may need (robomimic's `object` too), so its cache
     # serves every checkpoint
     gt_keys = ("agentview_image", *DEFAULT_PROPRIO_KEYS, OBJECT_KEY)
-    rows, gt_all, learned_all = [], [], []
+    rows, gt_all, learned_all, judged_all = [], [], [], []
     for name, spec in parse_policies(args.policies).items():
         t0 = time.perf_counter()
         gt, actions, starts = run_gt(spec, seeds, args.max_steps, args.policy_seed, gt_keys)
@@ -216,6 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
                               args.policy_seed, scripted=args.scripted)
         confusion = episode_confusion([{"success": s} for s in gt], [{"success": s} for s in learned["success"]])
         judged = [(g == v) for g, v, u in zip(gt, learned["success"], learned["unjudged"], strict=True) if not u]
+        judged_all += judged
         rows.append({"name": name, "policy": spec, "learned_mode": learned["mode"],
                      "gt_success": float(np.mean(gt)), "learned_success": float(np.mean(learned["success"])),
                      **confusion, "unjudged": int(sum(learned["unjudged"])),
@@ -240,10 +241,8 @@ def main(argv: list[str] | None = None) -> dict:
         "bootstrap_ci95": bootstrap(*verdicts, 2000),
         "mean_per_episode_agreement": float(np.mean([r["per_episode_agreement"] for r in rows])),
         # over the episodes the checkpoint's uncertainty limit leaves judged, pooled over the bank
-        "judged_episode_agreement": float(np.mean([g == v for r in rows for g, v, u in zip(
-            r["per_episode"]["gt"], r["per_episode"]["learned"], r["per_episode"]["unjudged"], strict=True)
-            if not u] or [np.nan])),
-        "judged_episodes": int(sum(len(r["per_episode"]["gt"]) - r["unjudged"] for r in rows)),
+        "judged_episode_agreement": float(np.mean(judged_all)) if judged_all else None,
+        "judged_episodes": len(judged_all),
         **({"mean_image_state_agreement": float(np.mean([r["image_state_agreement"] for r in rows]))}
            if rows and "image_state_agreement" in rows[0] else {}),
         "max_abs_rate_error": float(max(abs(g - lr) for g, lr in zip(gt_all, learned_all, strict=True))),

@@ -242,10 +242,8 @@ class WorldModel(nn.Module):
     # ------------------------------------------------------------------ success
     @torch.no_grad()
     def success_prob(self, frames: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-        """Success detector probability for uint8 frames (B, H, W, 3) and raw states (B, S): the detector reads
-        the leading dims it was trained on (the proprio; a trunk fed the object state has it after them)."""
+        """Success detector probability for uint8 frames (B, H, W, 3) and raw states (B, S)."""
         if self.detector is None:
             raise CheckpointError("this world model has no success detector")
-        width = self.det_state_mean.shape[0]
-        s = (states[:, :width].to(self.device).float() - self.det_state_mean) / self.det_state_std
+        s = (states.to(self.device).float() - self.det_state_mean) / self.det_state_std
         return self.detector.predict_proba(frames.to(self.device), s)

@@ -156,6 +156,7 @@ def fit_statistics(model: StateModel, demos: list[Demo]) -> None:
     model.delta_std.copy_(d_std.clamp(min=1e-5))
     model.action_mean.copy_(actions.mean(0))
     model.action_std.copy_(actions.std(0).clamp(min=1e-2))
+    model.cfg.rest_height = float(np.median([d.states[:, model.cfg.object_pos[-1]].min() for d in demos]))
 
 
 def window_sampler(demos: list[Demo], window: int, batch_size: int, start_every: int = 8):
@@ -269,7 +270,6 @@ def train_state(cfg: StateTrainConfig) -> dict:
         name = list_demos(cfg.data[0], "train")[0]
         widths = {k: int(np.prod(f["data"][name]["obs"][k].shape[1:])) for k in cfg.keys}
     model = StateModel(model_config(cfg, widths, train[0].actions.shape[1]))
-    model.cfg.rest_height = float(np.median([d.states[:, model.cfg.object_pos[-1]].min() for d in train]))
     for d in train:
         d.label_grasps(model.cfg)
     fit_statistics(model, train)
