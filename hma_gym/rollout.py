@@ -153,7 +153,8 @@ def rollout(
     - `seeds`: None, a base int (episode i gets base + i) or one seed per episode.
     - `reset_options`: one dict for all episodes or one per episode (e.g. `{"initial_observation":
       obs}` for paired starts).
-    - `writer`: a `RobomimicWriter` to record every episode as a robomimic demo.
+    - `writer`: a `RobomimicWriter` to record every episode as a robomimic demo (attributes `success`,
+      `seed`, and from a learned env `unjudged` and `max_uncertainty`).
     - `steps_after_success`: with an env that does not terminate on success, keep stepping this many
       steps after the first success, then end the episode (so success frames are not rare in data).
     - `max_steps`: end episodes after this many steps (one int, or one per episode).
@@ -216,7 +217,8 @@ def rollout(
                 info = {k: np.array([v]) for k, v in info.items()}
             step_success = np.asarray(info.get("is_success", np.zeros(n_envs, dtype=bool)), dtype=bool)
             unjudged |= np.asarray(info.get("unjudged", np.zeros(n_envs, dtype=bool)), dtype=bool)
-            if "uncertainty" in info:
+            reports_uncertainty = "uncertainty" in info
+            if reports_uncertainty:
                 max_uncertainty = np.fmax(max_uncertainty, np.asarray(info["uncertainty"], dtype=np.float64))
             result.env_steps += int(active.sum())
             for j in np.flatnonzero(active):
@@ -243,8 +245,10 @@ def rollout(
                                       bool(unjudged[j]), float(max_uncertainty[j]))
                     )
                     if writer is not None:
-                        seed_attr = {} if seed_list[e] is None else {"seed": int(seed_list[e])}
-                        writer.write_episode(buffers[j], success=bool(success[j]), **seed_attr)
+                        attrs = {} if seed_list[e] is None else {"seed": int(seed_list[e])}
+                        if reports_uncertainty:  # a learned env: how sure it was, and whether it lost track
+                            attrs.update(unjudged=bool(unjudged[j]), max_uncertainty=float(max_uncertainty[j]))
+                        writer.write_episode(buffers[j], success=bool(success[j]), **attrs)
                         buffers[j] = None
                     bar.update(1)
                     bar.set_postfix(success=f"{np.mean([x.success for x in result.episodes]):.2f}")

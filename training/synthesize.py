@@ -3,8 +3,16 @@
 Replay mode (default): each source episode's actions are replayed in the learned env from that
 episode's initial observation. Policy mode (`--policy P`): a policy runs from starts drawn from the
 checkpoint's bank. Both run batched through the vector env with the same `rollout` loop and writer as
-`collect`: the file is valid after every episode, and re-running the command resumes (replay mode
-skips source demos already synthesised, by their `source_demo` attribute).
+`collect`: the file is valid after every episode. Episode i is seeded `--seed` + i and episodes go in
+batches of `--num-envs`; re-running the command resumes after the last complete batch (an unfinished one is
+made again whole, since a batch's samples depend on all its members), so a resumed file equals the file
+of an uninterrupted run. `--episodes` may grow between runs; `--seed`, `--num-envs`, `--split` and
+`--policy` must stay.
+
+Every episode records every key the checkpoint predicts (robomimic's `object` too, where it has a state
+model) and the learned env's verdict on it: `success`, `unjudged` (its uncertainty passed the checkpoint's
+calibrated limit) and `max_uncertainty`. Unjudged and failed episodes stay in the file but not in
+`mask/train_success` / `mask/valid_success`.
 
 Generated episodes have no MuJoCo `states`: the file marks itself `env_args["synthetic"] = true` and
 names the checkpoint (with a hash of its weights); the project's validator and robomimic's
@@ -16,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from functools import partial
 from importlib.metadata import version
 
 import gymnasium as gym
@@ -26,12 +35,14 @@ from hma_gym.checkpoint import weights_hash
 from hma_gym.data.hdf5 import (
     DatasetError,
     RobomimicWriter,
+    demo_sort_key,
     list_demos,
     open_for_reading,
     read_demo,
     read_env_args,
     validate_file,
 )
+from hma_gym.tasks import OBJECT_KEY
 from policies.base import ReplayPolicy
 from policies.registry import load_policy
 
@@ -49,7 +60,7 @@ class SynthesizeConfig:
     split: str = "valid"
     """Source demos to replay: valid (held out from the world model's training), train, or all."""
     episodes: int = 0
-    """Number of episodes (0 = every demo of the split in replay mode)."""
+    """Number of episodes in the file (0 = every demo of the split in replay mode, 50 in policy mode)."""
     policy: str = ""
     """Run this policy (evaluate's specs) from sampled starts instead of replaying actions."""
     trust_pickle: bool = False
@@ -60,7 +71,7 @@ class SynthesizeConfig:
     num_envs: int = 16
     """Episodes generated together (one batched model call per step)."""
     seed: int = 0
-    """Seed of the learned env's sampling (and of the policy's starts)."""
+    """Episode i is seeded seed + i (the learned env's sampling, and in policy mode its start)."""
     max_steps: int = 100
     """Episode length limit in policy mode."""
     valid_every: int = 10
@@ -78,21 +89,106 @@ class SynthesizeConfig:
                              f"Got {self.num_envs=}, {self.episodes=}, {self.valid_every=}")
 
 
-def _done_sources(path: str) -> set[str]:
+def _done_sources(path: str) -> list[str]:
+    """The source demos of the complete episodes of a synthetic file, in demo order."""
     if not os.path.exists(path):
-        return set()
+        return []
     with open_for_reading(path) as f:
-        return {str(g.attrs["source_demo"]) for name, g in f["data"].items()
-                if name.startswith("demo_") and "source_demo" in g.attrs and "num_samples" in g.attrs}
+        names = sorted((n for n, g in f["data"].items() if n.startswith("demo_") and "num_samples" in g.attrs),
+                       key=demo_sort_key)
+        return [str(f["data"][n].attrs.get("source_demo", "")) for n in names]
+
+
+def _source_demos(cfg: SynthesizeConfig) -> list[str]:
+    """The demos of --actions to replay, in order: the split's, the first --episodes of them."""
+    validate_file(cfg.actions, require_states=False)
+    names = list_demos(cfg.actions, None if cfg.split == "all" else cfg.split)
+    if not names:
+        sizes = ", ".join(f"{s} {len(list_demos(cfg.actions, s))}" for s in ("train", "valid"))
+        raise DatasetError(f"{cfg.actions}: split {cfg.split!r} holds no demos ({len(list_demos(cfg.actions))} in "
+                           f"the file: {sizes}); choose another --split (train, valid or all)")
+    return names[: cfg.episodes] if cfg.episodes else names
+
+
+def _learned_env(cfg: SynthesizeConfig):
+    """The batched learned env, returning every key its checkpoint predicts (robomimic's `object` too)."""
+    kwargs = {"checkpoint": cfg.checkpoint} if cfg.checkpoint else {}
+    make = partial(gym.make_vec, LEARNED_ID, num_envs=cfg.num_envs, vectorization_mode="vector_entry_point",
+                   terminate_on_success=False, **kwargs)
+    env = make()
+    keys = tuple(env.unwrapped.sim.model_space.spaces)
+    if set(keys) != set(env.single_observation_space.spaces):
+        env.close()
+        env = make(obs_keys=keys)
+    return env
+
+
+def _replay_starts(cfg: SynthesizeConfig, sim, names: list[str]) -> tuple[dict, list[dict]]:
+    """The source demos (the keys the learned env needs; `object`, where the file lacks it, is estimated from
+    the first frame) and their starts."""
+    image_key = sim.image_key
+    keys = list(sim.observation_space.spaces)
+    with open_for_reading(cfg.actions) as f:
+        have = set(f[f"data/{names[0]}/obs"].keys())
+    missing = [k for k in keys if k not in have and k != OBJECT_KEY]
+    if missing:
+        raise DatasetError(f"{cfg.actions}: demos lack observations {missing} that the learned env needs")
+    demos = {n: read_demo(cfg.actions, n, keys=[k for k in keys if k in have]) for n in names}
+    starts = []
+    for n in names:
+        start = {k: v[0] for k, v in demos[n]["obs"].items()}
+        if start[image_key].shape != sim.observation_space[image_key].shape:
+            from training.data import resize_frames
+
+            start[image_key] = resize_frames(start[image_key][None], sim.observation_space[image_key].shape[0])[0]
+        starts.append({"initial_observation": start})
+    return demos, starts
+
+
+def _resume_point(cfg: SynthesizeConfig, waves: list[range], names: list[str] | None) -> int:
+    """How many episodes of `cfg.out` to keep: those of the leading batches that are complete. A batch's
+    samples depend on its members (one generator per batched call), so an unfinished batch is made again
+    whole: a resumed file is the file an uninterrupted run writes."""
+    if not os.path.exists(cfg.out):
+        return 0
+    old = read_env_args(cfg.out).get("synthesize", {})
+    for key in ("seed", "num_envs", "split", "policy"):
+        if key in old and old[key] != getattr(cfg, key):
+            raise DatasetError(f"{cfg.out} was written with --{key.replace('_', '-')} {old[key]!r}, not "
+                               f"{getattr(cfg, key)!r}: resume with the same settings, or write a new --out")
+    done = _done_sources(cfg.out)
+    keep = 0
+    for wave in waves:
+        # a batch's episodes are written as they end, so in any order within it
+        if len(done) < wave.stop or (names is not None and
+                                     sorted(done[wave.start:wave.stop]) != sorted(names[wave.start:wave.stop])):
+            break
+        keep = wave.stop
+    return keep
 
 
 def synthesize(cfg: SynthesizeConfig) -> dict:
-    if cfg.actions:  # before the (slow) env is built; its keys are checked once it is
-        validate_file(cfg.actions, require_states=False)
-    kwargs = {"checkpoint": cfg.checkpoint} if cfg.checkpoint else {}
-    env = gym.make_vec(LEARNED_ID, num_envs=cfg.num_envs, vectorization_mode="vector_entry_point",
-                       terminate_on_success=False, **kwargs)
+    """Write (or resume) the synthetic file. On an error before the first episode is written, a file this
+    call created is removed again."""
+    existed = os.path.exists(cfg.out)
+    try:
+        return _synthesize(cfg)
+    except BaseException:
+        if not existed and os.path.exists(cfg.out) and not list_demos(cfg.out):
+            os.remove(cfg.out)
+        raise
+
+
+def _synthesize(cfg: SynthesizeConfig) -> dict:
+    names = _source_demos(cfg) if cfg.actions else None  # before the (slow) env is built
+    env = _learned_env(cfg)
     sim = env.unwrapped.sim
+    if names is not None:
+        demos, starts = _replay_starts(cfg, sim, names)
+        total = len(names)
+    else:
+        load_policy(cfg.policy, env, seed=cfg.seed, trust_pickle=cfg.trust_pickle)  # a bad spec fails here
+        total = cfg.episodes or 50
     source_args = read_env_args(cfg.actions) if cfg.actions else {}
     env_args = {
         "env_name": source_args.get("env_name", sim.env_config.get("task")),
@@ -105,56 +201,44 @@ def synthesize(cfg: SynthesizeConfig) -> dict:
         "checkpoint_hash": weights_hash(sim.checkpoint),
         "source": cfg.actions or None,
         "policy": cfg.policy or None,
+        "synthesize": {"seed": cfg.seed, "num_envs": cfg.num_envs, "split": cfg.split, "policy": cfg.policy},
     }
+    # episodes go in batches of num_envs; episode i is seeded cfg.seed + i (its start, and the batch's sampling)
+    waves = [range(w0, min(w0 + cfg.num_envs, total)) for w0 in range(0, total, cfg.num_envs)]
+    keep = _resume_point(cfg, waves, names)
     writer = RobomimicWriter(cfg.out, env_args, valid_every=cfg.valid_every)
-    image_key = sim.image_key
-    if cfg.policy:
-        n = cfg.episodes or 50
-        policy = load_policy(cfg.policy, env, seed=cfg.seed, trust_pickle=cfg.trust_pickle)
-        result = hma_gym.rollout(env, policy, n, seeds=cfg.seed + len(list_demos(cfg.out)), writer=writer,
-                                 steps_after_success=cfg.max_steps, max_steps=cfg.max_steps,
-                                 progress=cfg.progress, desc="synthesize")
-    else:
-        split = None if cfg.split == "all" else cfg.split
-        done = _done_sources(cfg.out)
-        names = [n for n in list_demos(cfg.actions, split) if n not in done]
-        if cfg.episodes:
-            names = names[: max(0, cfg.episodes - len(done))]
-        demos = {n: read_demo(cfg.actions, n, keys=list(sim.observation_space.spaces)) for n in names}
-        for key in sim.observation_space.spaces:
-            if names and key not in demos[names[0]]["obs"]:
-                raise DatasetError(f"{cfg.actions}: demos lack observation {key!r} that the learned env needs")
-        starts = []
-        for n in names:
-            start = {k: v[0] for k, v in demos[n]["obs"].items()}
-            if start[image_key].shape != sim.observation_space[image_key].shape:
-                from training.data import resize_frames
-
-                start[image_key] = resize_frames(start[image_key][None], sim.observation_space[image_key].shape[0])[0]
-            starts.append({"initial_observation": start})
-        lengths = [len(demos[n]["actions"]) for n in names]
-        total_eps, success = 0, 0.0
-        for w0 in range(0, len(names), cfg.num_envs):
-            wave = slice(w0, w0 + cfg.num_envs)
-            wave_names = names[wave]
-            # the writer numbers episodes by rollout index: offset the attrs lookup to this wave
-            writer.episode_attrs = lambda i, w0=w0: {"source_demo": names[w0 + i]}
+    writer.truncate(keep)
+    results = []
+    for wave in waves:
+        if wave.stop <= keep:
+            continue
+        seeds = [cfg.seed + i for i in wave]
+        desc = f"synthesize {wave.stop}/{total}"
+        if names is None:
+            # a policy made afresh for each batch: its randomness does not depend on the batches before
+            policy = load_policy(cfg.policy, env, seed=cfg.seed + wave.start, trust_pickle=cfg.trust_pickle)
+            result = hma_gym.rollout(env, policy, len(wave), seeds=seeds, writer=writer,
+                                     steps_after_success=cfg.max_steps, max_steps=cfg.max_steps,
+                                     progress=cfg.progress, desc=desc)
+        else:
+            wave_names = names[wave.start:wave.stop]
+            writer.episode_attrs = lambda i, w0=wave.start: {"source_demo": names[w0 + i]}
             seqs = [demos[n]["actions"] for n in wave_names]
             seqs += [np.zeros((1, sim.action_space.shape[0]), np.float32)] * (cfg.num_envs - len(seqs))  # idle envs
-            result = hma_gym.rollout(env, ReplayPolicy(seqs), len(wave_names),
-                                     seeds=cfg.seed + w0, reset_options=starts[wave], writer=writer,
-                                     steps_after_success=10**9, max_steps=lengths[wave], progress=cfg.progress,
-                                     desc=f"synthesize {w0 + len(wave_names)}/{len(names)}")
-            total_eps += len(wave_names)
-            success += result.success_rate * len(wave_names)
+            lengths = [len(demos[n]["actions"]) for n in wave_names]
+            result = hma_gym.rollout(env, ReplayPolicy(seqs), len(wave), seeds=seeds,
+                                     reset_options=starts[wave.start:wave.stop], writer=writer,
+                                     steps_after_success=10**9, max_steps=lengths, progress=cfg.progress, desc=desc)
+        results += result.episodes
     env.close()
     summary = validate_file(cfg.out)
     report = {"out": cfg.out, "demos": summary["demos"], "samples": summary["samples"],
-              "checkpoint": env_args["checkpoint"], "checkpoint_hash": env_args["checkpoint_hash"]}
-    if cfg.policy:
-        report["success_rate"] = result.success_rate
-    elif names:
-        report["detector_success_rate"] = success / max(total_eps, 1)
+              "checkpoint": env_args["checkpoint"], "checkpoint_hash": env_args["checkpoint_hash"],
+              "kept_from_before": keep, "made": len(results)}
+    if results:  # the learned env's verdicts on the episodes made by this call
+        judged = [e.success for e in results if not e.unjudged]
+        report.update(success_rate=float(np.mean([e.success for e in results])),
+                      unjudged=int(sum(e.unjudged for e in results)),
+                      judged_success_rate=float(np.mean(judged)) if judged else None)
     print(json.dumps(report, indent=2))
     return report
-

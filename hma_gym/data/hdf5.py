@@ -150,6 +150,17 @@ class RobomimicWriter:
             data.attrs["total"] = int(sum(int(data[n].attrs["num_samples"]) for n in names))
             _write_masks(f, names, self.valid_every)
 
+    def truncate(self, keep: int) -> None:
+        """Delete every demo whose index is `keep` or more (e.g. the episodes of an unfinished batch that a
+        resumed run makes again); totals and masks follow."""
+        with open_for_writing(self.path) as f:
+            data = f["data"]
+            for name in [n for n in data.keys() if DEMO_RE.match(n) and demo_sort_key(n) >= keep]:
+                del data[name]
+            names = [n for n in data.keys() if DEMO_RE.match(n)]
+            data.attrs["total"] = int(sum(int(data[n].attrs["num_samples"]) for n in names))
+            _write_masks(f, names, self.valid_every)
+
     # ------------------------------------------------------------------ episodes
     def new_episode(self, model_file: str | None = None, episode_index: int | None = None, **attrs) -> EpisodeBuffer:
         """A buffer for one episode; several may be open at once (one per env of a vector env).
@@ -199,14 +210,15 @@ class RobomimicWriter:
 
 def _write_masks(f: h5py.File, names: list[str], valid_every: int) -> None:
     """mask/train and mask/valid, plus mask/train_success and mask/valid_success (demos whose `success`
-    attribute is true, e.g. to train a policy on successful demos only)."""
+    attribute is true and that are not marked `unjudged`, e.g. to train a policy on successful demos only)."""
     names = sorted(names, key=demo_sort_key)
     valid = [n for n in names if is_valid_split(demo_sort_key(n), valid_every)]
     train = [n for n in names if n not in set(valid)]
     data = f["data"] if "data" in f else None
 
     def succeeded(n: str) -> bool:
-        return data is not None and n in data and bool(data[n].attrs.get("success", False))
+        attrs = data[n].attrs if data is not None and n in data else {}
+        return bool(attrs.get("success", False)) and not bool(attrs.get("unjudged", False))
 
     mask = f.require_group("mask")
     splits = {"train": train, "valid": valid, "train_success": [n for n in train if succeeded(n)],
