@@ -17,6 +17,15 @@ finished steps are reused on a re-run (the synthetic file, each policy's `metric
 
 Writes `benchmarks/results/synthetic_data.json` (`rows: [{real, synthetic, gt_success, ...}]`) and a
 bar plot `synthetic_data.png`.
+
+First, the DP budget at which data matters at all (issue 26: 10n real must beat n real by >= 0.25, with n
+real <= 0.70, or the study cannot show what synthetic data buys):
+
+    python -m benchmarks.synthetic_data --real data/lift.hdf5 --n 10 --calibrate 2000 4000 6000 8000 \
+        --batch-size 64 --jobs 2
+
+trains n and 10n real demos once each to the largest budget (the others saved on the way; a killed run
+resumes), evaluates every budget in the GT env and writes `synthetic_data_calibration.json`.
 """
 
 from __future__ import annotations
@@ -77,11 +86,56 @@ def rows_of(n: int, multiples: list[int], real_multiple: int) -> list[dict]:
     return rows
 
 
+def gt_eval(policy: Path, report: Path, args) -> dict:
+    """A policy's GT success on the study's starts (`--episodes` from `--seed`), cached in `report`."""
+    if not report.is_file():
+        run(hma("evaluate", "--policy", str(policy), "--env", GT_ID, "--episodes", str(args.episodes),
+                "--seed", str(args.seed), "--out", str(report)), report.with_suffix(".log"))
+    return json.loads(report.read_text())
+
+
+def calibrate(args, work: Path) -> dict:
+    """The DP budget at which data matters: n real and 10n real demos, each trained once to the largest of
+    `--calibrate` budgets (the others saved on the way; a killed run resumes), every budget evaluated in the
+    GT env. The study's budget: the smallest where 10n real beats n real by >= 0.25 with n real <= 0.70."""
+    budgets = sorted(set(args.calibrate))
+    top = budgets[-1]
+    rows = [{"name": f"real{m}", "real": m} for m in (args.n, args.real_multiple * args.n)]
+
+    def train(row: dict) -> dict:
+        out = work / "calibration" / row["name"]
+        done = (out / "policy.json").is_file() and json.loads((out / "policy.json").read_text())["info"]["step"] == top
+        if not done:
+            run(hma("train-policy", "--data", args.real, "--filter-key", args.real_key, "--valid-key", "",
+                    "--max-demos", str(row["real"]), "--steps", str(top), "--batch-size", str(args.batch_size),
+                    "--save-at", *map(str, budgets[:-1]), "--out", str(out), "--threads", "1", "--no-progress"),
+                out / "train.log")
+        rates = {}
+        for b in budgets:
+            policy = out if b == top else out / f"iter_{b}"
+            gt = gt_eval(policy, out / f"gt_eval_{b}.json", args)
+            rates[b] = {"gt_success": gt["success_rate"], "gt_ci95": gt["success_ci95"]}
+        return {**row, "by_budget": rates}
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        results = list(pool.map(train, rows))
+    small, large = (r["by_budget"] for r in results)
+    curve = [{"steps": b, "n_real": small[b]["gt_success"], "ten_n_real": large[b]["gt_success"],
+              "gap": large[b]["gt_success"] - small[b]["gt_success"]} for b in budgets]
+    chosen = next((c["steps"] for c in curve if c["gap"] >= 0.25 and c["n_real"] <= 0.70), None)
+    payload = {"n": args.n, "real_multiple": args.real_multiple, "batch_size": args.batch_size,
+               "episodes": args.episodes, "seeds": [args.seed, args.seed + args.episodes - 1], "real_data": args.real,
+               "rows": results, "curve": curve, "chosen_steps": chosen,
+               "criterion": "10n real - n real >= 0.25 and n real <= 0.70"}
+    write_result(f"{args.result}_calibration", payload, module="synthetic_data")
+    return payload
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--real", default="data/lift.hdf5", help="real robomimic file (its train_success demos)")
     p.add_argument("--real-key", default="train_success", help="mask of the real demos to draw from")
-    p.add_argument("--source", required=True,
+    p.add_argument("--source", default="",
                    help="robomimic file whose actions the learned env replays (never seen by the world model)")
     p.add_argument("--checkpoint", default="", help="learned env checkpoint (default: the shipped one)")
     p.add_argument("--n", type=int, default=10, help="small real budget")
@@ -98,12 +152,22 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--jobs", type=int, default=2, help="commands run side by side (one thread each)")
     p.add_argument("--work", default="runs/synthetic_data", help="directory of the synthetic file, runs, reports")
     p.add_argument("--result", default="synthetic_data", help="name of the JSON/PNG under benchmarks/results")
+    p.add_argument("--calibrate", type=int, nargs="+", default=None, metavar="STEPS",
+                   help="only calibrate the DP budget: n and 10n real demos trained to these step counts, each "
+                        "evaluated in the GT env (-> RESULT_calibration.json); no synthetic data")
     args = p.parse_args(argv)
     if args.n < 1 or args.steps < 1 or args.episodes < 1 or args.jobs < 1:
         p.error("--n, --steps, --episodes and --jobs must be positive")
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    if args.calibrate:
+        have, need = mask_size(args.real, args.real_key), args.real_multiple * args.n
+        if have < need:
+            p.error(f"{args.real}: mask/{args.real_key} has {have} demos, the calibration needs {need}")
+        return calibrate(args, work)
+    if not args.source:
+        p.error("--source is required (except with --calibrate)")
     rows = rows_of(args.n, args.multiples, args.real_multiple)
     need_real = max(r["real"] for r in rows)
     have_real = mask_size(args.real, args.real_key)
