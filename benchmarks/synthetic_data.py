@@ -1,27 +1,31 @@
 """Synthetic-data study (the paper's Table 6): does learned-sim data stand in for real demos?
 
 A Diffusion Policy is trained on a small real budget n (the first n successful training demos of
-`--real`) plus 0, n, 5n, 9n synthetic episodes, and on 10n real demos; each policy is evaluated in the
-GT env (MuJoCo) on the same `--episodes` starts. The synthetic episodes come from `hma-gym synthesize`:
-the learned env replays the actions of `--source` episodes from their initial observations. `--source`
-must hold episodes the world model never trained on (e.g. `hma-gym collect --seed 50000` into a new
-file), otherwise the model only recalls what it memorised. Synthetic episodes are filtered by the
-learned env's own success label (its detector), as real demos are by the GT label: no GT information
-enters the synthetic data beyond the replayed actions and the first frame.
+`--real`), on n real + m*n synthetic episodes of each kind (`--multiples`, default 9), and on 10n real
+demos; each policy runs in the GT env (MuJoCo) on the same `--episodes` starts (success with a 95% CI).
+Synthetic episodes come from `hma-gym synthesize` with the learned env's own verdict (`mask/train_success`:
+judged successful, not unjudged), so no GT information enters them beyond a first frame:
+- replayed: the actions of `--source` episodes from their first frames (what the paper does). `--source`
+  must hold episodes the world model never trained on (e.g. `hma-gym collect --seed 50000` into a new
+  file), otherwise the model only recalls what it memorised; their MuJoCo outcomes give the labels'
+  accuracy and the frames' PSNR by step range;
+- new: `--new-policy` (default the scripted expert) run in the learned env from starts of its bank, so the
+  set holds trajectories no real file has.
 
-Steps run as the project's CLI commands (printed as they start), `--jobs` at a time, one thread each;
-finished steps are reused on a re-run (the synthetic file, each policy's `metrics.json`, each GT report).
+Every step is a project CLI command (printed as it starts), `--jobs` at a time, one thread each, and each
+row is an independent job: finished steps are reused on a re-run (each synthetic file resumes, each
+policy's `metrics.json`, each GT report), so the study can span sessions.
 
     python -m benchmarks.synthetic_data --real data/lift.hdf5 --source data/lift_src.hdf5 --n 10 \\
-        --steps 2000 --batch-size 32 --jobs 2
+        --steps 6000 --batch-size 64 --jobs 2
 
-Writes `benchmarks/results/synthetic_data.json` (`rows: [{real, synthetic, gt_success, ...}]`) and a
-bar plot `synthetic_data.png`.
+Writes `benchmarks/results/synthetic_data.json` (`rows: [{name, real, synthetic, kind, gt_success, gt_ci95,
+...}]`, per kind the file's verdicts, label accuracy and PSNR) and a bar plot `synthetic_data.png`.
 
 First, the DP budget at which data matters at all (issue 26: 10n real must beat n real by >= 0.25, with n
 real <= 0.70, or the study cannot show what synthetic data buys):
 
-    python -m benchmarks.synthetic_data --real data/lift.hdf5 --n 10 --calibrate 2000 4000 6000 8000 \
+    python -m benchmarks.synthetic_data --real data/lift.hdf5 --n 10 --calibrate 2000 4000 6000 8000 \\
         --batch-size 64 --jobs 2
 
 trains n and 10n real demos once each to the largest budget (the others saved on the way; a killed run
@@ -80,10 +84,23 @@ def synthetic_fidelity(synth: Path, source: str) -> dict:
     }
 
 
-def rows_of(n: int, multiples: list[int], real_multiple: int) -> list[dict]:
-    rows = [{"name": f"real{n}_synth{m * n}", "real": n, "synthetic": m * n} for m in multiples]
-    rows.append({"name": f"real{real_multiple * n}", "real": real_multiple * n, "synthetic": 0})
+def rows_of(n: int, multiples: list[int], real_multiple: int, kinds: list[str]) -> list[dict]:
+    """n real; n real + m*n synthetic of each kind; real_multiple*n real."""
+    rows = [{"name": f"real{n}", "real": n, "synthetic": 0, "kind": None}]
+    rows += [{"name": f"real{n}_{kind}{m * n}", "real": n, "synthetic": m * n, "kind": kind}
+             for kind in kinds for m in multiples if m > 0]
+    rows.append({"name": f"real{real_multiple * n}", "real": real_multiple * n, "synthetic": 0, "kind": None})
     return rows
+
+
+def synthetic_summary(path: Path) -> dict:
+    """The learned env's verdicts on a synthetic file's episodes."""
+    with h5py.File(path, "r") as f:
+        attrs = [g.attrs for name, g in f["data"].items() if name.startswith("demo_")]
+        success = [bool(a.get("success", False)) for a in attrs]
+        unjudged = [bool(a.get("unjudged", False)) for a in attrs]
+    return {"episodes": len(attrs), "learned_success": int(sum(success)), "unjudged": int(sum(unjudged)),
+            "judged_success": int(sum(s and not u for s, u in zip(success, unjudged, strict=True)))}
 
 
 def gt_eval(policy: Path, report: Path, args) -> dict:
@@ -136,21 +153,28 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--real", default="data/lift.hdf5", help="real robomimic file (its train_success demos)")
     p.add_argument("--real-key", default="train_success", help="mask of the real demos to draw from")
     p.add_argument("--source", default="",
-                   help="robomimic file whose actions the learned env replays (never seen by the world model)")
+                   help="replayed kind: robomimic file whose actions the learned env replays (never seen by the "
+                        "world model)")
+    p.add_argument("--kinds", nargs="+", default=["replayed", "new"], choices=["replayed", "new"],
+                   help="synthetic data: replayed (--source's actions from its first frames) and/or new (--new-policy "
+                        "run in the learned env from starts of the checkpoint's bank)")
+    p.add_argument("--new-policy", default="expert", help="the new kind's policy (evaluate's specs)")
+    p.add_argument("--new-episodes", type=int, default=0,
+                   help="new-kind episodes to generate (0: twice the largest synthetic row)")
     p.add_argument("--checkpoint", default="", help="learned env checkpoint (default: the shipped one)")
     p.add_argument("--n", type=int, default=10, help="small real budget")
-    p.add_argument("--multiples", type=int, nargs="+", default=[0, 1, 5, 9],
-                   help="synthetic episodes per row, in units of n")
+    p.add_argument("--multiples", type=int, nargs="+", default=[9],
+                   help="synthetic episodes per row of each kind, in units of n")
     p.add_argument("--real-multiple", type=int, default=10, help="the all-real row's demos, in units of n")
     p.add_argument("--synthetic-key", default="train_success",
-                   help="mask of the synthetic file to draw from (train_success: the learned env's success label; "
-                        "empty: every episode)")
+                   help="mask of the synthetic files to draw from (train_success: judged successful by the learned "
+                        "env; empty: every episode)")
     p.add_argument("--steps", type=int, default=2000, help="DP training steps of every row")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--episodes", type=int, default=50, help="GT evaluation episodes per policy")
     p.add_argument("--seed", type=int, default=20000, help="first GT evaluation seed (disjoint from collection)")
     p.add_argument("--jobs", type=int, default=2, help="commands run side by side (one thread each)")
-    p.add_argument("--work", default="runs/synthetic_data", help="directory of the synthetic file, runs, reports")
+    p.add_argument("--work", default="runs/synthetic_data", help="directory of the synthetic files, runs, reports")
     p.add_argument("--result", default="synthetic_data", help="name of the JSON/PNG under benchmarks/results")
     p.add_argument("--calibrate", type=int, nargs="+", default=None, metavar="STEPS",
                    help="only calibrate the DP budget: n and 10n real demos trained to these step counts, each "
@@ -166,61 +190,62 @@ def main(argv: list[str] | None = None) -> dict:
         if have < need:
             p.error(f"{args.real}: mask/{args.real_key} has {have} demos, the calibration needs {need}")
         return calibrate(args, work)
-    if not args.source:
-        p.error("--source is required (except with --calibrate)")
-    rows = rows_of(args.n, args.multiples, args.real_multiple)
+    rows = rows_of(args.n, args.multiples, args.real_multiple, args.kinds)
+    if "replayed" in args.kinds and not args.source:
+        p.error("the replayed kind needs --source (or --kinds new)")
     need_real = max(r["real"] for r in rows)
     have_real = mask_size(args.real, args.real_key)
     if have_real < need_real:
         p.error(f"{args.real}: mask/{args.real_key} has {have_real} demos, the study needs {need_real}")
-    need_synth = max(r["synthetic"] for r in rows)
+    need_synth = {k: max([r["synthetic"] for r in rows if r["kind"] == k], default=0) for k in args.kinds}
     t0 = time.perf_counter()
 
-    # 1. the synthetic file (resumable: synthesize skips source demos it already replayed); it runs side by
-    # side with the all-real rows, which do not need it
-    synth = work / "synthetic.hdf5"
-    timing = {}
+    # 1. a synthetic file per kind (synthesize resumes; the time of the runs that made it is kept for re-runs);
+    # made side by side with the all-real rows, which do not need them
+    synth = {k: work / f"synthetic_{k}.hdf5" for k in args.kinds}
+    timing: dict[str, float] = {}
 
-    timing_file = work / "synthesize_time.json"  # the time of the run that made the file, kept for re-runs
-
-    def make_synthetic() -> None:
+    def make_synthetic(kind: str) -> None:
+        path, timing_file = synth[kind], work / f"synthesize_{kind}_time.json"
         t = time.perf_counter()
-        before = mask_size(synth, "train") if synth.is_file() else 0
-        cmd = hma("synthesize", "--actions", args.source, "--split", "all", "--out", str(synth),
-                  "--valid-every", "0", "--no-progress")
+        before = mask_size(path, "train") if path.is_file() else 0
+        if kind == "replayed":
+            cmd = hma("synthesize", "--actions", args.source, "--split", "all")
+        else:
+            episodes = args.new_episodes or 2 * need_synth[kind]
+            cmd = hma("synthesize", "--policy", args.new_policy, "--episodes", str(episodes))
+        cmd += ["--out", str(path), "--valid-every", "0", "--no-progress"]
         if args.checkpoint:
             cmd += ["--checkpoint", args.checkpoint]
-        run(cmd, work / "synthesize.log")
-        have = mask_size(synth, args.synthetic_key or "train")
-        if have < need_synth:
-            raise RuntimeError(f"{synth}: {have} synthetic episodes under mask/{args.synthetic_key or 'train'}, "
-                               f"the study needs {need_synth}: collect more source episodes into {args.source}")
+        run(cmd, work / f"synthesize_{kind}.log")
+        have = mask_size(path, args.synthetic_key or "train")
+        if have < need_synth[kind]:
+            more = f"collect more source episodes into {args.source}" if kind == "replayed" else "raise --new-episodes"
+            raise RuntimeError(f"{path}: {have} synthetic episodes under mask/{args.synthetic_key or 'train'}, "
+                               f"the study needs {need_synth[kind]}: {more}")
         spent = time.perf_counter() - t
-        if mask_size(synth, "train") > before or not timing_file.is_file():  # episodes were generated now
+        if mask_size(path, "train") > before or not timing_file.is_file():  # episodes were generated now
             previous = json.loads(timing_file.read_text())["synthesize_s"] if timing_file.is_file() and before else 0.0
             timing_file.write_text(json.dumps({"synthesize_s": previous + spent}))
-        timing["synthesize_s"] = json.loads(timing_file.read_text())["synthesize_s"]
+        timing[f"synthesize_{kind}_s"] = json.loads(timing_file.read_text())["synthesize_s"]
 
-    # 2. one DP per row, then its GT evaluation
+    # 2. one DP per row, then its GT evaluation: each an independent job, reused once finished (a killed
+    # training resumes from its last save)
     def do_row(row: dict) -> dict:
         out = work / row["name"]
-        if row["synthetic"]:
-            synth_done.result()
+        if row["kind"]:
+            synth_done[row["kind"]].result()
         if not (out / "metrics.json").is_file() or json.loads((out / "policy.json").read_text())["info"]["step"] \
                 != args.steps:
             cmd = hma("train-policy", "--data", args.real, "--filter-key", args.real_key, "--valid-key", "",
                       "--max-demos", str(row["real"]), "--steps", str(args.steps), "--batch-size",
                       str(args.batch_size), "--out", str(out), "--threads", "1", "--no-progress")
-            if row["synthetic"]:
-                cmd += ["--extra-data", str(synth), "--extra-filter-key", args.synthetic_key,
+            if row["kind"]:
+                cmd += ["--extra-data", str(synth[row["kind"]]), "--extra-filter-key", args.synthetic_key,
                         "--extra-max-demos", str(row["synthetic"])]
             run(cmd, out / "train.log")
-        report = out / "gt_eval.json"
-        if not report.is_file():
-            run(hma("evaluate", "--policy", str(out), "--env", GT_ID, "--episodes", str(args.episodes),
-                    "--seed", str(args.seed), "--out", str(report)), out / "eval.log")
+        gt = gt_eval(out, out / "gt_eval.json", args)
         info = json.loads((out / "policy.json").read_text())["info"]
-        gt = json.loads(report.read_text())
         return {**row, "train_demos": info["train_demos"], "synthetic_demos": sum(info.get("extra_demos", [0])),
                 "train_windows": info["train_windows"], "gt_success": gt["success_rate"],
                 "gt_ci95": gt["success_ci95"], "gt_mean_length": gt["mean_length"], "policy": str(out),
@@ -228,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "gt_eval_wall_s": gt["wall_time_s"]}
 
     with ThreadPoolExecutor(args.jobs) as pool:
-        synth_done = pool.submit(make_synthetic) if need_synth else None
+        synth_done = {k: pool.submit(make_synthetic, k) for k in args.kinds if need_synth[k]}
         order = sorted(range(len(rows)), key=lambda i: rows[i]["synthetic"] > 0)  # all-real rows first
         futures = {i: pool.submit(do_row, rows[i]) for i in order}
         results = [futures[i].result() for i in range(len(rows))]
@@ -237,10 +262,18 @@ def main(argv: list[str] | None = None) -> dict:
             raise RuntimeError(f"{r['name']}: trained on {r['train_demos']} demos ({r['synthetic_demos']} synthetic), "
                                f"expected {r['real']} real + {r['synthetic']} synthetic")
 
-    env_args = read_env_args(synth) if need_synth else {}
-    by = {(r["real"], r["synthetic"]): r["gt_success"] for r in results}
+    by = {r["name"]: r["gt_success"] for r in results}
     n, full = args.n, args.real_multiple * args.n
-    best_mix = by.get((n, max(args.multiples) * n))
+    mixes = {r["kind"]: r["gt_success"] for r in results if r["kind"] and r["synthetic"] == max(args.multiples) * n}
+    files = {}
+    for kind, path in synth.items():
+        if not need_synth[kind]:
+            continue
+        env_args = read_env_args(path)
+        files[kind] = {"file": str(path), "checkpoint": env_args.get("checkpoint"),
+                       "checkpoint_hash": env_args.get("checkpoint_hash"), "verdicts": synthetic_summary(path),
+                       **({"vs_source": synthetic_fidelity(path, args.source)} if kind == "replayed" else
+                          {"policy": args.new_policy})}
     payload = {
         "n": n,
         "rows": results,
@@ -249,15 +282,10 @@ def main(argv: list[str] | None = None) -> dict:
         "episodes": args.episodes,
         "seeds": [args.seed, args.seed + args.episodes - 1],
         "real_data": args.real,
-        "source": args.source,
-        "synthetic_file": str(synth) if need_synth else None,
-        "checkpoint": env_args.get("checkpoint"),
-        "checkpoint_hash": env_args.get("checkpoint_hash"),
-        "synthetic_vs_source": synthetic_fidelity(synth, args.source) if need_synth else None,
-        "targets": {
-            "mix_within_10_points_of_all_real": None if best_mix is None else best_mix >= by[(full, 0)] - 0.10,
-            "mix_beats_small_real": None if best_mix is None or (n, 0) not in by else best_mix > by[(n, 0)],
-        },
+        "source": args.source or None,
+        "synthetic": files,
+        "targets": {kind: {"within_10_points_of_all_real": mix >= by[f"real{full}"] - 0.10,
+                           "10_points_over_small_real": mix >= by[f"real{n}"] + 0.10} for kind, mix in mixes.items()},
         "wall_time": {**timing, "this_run_s": time.perf_counter() - t0,
                       "train_s": sum(r["train_wall_s"] for r in results),
                       "gt_eval_s": sum(r["gt_eval_wall_s"] for r in results)},
@@ -274,10 +302,11 @@ def plot(rows: list[dict], path: Path, args) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    labels = [f"{r['real']} real\n+{r['synthetic']} synth" if r["synthetic"] else f"{r['real']} real" for r in rows]
+    labels = [f"{r['real']} real\n+{r['synthetic']} {r['kind']}" if r["synthetic"] else f"{r['real']} real"
+              for r in rows]
     vals = [r["gt_success"] for r in rows]
     err = [[r["gt_success"] - r["gt_ci95"][0] for r in rows], [r["gt_ci95"][1] - r["gt_success"] for r in rows]]
-    colors = ["tab:green" if r["synthetic"] else "tab:blue" for r in rows]
+    colors = [{"replayed": "tab:green", "new": "tab:orange"}.get(r["kind"], "tab:blue") for r in rows]
     ax.bar(range(len(rows)), vals, yerr=err, color=colors, capsize=4)
     ax.set_xticks(range(len(rows)), labels, fontsize=8)
     ax.set_ylim(0, 1)

@@ -29,3 +29,42 @@ def test_calibration_evaluates_each_budget_and_reuses_finished_steps(tmp_path, m
     with pytest.raises(SystemExit):  # more real demos than the file holds
         sd.main([*args[:4], "--n", "2", *args[6:]])
     assert "mask/train has 3 demos, the calibration needs 4" in capsys.readouterr().err
+
+
+def test_study_rows_are_independent_jobs_and_a_killed_study_resumes(tmp_path, monkeypatch):
+    import benchmarks.common as common
+    import benchmarks.synthetic_data as sd
+    from training.collect import CollectConfig, collect
+
+    data = tmp_path / "real.hdf5"
+    collect(CollectConfig(out=str(data), episodes=3, max_steps=8, seed=3, valid_every=0, progress=False))
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    args = ["--real", str(data), "--real-key", "train", "--n", "1", "--real-multiple", "2", "--kinds", "new",
+            "--multiples", "1", "--steps", "2", "--batch-size", "2", "--episodes", "1", "--jobs", "1",
+            "--work", str(tmp_path / "w"), "--result", "study"]
+    real_run, ran = sd.run, []
+
+    def killed_at_the_mix(cmd, log):  # the mixed row's training dies
+        if "train-policy" in cmd and "--extra-data" in cmd:
+            raise RuntimeError("killed")
+        ran.append(cmd)
+        real_run(cmd, log)
+
+    monkeypatch.setattr(sd, "run", killed_at_the_mix)
+    with pytest.raises(RuntimeError, match="killed"):
+        sd.main(args)
+    assert (tmp_path / "w" / "real1" / "gt_eval.json").is_file()
+    ran.clear()
+    monkeypatch.setattr(sd, "run", lambda cmd, log: (ran.append(cmd), real_run(cmd, log)))
+    payload = sd.main(args)
+    # the finished rows are reused; the synthetic file is resumed (nothing made again); the mixed row runs
+    assert [c[c.index("hma_gym.cli") + 1] for c in ran] == ["synthesize", "train-policy", "evaluate"]
+    log = (tmp_path / "w" / "synthesize_new.log").read_text()
+    assert '"kept_from_before": 2' in log and '"made": 0' in log
+    assert [r["name"] for r in payload["rows"]] == ["real1", "real1_new1", "real2"]
+    mix = payload["rows"][1]
+    assert mix["kind"] == "new" and mix["synthetic_demos"] == 1 and mix["train_demos"] == 2
+    assert 0.0 <= mix["gt_ci95"][0] <= mix["gt_success"] <= mix["gt_ci95"][1] <= 1.0
+    new = payload["synthetic"]["new"]
+    assert new["policy"] == "expert" and new["verdicts"]["episodes"] == 2 and new["verdicts"]["judged_success"] >= 1
+    assert set(payload["targets"]["new"]) == {"within_10_points_of_all_real", "10_points_over_small_real"}
