@@ -74,7 +74,29 @@ def test_replay_records_the_verdict_and_the_object_state(source, tmp_path):
             assert g["obs/object"].shape == (4, 10) and g["next_obs/object"].shape == (4, 10)
             assert {"success", "unjudged", "max_uncertainty", "source_demo", "seed"} <= set(g.attrs)
             assert 0.0 <= g.attrs["max_uncertainty"] <= 1.0
-    assert read_env_args(out)["synthesize"] == {"seed": 0, "num_envs": 2, "split": "all", "policy": ""}
+    assert read_env_args(out)["synthesize"] == {"actions": str(source), "split": "all", "policy": "", "seed": 0,
+                                                "num_envs": 2, "max_steps": 100}
+    again = run(out, actions=str(source), split="all", episodes=3)  # fewer than the file holds: nothing lost
+    assert again["demos"] == 5 and again["made"] == 0
+    other = tmp_path / "other.hdf5"
+    other.write_bytes(source.read_bytes())
+    with pytest.raises(DatasetError, match="--actions"):  # another source: refused, the file untouched
+        run(out, actions=str(other), split="all")
+    assert len(list_demos(out)) == 5
+
+
+def test_a_file_without_the_settings_it_was_made_with_is_not_resumed(source, tmp_path):
+    import json
+
+    out = tmp_path / "old.hdf5"
+    run(out, actions=str(source), split="all", episodes=2)
+    with h5py.File(out, "a") as f:  # as an older synthesize left it
+        env_args = json.loads(f["data"].attrs["env_args"])
+        del env_args["synthesize"]
+        f["data"].attrs["env_args"] = json.dumps(env_args)
+    with pytest.raises(DatasetError, match="cannot be resumed exactly"):
+        run(out, actions=str(source), split="all")
+    assert len(list_demos(out)) == 2
 
 
 def test_unjudged_or_failed_episodes_stay_out_of_train_success(tmp_path):

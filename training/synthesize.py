@@ -6,8 +6,7 @@ checkpoint's bank. Both run batched through the vector env with the same `rollou
 `collect`: the file is valid after every episode. Episode i is seeded `--seed` + i and episodes go in
 batches of `--num-envs`; re-running the command resumes after the last complete batch (an unfinished one is
 made again whole, since a batch's samples depend on all its members), so a resumed file equals the file
-of an uninterrupted run. `--episodes` may grow between runs; `--seed`, `--num-envs`, `--split` and
-`--policy` must stay.
+of an uninterrupted run. `--episodes` may grow between runs; the settings of `RESUME_KEYS` must stay.
 
 Every episode records every key the checkpoint predicts (robomimic's `object` too, where it has a state
 model) and the learned env's verdict on it: `success`, `unjudged` (its uncertainty passed the checkpoint's
@@ -47,6 +46,8 @@ from policies.base import ReplayPolicy
 from policies.registry import load_policy
 
 LEARNED_ID = "HMA-RobomimicLift-v0"
+RESUME_KEYS = ("actions", "split", "policy", "seed", "num_envs", "max_steps")
+"""Settings a resumed run must share with the run that began the file (--episodes may grow)."""
 
 
 @dataclass
@@ -151,12 +152,15 @@ def _resume_point(cfg: SynthesizeConfig, waves: list[range], names: list[str] | 
     whole: a resumed file is the file an uninterrupted run writes."""
     if not os.path.exists(cfg.out):
         return 0
-    old = read_env_args(cfg.out).get("synthesize", {})
-    for key in ("seed", "num_envs", "split", "policy"):
-        if key in old and old[key] != getattr(cfg, key):
-            raise DatasetError(f"{cfg.out} was written with --{key.replace('_', '-')} {old[key]!r}, not "
-                               f"{getattr(cfg, key)!r}: resume with the same settings, or write a new --out")
     done = _done_sources(cfg.out)
+    old = read_env_args(cfg.out).get("synthesize")
+    if old is None and done:
+        raise DatasetError(f"{cfg.out} holds episodes that another `synthesize` wrote (no record of its settings, "
+                           "so it cannot be resumed exactly): write a new --out")
+    for key in RESUME_KEYS:
+        if old is not None and old.get(key) != getattr(cfg, key):
+            raise DatasetError(f"{cfg.out} was written with --{key.replace('_', '-')} {old.get(key)!r}, not "
+                               f"{getattr(cfg, key)!r}: resume with the same settings, or write a new --out")
     keep = 0
     for wave in waves:
         # a batch's episodes are written as they end, so in any order within it
@@ -201,13 +205,14 @@ def _synthesize(cfg: SynthesizeConfig) -> dict:
         "checkpoint_hash": weights_hash(sim.checkpoint),
         "source": cfg.actions or None,
         "policy": cfg.policy or None,
-        "synthesize": {"seed": cfg.seed, "num_envs": cfg.num_envs, "split": cfg.split, "policy": cfg.policy},
+        "synthesize": {key: getattr(cfg, key) for key in RESUME_KEYS},
     }
     # episodes go in batches of num_envs; episode i is seeded cfg.seed + i (its start, and the batch's sampling)
     waves = [range(w0, min(w0 + cfg.num_envs, total)) for w0 in range(0, total, cfg.num_envs)]
     keep = _resume_point(cfg, waves, names)
     writer = RobomimicWriter(cfg.out, env_args, valid_every=cfg.valid_every)
-    writer.truncate(keep)
+    if keep < total:  # the unfinished batch's episodes go (made again below); a file already complete is kept
+        writer.truncate(keep)
     results = []
     for wave in waves:
         if wave.stop <= keep:
