@@ -63,14 +63,16 @@ class SynthesizeConfig:
     episodes: int = 0
     """Number of episodes in the file (0 = every demo of the split in replay mode, 50 in policy mode)."""
     policy: str = ""
-    """Run this policy (evaluate's specs) from sampled starts instead of replaying actions."""
+    """Run this policy (evaluate's specs) from starts drawn from the checkpoint's bank of GT initial
+    observations, instead of replaying actions."""
     trust_pickle: bool = False
     """sb3:ALGO:PATH only: load the zip with SB3's own loader, which unpickles it and so runs any code it holds
     (files you trust only); by default PPO/A2C/SAC/TD3/DDPG zips are rebuilt from their state dict."""
     checkpoint: str = ""
     """Learned env checkpoint (default: the shipped one)."""
     num_envs: int = 16
-    """Episodes generated together (one batched model call per step)."""
+    """Episodes generated together (one batched model call per step); a resume makes an unfinished batch
+    again whole."""
     seed: int = 0
     """Episode i is seeded seed + i (the learned env's sampling, and in policy mode its start)."""
     max_steps: int = 100
