@@ -39,6 +39,7 @@ def test_study_rows_are_independent_jobs_and_a_killed_study_resumes(tmp_path, mo
     data = tmp_path / "real.hdf5"
     collect(CollectConfig(out=str(data), episodes=3, max_steps=8, seed=3, valid_every=0, progress=False))
     monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(sd, "RESULTS", tmp_path)
     args = ["--real", str(data), "--real-key", "train", "--n", "1", "--real-multiple", "2", "--kinds", "new",
             "--multiples", "1", "--steps", "2", "--batch-size", "2", "--episodes", "1", "--jobs", "1",
             "--work", str(tmp_path / "w"), "--result", "study"]
@@ -68,3 +69,4 @@ def test_study_rows_are_independent_jobs_and_a_killed_study_resumes(tmp_path, mo
     new = payload["synthetic"]["new"]
     assert new["policy"] == "expert" and new["verdicts"]["episodes"] == 2 and new["verdicts"]["judged_success"] >= 1
     assert set(payload["targets"]["new"]) == {"within_10_points_of_all_real", "10_points_over_small_real"}
+    assert (tmp_path / "study.json").is_file() and (tmp_path / "study.png").is_file()
