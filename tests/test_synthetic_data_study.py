@@ -20,7 +20,7 @@ def test_calibration_evaluates_each_budget_and_reuses_finished_steps(tmp_path, m
     assert [c["steps"] for c in payload["curve"]] == [2, 4]
     for c in payload["curve"]:
         assert c["gap"] == c["ten_n_real"] - c["n_real"] and 0.0 <= c["n_real"] <= 1.0
-    assert (tmp_path / "w" / "calibration" / "real2" / "iter_2" / "policy.json").is_file()
+    assert (tmp_path / "w" / "calibration" / "real2_2" / "policy.json").is_file()  # one run per budget
     assert (tmp_path / "cal_calibration.json").is_file()
     # a re-run reuses every trained policy and GT report: no command runs
     monkeypatch.setattr(sd, "run", lambda cmd, log: pytest.fail(f"ran {cmd}"))
