@@ -16,8 +16,8 @@ Every step is a project CLI command (printed as it starts), `--jobs` at a time, 
 row is an independent job: finished steps are reused on a re-run (each synthetic file resumes, each
 policy's `metrics.json`, each GT report), so the study can span sessions.
 
-    python -m benchmarks.synthetic_data --real data/lift.hdf5 --source data/lift_src.hdf5 --n 10 \\
-        --steps 6000 --batch-size 64 --jobs 2
+    python -m benchmarks.synthetic_data --real data/lift.hdf5 --source data/lift_src70k.hdf5 --n 10 \\
+        --steps 8000 --batch-size 64 --jobs 2
 
 Writes `benchmarks/results/synthetic_data.json` (`rows: [{name, real, synthetic, kind, gt_success, gt_ci95,
 ...}]`, per kind the file's verdicts, label accuracy and PSNR) and a bar plot `synthetic_data.png`.
