@@ -34,6 +34,7 @@ import hma_gym
 from benchmarks.common import learned_env_kwargs, write_result
 from benchmarks.verdict_agreement import BANK, parse_policies, run_gt
 from hma_gym.checkpoint import weights_hash
+from hma_gym.envs.learned_env import predicted_keys
 from hma_gym.envs.robosuite_env import DEFAULT_PROPRIO_KEYS
 from hma_gym.tasks import OBJECT_KEY
 from policies.registry import load_policy
@@ -134,8 +135,6 @@ def run_policy(probe: Probe, spec: str, seeds: list[int], env_kwargs: dict, num_
     gt, _, starts = run_gt(spec, seeds, max_steps, policy_seed, gt_keys)
     env = gym.make_vec("HMA-RobomimicLift-v0", num_envs=min(num_envs, len(seeds)),
                        vectorization_mode="vector_entry_point", obs_keys=gt_keys, **env_kwargs)
-    if OBJECT_KEY not in env.unwrapped.sim.model_space.spaces:
-        raise SystemExit("this checkpoint does not predict the object state: nothing to compare its frames with")
     policy = load_policy(spec, env, seed=policy_seed)
     frames: dict[int, list] = {}
     states: dict[int, list] = {}
@@ -200,6 +199,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     hma_gym.register_envs()
     env_kwargs = learned_env_kwargs(args.checkpoint or args.variant) if (args.checkpoint or args.variant) else {}
+    if OBJECT_KEY not in predicted_keys(env_kwargs.get("checkpoint"), env_kwargs.get("variant", "maskgit")):
+        raise SystemExit("this checkpoint does not predict the object state: nothing to compare its frames with")
 
     t0 = time.perf_counter()
     frames, targets, held = read_frames(args.data, args.probe_frames, args.probe_demos, args.probe_valid)

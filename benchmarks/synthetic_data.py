@@ -111,6 +111,17 @@ def gt_eval(policy: Path, report: Path, args) -> dict:
     return json.loads(report.read_text())
 
 
+def train_dp(args, out: Path, real: int, steps: int, extra: tuple[str, ...] = ()) -> None:
+    """`train-policy` on the first `real` demos of `--real` (+ `extra` arguments), unless `out` already holds
+    a finished run of `steps` steps (a killed one resumes from its last save)."""
+    policy = out / "policy.json"
+    if (out / "metrics.json").is_file() and json.loads(policy.read_text())["info"]["step"] == steps:
+        return
+    run(hma("train-policy", "--data", args.real, "--filter-key", args.real_key, "--valid-key", "",
+            "--max-demos", str(real), "--steps", str(steps), "--batch-size", str(args.batch_size),
+            "--out", str(out), "--threads", "1", "--no-progress", *extra), out / "train.log")
+
+
 def calibrate(args, work: Path) -> dict:
     """The DP budget at which data matters: n and 10n real demos, one run per `--calibrate` budget (each its
     own learning-rate schedule: a snapshot halfway through a longer run is not the policy a shorter run ends
@@ -122,11 +133,7 @@ def calibrate(args, work: Path) -> dict:
     def train(job: tuple[dict, int]) -> tuple[str, int, dict]:
         row, steps = job
         out = work / "calibration" / f"{row['name']}_{steps}"
-        policy = out / "policy.json"
-        if not (policy.is_file() and json.loads(policy.read_text())["info"]["step"] == steps):
-            run(hma("train-policy", "--data", args.real, "--filter-key", args.real_key, "--valid-key", "",
-                    "--max-demos", str(row["real"]), "--steps", str(steps), "--batch-size", str(args.batch_size),
-                    "--out", str(out), "--threads", "1", "--no-progress"), out / "train.log")
+        train_dp(args, out, row["real"], steps)
         gt = gt_eval(out, out / "gt_eval.json", args)
         return row["name"], steps, {"gt_success": gt["success_rate"], "gt_ci95": gt["success_ci95"]}
 
@@ -233,15 +240,9 @@ def main(argv: list[str] | None = None) -> dict:
         out = work / row["name"]
         if row["kind"]:
             synth_done[row["kind"]].result()
-        if not (out / "metrics.json").is_file() or json.loads((out / "policy.json").read_text())["info"]["step"] \
-                != args.steps:
-            cmd = hma("train-policy", "--data", args.real, "--filter-key", args.real_key, "--valid-key", "",
-                      "--max-demos", str(row["real"]), "--steps", str(args.steps), "--batch-size",
-                      str(args.batch_size), "--out", str(out), "--threads", "1", "--no-progress")
-            if row["kind"]:
-                cmd += ["--extra-data", str(synth[row["kind"]]), "--extra-filter-key", args.synthetic_key,
-                        "--extra-max-demos", str(row["synthetic"])]
-            run(cmd, out / "train.log")
+        extra = ("--extra-data", str(synth[row["kind"]]), "--extra-filter-key", args.synthetic_key,
+                 "--extra-max-demos", str(row["synthetic"])) if row["kind"] else ()
+        train_dp(args, out, row["real"], args.steps, extra)
         gt = gt_eval(out, out / "gt_eval.json", args)
         info = json.loads((out / "policy.json").read_text())["info"]
         return {**row, "train_demos": info["train_demos"], "synthetic_demos": sum(info.get("extra_demos", [0])),

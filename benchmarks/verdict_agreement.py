@@ -38,6 +38,7 @@ import hma_gym
 from benchmarks.common import RESULTS, write_result
 from benchmarks.policy_eval_correlation import bootstrap, episode_confusion, rate_stats, scatter
 from hma_gym.checkpoint import weights_hash
+from hma_gym.envs.learned_env import predicted_keys
 from hma_gym.envs.robosuite_env import DEFAULT_PROPRIO_KEYS
 from hma_gym.tasks import OBJECT_KEY
 from policies.base import ReplayPolicy
@@ -115,13 +116,9 @@ def run_gt(spec: str, seeds: list[int], max_steps: int, policy_seed: int, obs_ke
 
 def run_learned(spec: str, seeds: list[int], starts: list[dict], gt_actions: list[np.ndarray], env_kwargs: dict,
                 num_envs: int, max_steps: int, policy_seed: int, scripted: str = "replay") -> dict:
+    keys = predicted_keys(env_kwargs.get("checkpoint"), env_kwargs.get("variant", "maskgit"))  # `object` too
     env = gym.make_vec("HMA-RobomimicLift-v0", num_envs=min(num_envs, len(seeds)),
-                       vectorization_mode="vector_entry_point", **env_kwargs)
-    model_keys = tuple(env.unwrapped.sim.model_space.spaces)
-    if set(model_keys) != set(env.single_observation_space.spaces):  # return `object` too, where predicted
-        env.close()
-        env = gym.make_vec("HMA-RobomimicLift-v0", num_envs=min(num_envs, len(seeds)),
-                           vectorization_mode="vector_entry_point", obs_keys=model_keys, **env_kwargs)
+                       vectorization_mode="vector_entry_point", obs_keys=keys, **env_kwargs)
     # scripted policies replay their GT actions even where the learned env returns `object` (they could act
     # on it): a closed-loop expert needs the predicted gripper and cube to within ~1 cm to reach its grasp,
     # so its row would measure hovering, not the failure mode it stands for

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from functools import partial
 from importlib.metadata import version
 
 import gymnasium as gym
@@ -41,6 +40,8 @@ from hma_gym.data.hdf5 import (
     read_env_args,
     validate_file,
 )
+from hma_gym.envs.learned_env import predicted_keys
+from hma_gym.rollout import RolloutResult
 from hma_gym.tasks import OBJECT_KEY
 from policies.base import ReplayPolicy
 from policies.registry import load_policy
@@ -113,19 +114,6 @@ def _source_demos(cfg: SynthesizeConfig) -> list[str]:
     return names[: cfg.episodes] if cfg.episodes else names
 
 
-def _learned_env(cfg: SynthesizeConfig):
-    """The batched learned env, returning every key its checkpoint predicts (robomimic's `object` too)."""
-    kwargs = {"checkpoint": cfg.checkpoint} if cfg.checkpoint else {}
-    make = partial(gym.make_vec, LEARNED_ID, num_envs=cfg.num_envs, vectorization_mode="vector_entry_point",
-                   terminate_on_success=False, **kwargs)
-    env = make()
-    keys = tuple(env.unwrapped.sim.model_space.spaces)
-    if set(keys) != set(env.single_observation_space.spaces):
-        env.close()
-        env = make(obs_keys=keys)
-    return env
-
-
 def _replay_starts(cfg: SynthesizeConfig, sim, names: list[str]) -> tuple[dict, list[dict]]:
     """The source demos (the keys the learned env needs; `object`, where the file lacks it, is estimated from
     the first frame) and their starts."""
@@ -159,10 +147,11 @@ def _resume_point(cfg: SynthesizeConfig, waves: list[range], names: list[str] | 
     if old is None and done:
         raise DatasetError(f"{cfg.out} holds episodes that another `synthesize` wrote (no record of its settings, "
                            "so it cannot be resumed exactly): write a new --out")
-    for key in RESUME_KEYS:
-        if old is not None and old.get(key) != getattr(cfg, key):
-            raise DatasetError(f"{cfg.out} was written with --{key.replace('_', '-')} {old.get(key)!r}, not "
-                               f"{getattr(cfg, key)!r}: resume with the same settings, or write a new --out")
+    changed = [key for key in RESUME_KEYS if old is not None and old.get(key) != getattr(cfg, key)]
+    if changed:
+        key = changed[0]
+        raise DatasetError(f"{cfg.out} was written with --{key.replace('_', '-')} {old.get(key)!r}, not "
+                           f"{getattr(cfg, key)!r}: resume with the same settings, or write a new --out")
     keep = 0
     for wave in waves:
         # a batch's episodes are written as they end, so in any order within it
@@ -187,7 +176,10 @@ def synthesize(cfg: SynthesizeConfig) -> dict:
 
 def _synthesize(cfg: SynthesizeConfig) -> dict:
     names = _source_demos(cfg) if cfg.actions else None  # before the (slow) env is built
-    env = _learned_env(cfg)
+    # the batched learned env, returning every key its checkpoint predicts (robomimic's `object` too)
+    kwargs = {"checkpoint": cfg.checkpoint} if cfg.checkpoint else {}
+    env = gym.make_vec(LEARNED_ID, num_envs=cfg.num_envs, vectorization_mode="vector_entry_point",
+                       terminate_on_success=False, obs_keys=predicted_keys(cfg.checkpoint or None), **kwargs)
     sim = env.unwrapped.sim
     if names is not None:
         demos, starts = _replay_starts(cfg, sim, names)
@@ -243,9 +235,8 @@ def _synthesize(cfg: SynthesizeConfig) -> dict:
               "checkpoint": env_args["checkpoint"], "checkpoint_hash": env_args["checkpoint_hash"],
               "kept_from_before": keep, "made": len(results)}
     if results:  # the learned env's verdicts on the episodes made by this call
-        judged = [e.success for e in results if not e.unjudged]
-        report.update(success_rate=float(np.mean([e.success for e in results])),
-                      unjudged=int(sum(e.unjudged for e in results)),
-                      judged_success_rate=float(np.mean(judged)) if judged else None)
+        made = RolloutResult(results)
+        report.update(success_rate=made.success_rate, unjudged=made.unjudged,
+                      judged_success_rate=made.judged_success_rate if made.unjudged < len(results) else None)
     print(json.dumps(report, indent=2))
     return report

@@ -146,20 +146,21 @@ class RobomimicWriter:
             for name in list(data.keys()):
                 if DEMO_RE.match(name) and "num_samples" not in data[name].attrs:
                     del data[name]  # the episode a kill interrupted mid-write
-            names = sorted((n for n in data.keys() if DEMO_RE.match(n)), key=demo_sort_key)
-            data.attrs["total"] = int(sum(int(data[n].attrs["num_samples"]) for n in names))
-            _write_masks(f, names, self.valid_every)
+            self._recount(f)
 
     def truncate(self, keep: int) -> None:
         """Delete every demo whose index is `keep` or more (e.g. the episodes of an unfinished batch that a
         resumed run makes again); totals and masks follow."""
         with open_for_writing(self.path) as f:
-            data = f["data"]
-            for name in [n for n in data.keys() if DEMO_RE.match(n) and demo_sort_key(n) >= keep]:
-                del data[name]
-            names = [n for n in data.keys() if DEMO_RE.match(n)]
-            data.attrs["total"] = int(sum(int(data[n].attrs["num_samples"]) for n in names))
-            _write_masks(f, names, self.valid_every)
+            for name in [n for n in f["data"].keys() if DEMO_RE.match(n) and demo_sort_key(n) >= keep]:
+                del f["data"][name]
+            self._recount(f)
+
+    def _recount(self, f: h5py.File) -> None:
+        """`data.attrs["total"]` and the masks from the demos the file holds."""
+        names = [n for n in f["data"].keys() if DEMO_RE.match(n)]
+        f["data"].attrs["total"] = int(sum(int(f["data"][n].attrs["num_samples"]) for n in names))
+        _write_masks(f, names, self.valid_every)
 
     # ------------------------------------------------------------------ episodes
     def new_episode(self, model_file: str | None = None, episode_index: int | None = None, **attrs) -> EpisodeBuffer:

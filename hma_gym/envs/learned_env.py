@@ -62,6 +62,22 @@ def checkpoint_state_keys(config: dict) -> list[tuple[str, int]]:
     return [(str(k), int(d)) for k, d in keys]
 
 
+def model_spaces(config: dict) -> tuple[spaces.Dict, spaces.Box]:
+    """A checkpoint's whole observation (image + every low-dimensional key it predicts) and action spaces."""
+    model_space, action_space = env_spaces(config["env"])
+    for key, dim in checkpoint_state_keys(config):
+        if key not in model_space.spaces:
+            model_space.spaces[key] = spaces.Box(-np.inf, np.inf, shape=(dim,), dtype=np.float32)
+    return model_space, action_space
+
+
+def predicted_keys(checkpoint: str | os.PathLike | None = None, variant: str = "maskgit") -> tuple[str, ...]:
+    """Every observation key a checkpoint's learned env can return (`obs_keys=` for all of them, robomimic's
+    `object` included), read from its config.json without loading the model."""
+    path = Path(checkpoint) if checkpoint is not None else default_checkpoint(variant)
+    return tuple(model_spaces(load_json(path / "config.json"))[0].spaces)
+
+
 def space_difference(a: gym.Space, b: gym.Space, name: str = "") -> str | None:
     """A readable description of how two spaces differ, or None when they are equal."""
     if isinstance(a, spaces.Dict) and isinstance(b, spaces.Dict):
@@ -166,10 +182,7 @@ class _LearnedSim:
             raise CheckpointError(f"{path}: the env steps one control action per frame; action_stride must be 1")
         # the model's own observation (image + its whole state), and the keys the env returns: the GT env's
         # defaults unless `obs_keys` asks for others (e.g. robomimic's `object`)
-        self.model_space, self.action_space = env_spaces(self.env_config)
-        for key, dim in self.state_keys:
-            if key not in self.model_space.spaces:
-                self.model_space.spaces[key] = spaces.Box(-np.inf, np.inf, shape=(dim,), dtype=np.float32)
+        self.model_space, self.action_space = model_spaces(self.config)
         self.image_key = self.env_config["image_key"]
         if obs_keys is None:
             obs_keys = tuple(k for k in self.model_space.spaces if k != OBJECT_KEY)
