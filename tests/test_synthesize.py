@@ -75,7 +75,8 @@ def test_replay_records_the_verdict_and_the_object_state(source, tmp_path):
             assert {"success", "unjudged", "max_uncertainty", "source_demo", "seed"} <= set(g.attrs)
             assert 0.0 <= g.attrs["max_uncertainty"] <= 1.0
     assert read_env_args(out)["synthesize"] == {"actions": str(source), "split": "all", "policy": "", "seed": 0,
-                                                "num_envs": 2, "max_steps": 100}
+                                                "num_envs": 2, "max_steps": 100,
+                                                "steps_after_success": 10}
     again = run(out, actions=str(source), split="all", episodes=3)  # fewer than the file holds: nothing lost
     assert again["demos"] == 5 and again["made"] == 0
     other = tmp_path / "other.hdf5"
@@ -149,3 +150,26 @@ def test_a_resumed_run_writes_the_file_an_uninterrupted_one_does(source, tmp_pat
         from training.synthesize import SynthesizeConfig, synthesize
 
         synthesize(SynthesizeConfig(out=str(resumed), num_envs=3, progress=False, **kwargs))
+    if mode == "policy":  # the episodes' end is a setting of policy mode; replayed ones end where their source did
+        with pytest.raises(DatasetError, match="--steps-after-success 10"):
+            run(resumed, steps_after_success=2, **kwargs)
+    else:
+        assert run(resumed, steps_after_success=2, **kwargs)["made"] == 0
+
+
+def test_policy_episodes_end_steps_after_success_as_collect_records_them(tmp_path):
+    out = tmp_path / "p.hdf5"
+    run(out, policy="expert", episodes=2, steps_after_success=3)
+    lengths = []
+    with h5py.File(out, "r") as f:
+        for name in list_demos(out):
+            g = f[f"data/{name}"]
+            rewards = g["rewards"][()]
+            if g.attrs["success"]:  # ends 3 steps after the first success, not at --max-steps
+                assert len(rewards) == int(np.argmax(rewards > 0)) + 4
+            else:
+                assert len(rewards) == 100
+            lengths.append(len(rewards))
+    assert any(n < 100 for n in lengths)  # the expert succeeds in the learned env
+    with pytest.raises(ValueError, match="steps_after_success"):
+        run(tmp_path / "bad.hdf5", policy="expert", steps_after_success=-1)

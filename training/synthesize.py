@@ -47,8 +47,10 @@ from policies.base import ReplayPolicy
 from policies.registry import load_policy
 
 LEARNED_ID = "HMA-RobomimicLift-v0"
-RESUME_KEYS = ("actions", "split", "policy", "seed", "num_envs", "max_steps")
+RESUME_KEYS = ("actions", "split", "policy", "seed", "num_envs", "max_steps", "steps_after_success")
 """Settings a resumed run must share with the run that began the file (--episodes may grow)."""
+POLICY_ONLY = ("max_steps", "steps_after_success")
+"""Settings that shape policy-mode episodes only (replayed ones end where their source did)."""
 
 
 @dataclass
@@ -78,6 +80,9 @@ class SynthesizeConfig:
     """Episode i is seeded seed + i (the learned env's sampling, and in policy mode its start)."""
     max_steps: int = 100
     """Episode length limit in policy mode."""
+    steps_after_success: int = 10
+    """Policy mode: steps recorded after the learned env's first success, then the episode ends (as `collect`
+    records real demos: an episode that went on to `max_steps` would be mostly holding the cube up)."""
     valid_every: int = 10
     """Every n-th synthetic episode goes to mask/valid (0 = none: every episode is a training one)."""
     progress: bool = True
@@ -88,9 +93,9 @@ class SynthesizeConfig:
             raise ValueError("give --actions FILE (replay) or --policy P (policy mode)")
         if self.split not in ("valid", "train", "all"):
             raise ValueError(f"split must be valid, train or all. Got {self.split=}")
-        if self.num_envs < 1 or self.episodes < 0 or self.valid_every < 0:
-            raise ValueError(f"num_envs must be >= 1, episodes and valid_every >= 0. "
-                             f"Got {self.num_envs=}, {self.episodes=}, {self.valid_every=}")
+        if self.num_envs < 1 or self.episodes < 0 or self.valid_every < 0 or self.steps_after_success < 0:
+            raise ValueError(f"num_envs must be >= 1, episodes, valid_every and steps_after_success >= 0. Got "
+                             f"{self.num_envs=}, {self.episodes=}, {self.valid_every=}, {self.steps_after_success=}")
 
 
 def _done_sources(path: str) -> list[str]:
@@ -147,7 +152,8 @@ def _resume_point(cfg: SynthesizeConfig, waves: list[range], names: list[str] | 
     if old is None and done:
         raise DatasetError(f"{cfg.out} holds episodes that another `synthesize` wrote (no record of its settings, "
                            "so it cannot be resumed exactly): write a new --out")
-    changed = [key for key in RESUME_KEYS if old is not None and old.get(key) != getattr(cfg, key)]
+    changed = [key for key in RESUME_KEYS if old is not None and old.get(key) != getattr(cfg, key)
+               and (cfg.policy or key not in POLICY_ONLY)]
     if changed:
         key = changed[0]
         raise DatasetError(f"{cfg.out} was written with --{key.replace('_', '-')} {old.get(key)!r}, not "
@@ -217,7 +223,7 @@ def _synthesize(cfg: SynthesizeConfig) -> dict:
             # a policy made afresh for each batch: its randomness does not depend on the batches before
             policy = load_policy(cfg.policy, env, seed=cfg.seed + wave.start, trust_pickle=cfg.trust_pickle)
             result = hma_gym.rollout(env, policy, len(wave), seeds=seeds, writer=writer,
-                                     steps_after_success=cfg.max_steps, max_steps=cfg.max_steps,
+                                     steps_after_success=cfg.steps_after_success, max_steps=cfg.max_steps,
                                      progress=cfg.progress, desc=desc)
         else:
             wave_names = names[wave.start:wave.stop]
