@@ -10,7 +10,11 @@ judged successful, not unjudged), so no GT information enters them beyond a firs
   file), otherwise the model only recalls what it memorised; their MuJoCo outcomes give the labels'
   accuracy and the frames' PSNR by step range;
 - new: `--new-policy` (default the scripted expert) run in the learned env from starts of its bank, so the
-  set holds trajectories no real file has.
+  set holds trajectories no real file has;
+- new_in_mujoco (a control, not synthetic data): the new kind's training episodes replayed in MuJoCo from the
+  same starts (each bank start is a first frame of `--bank-source`, reset by its demo's seed), so the row
+  differs from the new row only in who drew the frames; the MuJoCo outcomes of these replays are the new
+  kind's label accuracy.
 
 Every step is a project CLI command (printed as it starts), `--jobs` at a time, one thread each, and each
 row is an independent job: finished steps are reused on a re-run (each synthetic file resumes, each
@@ -46,6 +50,8 @@ from benchmarks.common import RESULTS, hma, run, write_result
 from hma_gym.data.hdf5 import read_env_args
 
 GT_ID = "RobomimicLift-v0"
+CONTROL = "new_in_mujoco"
+"""The control kind: the new kind's episodes with MuJoCo's frames (not synthetic data; no targets)."""
 
 
 def mask_size(path: str | Path, key: str) -> int:
@@ -53,30 +59,39 @@ def mask_size(path: str | Path, key: str) -> int:
         return len(f[f"mask/{key}"]) if f"mask/{key}" in f else 0
 
 
-def synthetic_fidelity(synth: Path, source: str) -> dict:
-    """How close the synthetic episodes are to what MuJoCo did with the same actions from the same start
-    (the source episodes): frame PSNR by step range, and the learned env's success label against the GT one."""
+def psnr_by_step(pairs) -> dict[str, float]:
+    """Mean PSNR of generated frames against MuJoCo's for the same actions, by step range (each episode's
+    mean over a range, then the mean over episodes); `pairs`: (generated, MuJoCo) frame arrays per episode."""
     import numpy as np
 
     from hma_gym.metrics import psnr
 
     ranges = {"1-10": slice(1, 11), "11-30": slice(11, 31), "31-60": slice(31, 61), "61+": slice(61, None)}
     by_range: dict[str, list[float]] = {k: [] for k in ranges}
-    labels = []
+    for a, b in pairs:
+        n = min(len(a), len(b))
+        p = np.asarray(psnr(a[:n], b[:n])).reshape(-1)
+        for k, sl in ranges.items():
+            if len(p[sl]):
+                by_range[k].append(float(p[sl].mean()))
+    return {k: float(np.mean(v)) for k, v in by_range.items() if v}
+
+
+def synthetic_fidelity(synth: Path, source: str) -> dict:
+    """How close the synthetic episodes are to what MuJoCo did with the same actions from the same start
+    (the source episodes): frame PSNR by step range, and the learned env's success label against the GT one."""
+    import numpy as np
+
+    labels, pairs = [], []
     with h5py.File(synth, "r") as fs, h5py.File(source, "r") as fg:
         for demo in fs["data"].values():
             src = fg["data"][str(demo.attrs["source_demo"])]
-            a, b = demo["obs/agentview_image"][()], src["obs/agentview_image"][()]
-            n = min(len(a), len(b))
-            p = np.asarray(psnr(a[:n], b[:n])).reshape(-1)
-            for k, sl in ranges.items():
-                if len(p[sl]):
-                    by_range[k].append(float(p[sl].mean()))
+            pairs.append((demo["obs/agentview_image"][()], src["obs/agentview_image"][()]))
             labels.append((bool(src.attrs.get("success", False)), bool(demo.attrs.get("success", False))))
     gt, learned = np.array(labels).T
     return {
         "episodes": len(labels),
-        "frame_psnr_vs_gt_by_step": {k: float(np.mean(v)) for k, v in by_range.items() if v},
+        "frame_psnr_vs_gt_by_step": psnr_by_step(pairs),
         "label_agreement": float(np.mean(gt == learned)),
         "gt_success": int(gt.sum()), "learned_success": int(learned.sum()),
         "learned_success_but_gt_failure": int((~gt & learned).sum()),
@@ -101,6 +116,56 @@ def synthetic_summary(path: Path) -> dict:
         unjudged = [bool(a.get("unjudged", False)) for a in attrs]
     return {"episodes": len(attrs), "learned_success": int(sum(success)), "unjudged": int(sum(unjudged)),
             "judged_success": int(sum(s and not u for s, u in zip(success, unjudged, strict=True)))}
+
+
+def replay_in_mujoco(synthetic: Path, bank_source: str, out: Path, key: str, count: int) -> dict:
+    """The first `count` episodes of `synthetic` under `mask/key` (in index order, as training picks them)
+    replayed in MuJoCo from their starts and written to `out` (every episode in `mask/train`): same starts and
+    actions, MuJoCo's frames, proprio and outcomes. A start is found among the first frames of `bank_source`
+    (the file the checkpoint's bank was drawn from) by the cube's pose and reset by that demo's seed. Returns
+    how many replays succeed in MuJoCo and the PSNR of the synthetic frames against them; `out` is made once
+    (written under a temporary name, then renamed)."""
+    import gymnasium as gym
+    import numpy as np
+
+    import hma_gym
+    from benchmarks.verdict_agreement import WaveReplay
+    from hma_gym.data.hdf5 import RobomimicWriter
+    from hma_gym.envs.robosuite_env import DEFAULT_PROPRIO_KEYS
+    from hma_gym.tasks import OBJECT_KEY
+
+    with h5py.File(synthetic, "r") as f:
+        names = sorted((n.decode() for n in f[f"mask/{key}"][()]), key=lambda n: int(n[5:]))[:count]
+    if not out.is_file():
+        with h5py.File(synthetic, "r") as f:
+            actions = [f[f"data/{n}/actions"][()] for n in names]
+            cubes = np.stack([f[f"data/{n}/obs/{OBJECT_KEY}"][0, :3] for n in names])
+        with h5py.File(bank_source, "r") as f:
+            demos = [g for n, g in f["data"].items() if n.startswith("demo_")]
+            starts = np.stack([g[f"obs/{OBJECT_KEY}"][0, :3] for g in demos])
+            seeds = np.array([int(g.attrs["seed"]) for g in demos])
+        gap = np.linalg.norm(cubes[:, None] - starts[None], axis=-1)
+        nearest = gap.argmin(1)
+        if gap[np.arange(len(names)), nearest].max() > 1e-3:
+            raise RuntimeError(f"{synthetic}: a start is not a first frame of {bank_source} (cube > 1 mm from "
+                               "every one): pass the file the checkpoint's bank was drawn from as --bank-source")
+        keys = ("agentview_image", *DEFAULT_PROPRIO_KEYS, OBJECT_KEY)  # as `collect` records
+        env = gym.make(GT_ID, terminate_on_success=False, obs_keys=keys)
+        tmp = out.with_suffix(".tmp.hdf5")
+        tmp.unlink(missing_ok=True)
+        args = {**read_env_args(bank_source), "replayed_from": str(synthetic)}
+        writer = RobomimicWriter(tmp, args, valid_every=0)
+        hma_gym.rollout(env, WaveReplay(actions, 1), len(names), seeds=[int(s) for s in seeds[nearest]],
+                        writer=writer, steps_after_success=10**9, max_steps=[len(a) for a in actions],
+                        progress=False)
+        env.close()
+        tmp.rename(out)
+    with h5py.File(out, "r") as f, h5py.File(synthetic, "r") as fs:
+        success = [bool(f[f"data/demo_{i}"].attrs["success"]) for i in range(len(names))]
+        pairs = [(fs[f"data/{n}/obs/agentview_image"][()], f[f"data/demo_{i}/obs/agentview_image"][()])
+                 for i, n in enumerate(names)]
+    return {"file": str(out), "episodes": len(success), "mujoco_success": int(sum(success)),
+            "frame_psnr_vs_gt_by_step": psnr_by_step(pairs)}
 
 
 def gt_eval(policy: Path, report: Path, args) -> dict:
@@ -160,9 +225,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--source", default="",
                    help="replayed kind: robomimic file whose actions the learned env replays (never seen by the "
                         "world model)")
-    p.add_argument("--kinds", nargs="+", default=["replayed", "new"], choices=["replayed", "new"],
+    p.add_argument("--kinds", nargs="+", default=["replayed", "new"], choices=["replayed", "new", CONTROL],
                    help="synthetic data: replayed (--source's actions from its first frames) and/or new (--new-policy "
-                        "run in the learned env from starts of the checkpoint's bank)")
+                        f"run in the learned env from starts of the checkpoint's bank); {CONTROL}: the new kind's "
+                        "episodes replayed in MuJoCo (a control: what the generated frames cost)")
+    p.add_argument("--bank-source", default="",
+                   help=f"{CONTROL}: the file the checkpoint's bank of starts was drawn from (default: --real)")
     p.add_argument("--new-policy", default="expert", help="the new kind's policy (evaluate's specs)")
     p.add_argument("--new-episodes", type=int, default=0,
                    help="new-kind episodes to generate (0: twice the largest synthetic row)")
@@ -198,6 +266,9 @@ def main(argv: list[str] | None = None) -> dict:
     rows = rows_of(args.n, args.multiples, args.real_multiple, args.kinds)
     if "replayed" in args.kinds and not args.source:
         p.error("the replayed kind needs --source (or --kinds new)")
+    if CONTROL in args.kinds and "new" not in args.kinds:
+        p.error(f"the {CONTROL} control replays the new kind's episodes: add --kinds new")
+    args.kinds = sorted(args.kinds, key=[CONTROL].count)  # the control after the new kind it waits for
     need_real = max(r["real"] for r in rows)
     have_real = mask_size(args.real, args.real_key)
     if have_real < need_real:
@@ -207,10 +278,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 1. a synthetic file per kind (synthesize resumes; the time of the runs that made it is kept for re-runs);
     # made side by side with the all-real rows, which do not need them
-    synth = {k: work / f"synthetic_{k}.hdf5" for k in args.kinds}
+    synth = {k: work / (f"{k}.hdf5" if k == CONTROL else f"synthetic_{k}.hdf5") for k in args.kinds}
     timing: dict[str, float] = {}
+    control: dict[str, dict] = {}
 
     def make_synthetic(kind: str) -> None:
+        if kind == CONTROL:
+            synth_done["new"].result()
+            control[kind] = replay_in_mujoco(synth["new"], args.bank_source or args.real, synth[kind],
+                                             args.synthetic_key or "train", need_synth[kind])
+            return
         path, timing_file = synth[kind], work / f"synthesize_{kind}_time.json"
         t = time.perf_counter()
         before = mask_size(path, "train") if path.is_file() else 0
@@ -240,7 +317,8 @@ def main(argv: list[str] | None = None) -> dict:
         out = work / row["name"]
         if row["kind"]:
             synth_done[row["kind"]].result()
-        extra = ("--extra-data", str(synth[row["kind"]]), "--extra-filter-key", args.synthetic_key,
+        key = "train" if row["kind"] == CONTROL else args.synthetic_key  # the control: every replayed episode
+        extra = ("--extra-data", str(synth[row["kind"]]), "--extra-filter-key", key,
                  "--extra-max-demos", str(row["synthetic"])) if row["kind"] else ()
         train_dp(args, out, row["real"], args.steps, extra)
         gt = gt_eval(out, out / "gt_eval.json", args)
@@ -252,7 +330,10 @@ def main(argv: list[str] | None = None) -> dict:
                 "gt_eval_wall_s": gt["wall_time_s"]}
 
     with ThreadPoolExecutor(args.jobs) as pool:
-        synth_done = {k: pool.submit(make_synthetic, k) for k in args.kinds if need_synth[k]}
+        synth_done = {}
+        for k in args.kinds:  # in order: a task is submitted only after the futures it waits for exist
+            if need_synth[k]:
+                synth_done[k] = pool.submit(make_synthetic, k)
         order = sorted(range(len(rows)), key=lambda i: rows[i]["synthetic"] > 0)  # all-real rows first
         futures = {i: pool.submit(do_row, rows[i]) for i in order}
         results = [futures[i].result() for i in range(len(rows))]
@@ -263,10 +344,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     by = {r["name"]: r["gt_success"] for r in results}
     n, full = args.n, args.real_multiple * args.n
-    mixes = {r["kind"]: r["gt_success"] for r in results if r["kind"] and r["synthetic"] == max(args.multiples) * n}
+    mixes = {r["kind"]: r["gt_success"] for r in results
+             if r["kind"] not in (None, CONTROL) and r["synthetic"] == max(args.multiples) * n}
     files = {}
     for kind, path in synth.items():
         if not need_synth[kind]:
+            continue
+        if kind == CONTROL:
+            files[kind] = {**control[kind], "replays_of": str(synth["new"])}
             continue
         env_args = read_env_args(path)
         files[kind] = {"file": str(path), "checkpoint": env_args.get("checkpoint"),
@@ -301,11 +386,12 @@ def plot(rows: list[dict], path: Path, args) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    labels = [f"{r['real']} real\n+{r['synthetic']} {r['kind']}" if r["synthetic"] else f"{r['real']} real"
-              for r in rows]
+    labels = [f"{r['real']} real\n+{r['synthetic']} {r['kind'].replace('_in_', ' in ')}" if r["synthetic"] else
+              f"{r['real']} real" for r in rows]
     vals = [r["gt_success"] for r in rows]
     err = [[r["gt_success"] - r["gt_ci95"][0] for r in rows], [r["gt_ci95"][1] - r["gt_success"] for r in rows]]
-    colors = [{"replayed": "tab:green", "new": "tab:orange"}.get(r["kind"], "tab:blue") for r in rows]
+    colors = [{"replayed": "tab:green", "new": "tab:orange", CONTROL: "tab:gray"}.get(r["kind"], "tab:blue")
+              for r in rows]
     ax.bar(range(len(rows)), vals, yerr=err, color=colors, capsize=4)
     ax.set_xticks(range(len(rows)), labels, fontsize=8)
     ax.set_ylim(0, 1)

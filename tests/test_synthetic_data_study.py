@@ -70,3 +70,38 @@ def test_study_rows_are_independent_jobs_and_a_killed_study_resumes(tmp_path, mo
     assert new["policy"] == "expert" and new["verdicts"]["episodes"] == 2 and new["verdicts"]["judged_success"] >= 1
     assert set(payload["targets"]["new"]) == {"within_10_points_of_all_real", "10_points_over_small_real"}
     assert (tmp_path / "study.json").is_file() and (tmp_path / "study.png").is_file()
+
+
+def test_the_control_replays_synthetic_episodes_in_mujoco_from_their_starts(tmp_path, capsys):
+    """Replayed episodes of a GT file, replayed again in MuJoCo: the same actions from the same seeds give back
+    the GT file's own frames, so the control's frames are MuJoCo's for exactly the synthetic episodes."""
+    import h5py
+    import numpy as np
+
+    import benchmarks.synthetic_data as sd
+    from training.collect import CollectConfig, collect
+    from training.synthesize import SynthesizeConfig, synthesize
+
+    real, other = tmp_path / "real.hdf5", tmp_path / "other.hdf5"
+    collect(CollectConfig(out=str(real), episodes=2, max_steps=6, seed=3, valid_every=0, progress=False))
+    collect(CollectConfig(out=str(other), episodes=1, max_steps=2, seed=40, valid_every=0, progress=False))
+    synth = tmp_path / "synth.hdf5"
+    synthesize(SynthesizeConfig(out=str(synth), actions=str(real), split="all", num_envs=2, valid_every=0,
+                                progress=False))
+    out = tmp_path / "control.hdf5"
+    report = sd.replay_in_mujoco(synth, str(real), out, "train", 2)
+    assert report["episodes"] == 2 and set(report["frame_psnr_vs_gt_by_step"]) == {"1-10"}
+    with h5py.File(synth, "r") as fs, h5py.File(out, "r") as fo, h5py.File(real, "r") as fr:
+        assert report["mujoco_success"] == sum(bool(fr[f"data/demo_{i}"].attrs["success"]) for i in range(2))
+        for i in range(2):
+            source = str(fs[f"data/demo_{i}"].attrs["source_demo"])
+            np.testing.assert_array_equal(fo[f"data/demo_{i}/actions"][()], fs[f"data/demo_{i}/actions"][()])
+            np.testing.assert_array_equal(fo[f"data/demo_{i}/obs/agentview_image"][()],
+                                          fr[f"data/{source}/obs/agentview_image"][()])
+        assert sorted(n.decode() for n in fo["mask/train"][()]) == ["demo_0", "demo_1"]
+    with pytest.raises(RuntimeError, match="not a first frame"):
+        sd.replay_in_mujoco(synth, str(other), tmp_path / "bad.hdf5", "train", 2)
+    assert not (tmp_path / "bad.hdf5").exists()
+    with pytest.raises(SystemExit):
+        sd.main(["--real", str(real), "--kinds", "replayed", "new_in_mujoco", "--source", str(real)])
+    assert "replays the new kind's episodes: add --kinds new" in capsys.readouterr().err
