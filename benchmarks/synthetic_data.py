@@ -11,10 +11,11 @@ judged successful, not unjudged), so no GT information enters them beyond a firs
   accuracy and the frames' PSNR by step range;
 - new: `--new-policy` (default the scripted expert) run in the learned env from starts of its bank, so the
   set holds trajectories no real file has;
-- new_in_mujoco (a control, not synthetic data): the new kind's training episodes replayed in MuJoCo from the
-  same starts (each bank start is a first frame of `--bank-source`, reset by its demo's seed), so the row
-  differs from the new row only in who drew the frames; the MuJoCo outcomes of these replays are the new
-  kind's label accuracy.
+- controls (not synthetic data), from the new kind's training starts in MuJoCo (each bank start is a first
+  frame of `--bank-source`, reset by its demo's seed): new_in_mujoco replays the new kind's actions, so the
+  row differs from the new row only in who drew the frames (and the replays' MuJoCo outcomes are the new
+  kind's label accuracy); new_starts_in_mujoco runs `--new-policy` on MuJoCo's own state, so it differs from
+  new_in_mujoco only in the state the actions were chosen from.
 
 Every step is a project CLI command (printed as it starts), `--jobs` at a time, one thread each, and each
 row is an independent job: finished steps are reused on a re-run (each synthetic file resumes, each
@@ -50,8 +51,9 @@ from benchmarks.common import RESULTS, hma, run, write_result
 from hma_gym.data.hdf5 import read_env_args
 
 GT_ID = "RobomimicLift-v0"
-CONTROL = "new_in_mujoco"
-"""The control kind: the new kind's episodes with MuJoCo's frames (not synthetic data; no targets)."""
+CONTROLS = {"new_in_mujoco": "the new kind's actions", "new_starts_in_mujoco": "the new policy on MuJoCo's state"}
+"""Control kinds (not synthetic data; no targets): from the new kind's training starts in MuJoCo, its own
+actions replayed, or the new kind's policy acting on MuJoCo's state."""
 
 
 def mask_size(path: str | Path, key: str) -> int:
@@ -118,13 +120,14 @@ def synthetic_summary(path: Path) -> dict:
             "judged_success": int(sum(s and not u for s, u in zip(success, unjudged, strict=True)))}
 
 
-def replay_in_mujoco(synthetic: Path, bank_source: str, out: Path, key: str, count: int) -> dict:
-    """The first `count` episodes of `synthetic` under `mask/key` (in index order, as training picks them)
-    replayed in MuJoCo from their starts and written to `out` (every episode in `mask/train`): same starts and
-    actions, MuJoCo's frames, proprio and outcomes. A start is found among the first frames of `bank_source`
-    (the file the checkpoint's bank was drawn from) by the cube's pose and reset by that demo's seed. Returns
-    how many replays succeed in MuJoCo and the PSNR of the synthetic frames against them; `out` is made once
-    (written under a temporary name, then renamed)."""
+def in_mujoco(synthetic: Path, bank_source: str, out: Path, key: str, count: int, policy: str = "") -> dict:
+    """The first `count` episodes of `synthetic` under `mask/key` (in index order, as training picks them),
+    run in MuJoCo from their starts and written to `out` (every episode in `mask/train`): their actions
+    replayed (MuJoCo's frames, proprio and outcomes for the same actions), or with `policy` that policy acting
+    on MuJoCo's state (episodes end 10 steps after a success, as `collect` records). A start is found among
+    the first frames of `bank_source` (the file the checkpoint's bank was drawn from) by the cube's pose and
+    reset by that demo's seed. Returns how many episodes succeed in MuJoCo and, for replays, the PSNR of the
+    synthetic frames against MuJoCo's; `out` is made once (written under a temporary name, then renamed)."""
     import gymnasium as gym
     import numpy as np
 
@@ -133,6 +136,7 @@ def replay_in_mujoco(synthetic: Path, bank_source: str, out: Path, key: str, cou
     from hma_gym.data.hdf5 import RobomimicWriter
     from hma_gym.envs.robosuite_env import DEFAULT_PROPRIO_KEYS
     from hma_gym.tasks import OBJECT_KEY
+    from policies.registry import load_policy
 
     with h5py.File(synthetic, "r") as f:
         names = sorted((n.decode() for n in f[f"mask/{key}"][()]), key=lambda n: int(n[5:]))[:count]
@@ -155,9 +159,13 @@ def replay_in_mujoco(synthetic: Path, bank_source: str, out: Path, key: str, cou
         tmp.unlink(missing_ok=True)
         args = {**read_env_args(bank_source), "replayed_from": str(synthetic)}
         writer = RobomimicWriter(tmp, args, valid_every=0)
-        hma_gym.rollout(env, WaveReplay(actions, 1), len(names), seeds=[int(s) for s in seeds[nearest]],
-                        writer=writer, steps_after_success=10**9, max_steps=[len(a) for a in actions],
-                        progress=False)
+        starts = [int(s) for s in seeds[nearest]]
+        if policy:
+            hma_gym.rollout(env, load_policy(policy, env, seed=0), len(names), seeds=starts, writer=writer,
+                            steps_after_success=10, max_steps=100, progress=False)
+        else:
+            hma_gym.rollout(env, WaveReplay(actions, 1), len(names), seeds=starts, writer=writer,
+                            steps_after_success=10**9, max_steps=[len(a) for a in actions], progress=False)
         env.close()
         tmp.rename(out)
     with h5py.File(out, "r") as f, h5py.File(synthetic, "r") as fs:
@@ -165,7 +173,7 @@ def replay_in_mujoco(synthetic: Path, bank_source: str, out: Path, key: str, cou
         pairs = [(fs[f"data/{n}/obs/agentview_image"][()], f[f"data/demo_{i}/obs/agentview_image"][()])
                  for i, n in enumerate(names)]
     return {"file": str(out), "episodes": len(success), "mujoco_success": int(sum(success)),
-            "frame_psnr_vs_gt_by_step": psnr_by_step(pairs)}
+            **({} if policy else {"frame_psnr_vs_gt_by_step": psnr_by_step(pairs)})}
 
 
 def gt_eval(policy: Path, report: Path, args) -> dict:
@@ -225,12 +233,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--source", default="",
                    help="replayed kind: robomimic file whose actions the learned env replays (never seen by the "
                         "world model)")
-    p.add_argument("--kinds", nargs="+", default=["replayed", "new"], choices=["replayed", "new", CONTROL],
+    p.add_argument("--kinds", nargs="+", default=["replayed", "new"], choices=["replayed", "new", *CONTROLS],
                    help="synthetic data: replayed (--source's actions from its first frames) and/or new (--new-policy "
-                        f"run in the learned env from starts of the checkpoint's bank); {CONTROL}: the new kind's "
-                        "episodes replayed in MuJoCo (a control: what the generated frames cost)")
+                        "run in the learned env from starts of the checkpoint's bank); controls from the new kind's "
+                        "starts in MuJoCo: " + "; ".join(f"{k}: {v}" for k, v in CONTROLS.items()))
     p.add_argument("--bank-source", default="",
-                   help=f"{CONTROL}: the file the checkpoint's bank of starts was drawn from (default: --real)")
+                   help="controls: the file the checkpoint's bank of starts was drawn from (default: --real)")
     p.add_argument("--new-policy", default="expert", help="the new kind's policy (evaluate's specs)")
     p.add_argument("--new-episodes", type=int, default=0,
                    help="new-kind episodes to generate (0: twice the largest synthetic row)")
@@ -266,9 +274,9 @@ def main(argv: list[str] | None = None) -> dict:
     rows = rows_of(args.n, args.multiples, args.real_multiple, args.kinds)
     if "replayed" in args.kinds and not args.source:
         p.error("the replayed kind needs --source (or --kinds new)")
-    if CONTROL in args.kinds and "new" not in args.kinds:
-        p.error(f"the {CONTROL} control replays the new kind's episodes: add --kinds new")
-    args.kinds = sorted(args.kinds, key=[CONTROL].count)  # the control after the new kind it waits for
+    if set(CONTROLS) & set(args.kinds) and "new" not in args.kinds:
+        p.error("the controls run from the new kind's starts: add --kinds new")
+    args.kinds = sorted(args.kinds, key=lambda k: k in CONTROLS)  # controls after the new kind they wait for
     need_real = max(r["real"] for r in rows)
     have_real = mask_size(args.real, args.real_key)
     if have_real < need_real:
@@ -278,15 +286,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 1. a synthetic file per kind (synthesize resumes; the time of the runs that made it is kept for re-runs);
     # made side by side with the all-real rows, which do not need them
-    synth = {k: work / (f"{k}.hdf5" if k == CONTROL else f"synthetic_{k}.hdf5") for k in args.kinds}
+    synth = {k: work / (f"{k}.hdf5" if k in CONTROLS else f"synthetic_{k}.hdf5") for k in args.kinds}
     timing: dict[str, float] = {}
     control: dict[str, dict] = {}
 
     def make_synthetic(kind: str) -> None:
-        if kind == CONTROL:
+        if kind in CONTROLS:
             synth_done["new"].result()
-            control[kind] = replay_in_mujoco(synth["new"], args.bank_source or args.real, synth[kind],
-                                             args.synthetic_key or "train", need_synth[kind])
+            control[kind] = in_mujoco(synth["new"], args.bank_source or args.real, synth[kind],
+                                      args.synthetic_key or "train", need_synth[kind],
+                                      policy=args.new_policy if kind == "new_starts_in_mujoco" else "")
             return
         path, timing_file = synth[kind], work / f"synthesize_{kind}_time.json"
         t = time.perf_counter()
@@ -317,7 +326,7 @@ def main(argv: list[str] | None = None) -> dict:
         out = work / row["name"]
         if row["kind"]:
             synth_done[row["kind"]].result()
-        key = "train" if row["kind"] == CONTROL else args.synthetic_key  # the control: every replayed episode
+        key = "train" if row["kind"] in CONTROLS else args.synthetic_key  # a control: every episode
         extra = ("--extra-data", str(synth[row["kind"]]), "--extra-filter-key", key,
                  "--extra-max-demos", str(row["synthetic"])) if row["kind"] else ()
         train_dp(args, out, row["real"], args.steps, extra)
@@ -345,13 +354,13 @@ def main(argv: list[str] | None = None) -> dict:
     by = {r["name"]: r["gt_success"] for r in results}
     n, full = args.n, args.real_multiple * args.n
     mixes = {r["kind"]: r["gt_success"] for r in results
-             if r["kind"] not in (None, CONTROL) and r["synthetic"] == max(args.multiples) * n}
+             if r["kind"] and r["kind"] not in CONTROLS and r["synthetic"] == max(args.multiples) * n}
     files = {}
     for kind, path in synth.items():
         if not need_synth[kind]:
             continue
-        if kind == CONTROL:
-            files[kind] = {**control[kind], "replays_of": str(synth["new"])}
+        if kind in CONTROLS:
+            files[kind] = {**control[kind], "starts_of": str(synth["new"]), "actions": CONTROLS[kind]}
             continue
         env_args = read_env_args(path)
         files[kind] = {"file": str(path), "checkpoint": env_args.get("checkpoint"),
@@ -390,7 +399,7 @@ def plot(rows: list[dict], path: Path, args) -> None:
               f"{r['real']} real" for r in rows]
     vals = [r["gt_success"] for r in rows]
     err = [[r["gt_success"] - r["gt_ci95"][0] for r in rows], [r["gt_ci95"][1] - r["gt_success"] for r in rows]]
-    colors = [{"replayed": "tab:green", "new": "tab:orange", CONTROL: "tab:gray"}.get(r["kind"], "tab:blue")
+    colors = [{"replayed": "tab:green", "new": "tab:orange"}.get(r["kind"], "tab:gray" if r["kind"] else "tab:blue")
               for r in rows]
     ax.bar(range(len(rows)), vals, yerr=err, color=colors, capsize=4)
     ax.set_xticks(range(len(rows)), labels, fontsize=8)

@@ -89,7 +89,7 @@ def test_the_control_replays_synthetic_episodes_in_mujoco_from_their_starts(tmp_
     synthesize(SynthesizeConfig(out=str(synth), actions=str(real), split="all", num_envs=2, valid_every=0,
                                 progress=False))
     out = tmp_path / "control.hdf5"
-    report = sd.replay_in_mujoco(synth, str(real), out, "train", 2)
+    report = sd.in_mujoco(synth, str(real), out, "train", 2)
     assert report["episodes"] == 2 and set(report["frame_psnr_vs_gt_by_step"]) == {"1-10"}
     with h5py.File(synth, "r") as fs, h5py.File(out, "r") as fo, h5py.File(real, "r") as fr:
         assert report["mujoco_success"] == sum(bool(fr[f"data/demo_{i}"].attrs["success"]) for i in range(2))
@@ -100,8 +100,16 @@ def test_the_control_replays_synthetic_episodes_in_mujoco_from_their_starts(tmp_
                                           fr[f"data/{source}/obs/agentview_image"][()])
         assert sorted(n.decode() for n in fo["mask/train"][()]) == ["demo_0", "demo_1"]
     with pytest.raises(RuntimeError, match="not a first frame"):
-        sd.replay_in_mujoco(synth, str(other), tmp_path / "bad.hdf5", "train", 2)
+        sd.in_mujoco(synth, str(other), tmp_path / "bad.hdf5", "train", 2)
     assert not (tmp_path / "bad.hdf5").exists()
+    # the policy from the same starts, acting on MuJoCo's state: its episodes begin where the synthetic ones do
+    acted = sd.in_mujoco(synth, str(real), tmp_path / "acted.hdf5", "train", 2, policy="expert")
+    assert acted["episodes"] == 2 and "frame_psnr_vs_gt_by_step" not in acted
+    with h5py.File(tmp_path / "acted.hdf5", "r") as fa, h5py.File(real, "r") as fr, h5py.File(synth, "r") as fs:
+        for i in range(2):
+            source = str(fs[f"data/demo_{i}"].attrs["source_demo"])
+            np.testing.assert_array_equal(fa[f"data/demo_{i}/obs/agentview_image"][0],
+                                          fr[f"data/{source}/obs/agentview_image"][0])
     with pytest.raises(SystemExit):
         sd.main(["--real", str(real), "--kinds", "replayed", "new_in_mujoco", "--source", str(real)])
-    assert "replays the new kind's episodes: add --kinds new" in capsys.readouterr().err
+    assert "the controls run from the new kind's starts: add --kinds new" in capsys.readouterr().err
