@@ -48,7 +48,7 @@ from pathlib import Path
 import h5py
 
 from benchmarks.common import RESULTS, hma, run, write_result
-from hma_gym.data.hdf5 import read_env_args
+from hma_gym.data.hdf5 import list_demos, read_env_args
 
 GT_ID = "RobomimicLift-v0"
 CONTROLS = {"new_in_mujoco": "the new kind's actions", "new_starts_in_mujoco": "the new policy on MuJoCo's state"}
@@ -113,21 +113,22 @@ def rows_of(n: int, multiples: list[int], real_multiple: int, kinds: list[str]) 
 def synthetic_summary(path: Path) -> dict:
     """The learned env's verdicts on a synthetic file's episodes."""
     with h5py.File(path, "r") as f:
-        attrs = [g.attrs for name, g in f["data"].items() if name.startswith("demo_")]
+        attrs = [f[f"data/{name}"].attrs for name in list_demos(path)]
         success = [bool(a.get("success", False)) for a in attrs]
         unjudged = [bool(a.get("unjudged", False)) for a in attrs]
     return {"episodes": len(attrs), "learned_success": int(sum(success)), "unjudged": int(sum(unjudged)),
             "judged_success": int(sum(s and not u for s, u in zip(success, unjudged, strict=True)))}
 
 
-def in_mujoco(synthetic: Path, bank_source: str, out: Path, key: str, count: int, policy: str = "") -> dict:
+def in_mujoco(synthetic: Path, bank_source: str, out: Path, key: str, count: int, policy: str = "") -> None:
     """The first `count` episodes of `synthetic` under `mask/key` (in index order, as training picks them),
     run in MuJoCo from their starts and written to `out` (every episode in `mask/train`): their actions
     replayed (MuJoCo's frames, proprio and outcomes for the same actions), or with `policy` that policy acting
     on MuJoCo's state (episodes end 10 steps after a success, as `collect` records). A start is found among
     the first frames of `bank_source` (the file the checkpoint's bank was drawn from) by the cube's pose and
-    reset by that demo's seed. Returns how many episodes succeed in MuJoCo and, for replays, the PSNR of the
-    synthetic frames against MuJoCo's; `out` is made once (written under a temporary name, then renamed)."""
+    reset by that demo's seed. `out` is made once (written under a temporary name, then renamed)."""
+    if out.is_file():
+        return
     import gymnasium as gym
     import numpy as np
 
@@ -138,42 +139,43 @@ def in_mujoco(synthetic: Path, bank_source: str, out: Path, key: str, count: int
     from hma_gym.tasks import OBJECT_KEY
     from policies.registry import load_policy
 
+    names, bank = list_demos(synthetic, key)[:count], list_demos(bank_source)
     with h5py.File(synthetic, "r") as f:
-        names = sorted((n.decode() for n in f[f"mask/{key}"][()]), key=lambda n: int(n[5:]))[:count]
-    if not out.is_file():
-        with h5py.File(synthetic, "r") as f:
-            actions = [f[f"data/{n}/actions"][()] for n in names]
-            cubes = np.stack([f[f"data/{n}/obs/{OBJECT_KEY}"][0, :3] for n in names])
-        with h5py.File(bank_source, "r") as f:
-            demos = [g for n, g in f["data"].items() if n.startswith("demo_")]
-            starts = np.stack([g[f"obs/{OBJECT_KEY}"][0, :3] for g in demos])
-            seeds = np.array([int(g.attrs["seed"]) for g in demos])
-        gap = np.linalg.norm(cubes[:, None] - starts[None], axis=-1)
-        nearest = gap.argmin(1)
-        if gap[np.arange(len(names)), nearest].max() > 1e-3:
-            raise RuntimeError(f"{synthetic}: a start is not a first frame of {bank_source} (cube > 1 mm from "
-                               "every one): pass the file the checkpoint's bank was drawn from as --bank-source")
-        keys = ("agentview_image", *DEFAULT_PROPRIO_KEYS, OBJECT_KEY)  # as `collect` records
-        env = gym.make(GT_ID, terminate_on_success=False, obs_keys=keys)
-        tmp = out.with_suffix(".tmp.hdf5")
-        tmp.unlink(missing_ok=True)
-        args = {**read_env_args(bank_source), "replayed_from": str(synthetic)}
-        writer = RobomimicWriter(tmp, args, valid_every=0)
-        starts = [int(s) for s in seeds[nearest]]
-        if policy:
-            hma_gym.rollout(env, load_policy(policy, env, seed=0), len(names), seeds=starts, writer=writer,
-                            steps_after_success=10, max_steps=100, progress=False)
-        else:
-            hma_gym.rollout(env, WaveReplay(actions, 1), len(names), seeds=starts, writer=writer,
-                            steps_after_success=10**9, max_steps=[len(a) for a in actions], progress=False)
-        env.close()
-        tmp.rename(out)
+        actions = [f[f"data/{n}/actions"][()] for n in names]
+        cubes = np.stack([f[f"data/{n}/obs/{OBJECT_KEY}"][0, :3] for n in names])
+    with h5py.File(bank_source, "r") as f:
+        starts = np.stack([f[f"data/{n}/obs/{OBJECT_KEY}"][0, :3] for n in bank])
+        seeds = np.array([int(f[f"data/{n}"].attrs["seed"]) for n in bank])
+    gap = np.linalg.norm(cubes[:, None] - starts[None], axis=-1)
+    if gap.min(1).max() > 1e-3:
+        raise RuntimeError(f"{synthetic}: a start is not a first frame of {bank_source} (cube > 1 mm from every "
+                           "one): pass the file the checkpoint's bank was drawn from as --bank-source")
+    keys = ("agentview_image", *DEFAULT_PROPRIO_KEYS, OBJECT_KEY)  # as `collect` records
+    env = gym.make(GT_ID, terminate_on_success=False, obs_keys=keys)
+    tmp = out.with_suffix(".tmp.hdf5")
+    tmp.unlink(missing_ok=True)
+    writer = RobomimicWriter(tmp, {**read_env_args(bank_source), "replayed_from": str(synthetic)}, valid_every=0)
+    episode_seeds = [int(s) for s in seeds[gap.argmin(1)]]
+    if policy:
+        hma_gym.rollout(env, load_policy(policy, env, seed=0), len(names), seeds=episode_seeds, writer=writer,
+                        steps_after_success=10, max_steps=100, progress=False)
+    else:
+        hma_gym.rollout(env, WaveReplay(actions, 1), len(names), seeds=episode_seeds, writer=writer,
+                        steps_after_success=10**9, max_steps=[len(a) for a in actions], progress=False)
+    env.close()
+    tmp.rename(out)
+
+
+def mujoco_summary(synthetic: Path, out: Path, key: str, frames: bool) -> dict:
+    """How many of `in_mujoco`'s episodes succeed in MuJoCo and, with `frames` (replayed actions), the PSNR of
+    the synthetic episodes' frames against MuJoCo's."""
+    names = list_demos(synthetic, key)[: len(list_demos(out))]
     with h5py.File(out, "r") as f, h5py.File(synthetic, "r") as fs:
         success = [bool(f[f"data/demo_{i}"].attrs["success"]) for i in range(len(names))]
         pairs = [(fs[f"data/{n}/obs/agentview_image"][()], f[f"data/demo_{i}/obs/agentview_image"][()])
-                 for i, n in enumerate(names)]
+                 for i, n in enumerate(names)] if frames else []
     return {"file": str(out), "episodes": len(success), "mujoco_success": int(sum(success)),
-            **({} if policy else {"frame_psnr_vs_gt_by_step": psnr_by_step(pairs)})}
+            **({"frame_psnr_vs_gt_by_step": psnr_by_step(pairs)} if frames else {})}
 
 
 def gt_eval(policy: Path, report: Path, args) -> dict:
@@ -288,14 +290,12 @@ def main(argv: list[str] | None = None) -> dict:
     # made side by side with the all-real rows, which do not need them
     synth = {k: work / (f"{k}.hdf5" if k in CONTROLS else f"synthetic_{k}.hdf5") for k in args.kinds}
     timing: dict[str, float] = {}
-    control: dict[str, dict] = {}
 
     def make_synthetic(kind: str) -> None:
         if kind in CONTROLS:
             synth_done["new"].result()
-            control[kind] = in_mujoco(synth["new"], args.bank_source or args.real, synth[kind],
-                                      args.synthetic_key or "train", need_synth[kind],
-                                      policy=args.new_policy if kind == "new_starts_in_mujoco" else "")
+            in_mujoco(synth["new"], args.bank_source or args.real, synth[kind], args.synthetic_key or "train",
+                      need_synth[kind], policy=args.new_policy if kind == "new_starts_in_mujoco" else "")
             return
         path, timing_file = synth[kind], work / f"synthesize_{kind}_time.json"
         t = time.perf_counter()
@@ -360,7 +360,9 @@ def main(argv: list[str] | None = None) -> dict:
         if not need_synth[kind]:
             continue
         if kind in CONTROLS:
-            files[kind] = {**control[kind], "starts_of": str(synth["new"]), "actions": CONTROLS[kind]}
+            files[kind] = {**mujoco_summary(synth["new"], path, args.synthetic_key or "train",
+                                            frames=kind == "new_in_mujoco"),
+                           "starts_of": str(synth["new"]), "actions": CONTROLS[kind]}
             continue
         env_args = read_env_args(path)
         files[kind] = {"file": str(path), "checkpoint": env_args.get("checkpoint"),

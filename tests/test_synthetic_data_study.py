@@ -89,7 +89,8 @@ def test_the_control_replays_synthetic_episodes_in_mujoco_from_their_starts(tmp_
     synthesize(SynthesizeConfig(out=str(synth), actions=str(real), split="all", num_envs=2, valid_every=0,
                                 progress=False))
     out = tmp_path / "control.hdf5"
-    report = sd.in_mujoco(synth, str(real), out, "train", 2)
+    sd.in_mujoco(synth, str(real), out, "train", 2)
+    report = sd.mujoco_summary(synth, out, "train", frames=True)
     assert report["episodes"] == 2 and set(report["frame_psnr_vs_gt_by_step"]) == {"1-10"}
     with h5py.File(synth, "r") as fs, h5py.File(out, "r") as fo, h5py.File(real, "r") as fr:
         assert report["mujoco_success"] == sum(bool(fr[f"data/demo_{i}"].attrs["success"]) for i in range(2))
@@ -103,7 +104,8 @@ def test_the_control_replays_synthetic_episodes_in_mujoco_from_their_starts(tmp_
         sd.in_mujoco(synth, str(other), tmp_path / "bad.hdf5", "train", 2)
     assert not (tmp_path / "bad.hdf5").exists()
     # the policy from the same starts, acting on MuJoCo's state: its episodes begin where the synthetic ones do
-    acted = sd.in_mujoco(synth, str(real), tmp_path / "acted.hdf5", "train", 2, policy="expert")
+    sd.in_mujoco(synth, str(real), tmp_path / "acted.hdf5", "train", 2, policy="expert")
+    acted = sd.mujoco_summary(synth, tmp_path / "acted.hdf5", "train", frames=False)
     assert acted["episodes"] == 2 and "frame_psnr_vs_gt_by_step" not in acted
     with h5py.File(tmp_path / "acted.hdf5", "r") as fa, h5py.File(real, "r") as fr, h5py.File(synth, "r") as fs:
         for i in range(2):
